@@ -1,0 +1,100 @@
+"""Ray bootstrap shared by every stage.
+
+Inside `ray job submit` (or with RAY_ADDRESS / `ray.address` set) we connect to that
+cluster. Otherwise we start a local one bound to 127.0.0.1 with an explicit auth mode,
+detected CPUs/GPUs and a bounded object store (RUNTIME.md: Ray 2.60 enables token auth by
+default and binds eth0 unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from dcm.config import RayConfig
+
+# Environment every local Ray process must share (driver, raylet, workers).
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # listen on loopback only
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+@dataclass(frozen=True)
+class RayContext:
+    address: str
+    dashboard_url: str | None
+    started_here: bool
+
+
+def local_env(auth_mode: str = "disabled") -> dict[str, str]:
+    """The environment for a loopback-only local cluster with the given auth mode."""
+    return {**LOCAL_ENV, "RAY_AUTH_MODE": auth_mode}
+
+
+def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> RayContext:
+    """Connect to the configured/ambient cluster, or start a local loopback one."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return RayContext(ctx.gcs_address, _dashboard_url(), started_here=False)
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return RayContext(address, _dashboard_url(), started_here=False)
+
+    for key, val in local_env(os.environ.get("RAY_AUTH_MODE", cfg.auth_mode)).items():
+        os.environ.setdefault(key, val)
+    num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else _detect_gpus()
+    info = ray.init(
+        num_cpus=cfg.num_cpus or os.cpu_count(),
+        num_gpus=num_gpus,
+        object_store_memory=cfg.object_store_mb * 1024 * 1024,
+        include_dashboard=cfg.dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=cfg.dashboard_port,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": dict(LOCAL_ENV)},
+        log_to_driver=True,
+    )
+    url = info.dashboard_url
+    url = f"http://{url}" if url and not url.startswith("http") else url
+    if not quiet:
+        where = f"; dashboard: {url}" if url else ""
+        print(f"[dcm] started a local Ray cluster on 127.0.0.1{where}", file=sys.stderr)
+    return RayContext(info.address_info["gcs_address"], url, started_here=True)
+
+
+def _detect_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - any failure simply means no GPU
+        return 0
+
+
+def _dashboard_url() -> str | None:
+    try:
+        import ray
+
+        url = ray.get_runtime_context().get_dashboard_url() if hasattr(
+            ray.get_runtime_context(), "get_dashboard_url"
+        ) else None
+        return url
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def shutdown(ctx: RayContext) -> None:
+    """Stop a cluster this process started; leave a shared one alone."""
+    import ray
+
+    if ctx.started_here and ray.is_initialized():
+        ray.shutdown()
