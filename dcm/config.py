@@ -47,7 +47,9 @@ def _range(name: str, value: float, lo: float | None = None, hi: float | None = 
 def _choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
+        raise ConfigError(
+            f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}"
+        )
 
 
 # ---------------------------------------------------------------- sections
@@ -60,12 +62,21 @@ class ModelConfig:
         "package, or a hub id (the only case that downloads).",
     )
     backbone: str = doc("wan", "Transformer family: 'wan' or 'hunyuanvideo'.")
-    dtype: str = doc("auto", "Compute dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16'.")
-    attention: str = doc("auto", "Attention backend: 'auto' (flash-attn on CUDA if installed, else SDPA), 'native', 'flash'.")
+    dtype: str = doc(
+        "auto", "Compute dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16'."
+    )
+    attention: str = doc(
+        "auto",
+        "Attention backend: 'auto' (flash-attn on CUDA if installed, else SDPA), 'native', 'flash'.",
+    )
     text_max_length: int = doc(512, "Text tokens kept per prompt (padding and truncation length).")
     vae_spatial_factor: int = doc(8, "VAE spatial downsampling factor.")
-    vae_temporal_factor: int = doc(4, "VAE temporal downsampling factor (frame counts must be k*factor+1).")
-    patch_size: tuple[int, int, int] = doc((1, 2, 2), "Transformer patch size (t, h, w) in latent cells.")
+    vae_temporal_factor: int = doc(
+        4, "VAE temporal downsampling factor (frame counts must be k*factor+1)."
+    )
+    patch_size: tuple[int, int, int] = doc(
+        (1, 2, 2), "Transformer patch size (t, h, w) in latent cells."
+    )
     fps: int = doc(16, "Frames per second of decoded videos.")
 
     def __post_init__(self) -> None:
@@ -76,26 +87,44 @@ class ModelConfig:
         _range("vae_spatial_factor", self.vae_spatial_factor, 1, 64)
         _range("vae_temporal_factor", self.vae_temporal_factor, 1, 16)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ConfigError(f"patch_size={self.patch_size!r} must be three positive integers (t, h, w)")
+            raise ConfigError(
+                f"patch_size={self.patch_size!r} must be three positive integers (t, h, w)"
+            )
         _range("fps", self.fps, 1, 240)
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     shift: float = doc(17.0, "Flow shift s of the training grid: sigma(u) = s*u / (1 + (s-1)*u).")
-    grid_points: int = doc(50, "Number N of Euler grid points sigma_k = sigma((k+1)/N), k = 0..N-1.")
-    split: int = doc(34, "Expert boundary index b: SemE trains on k in b+1..N-1, DetE on 0..b; route sigma > sigma_b to SemE.")
-    guidance: str = doc("cfg", "Teacher guidance: 'cfg' (two passes, Wan) or 'embedded' (one pass, HunyuanVideo).")
+    grid_points: int = doc(
+        50, "Number N of Euler grid points sigma_k = sigma((k+1)/N), k = 0..N-1."
+    )
+    split: int = doc(
+        34,
+        "Expert boundary index b: SemE trains on k in b+1..N-1, DetE on 0..b; route sigma > sigma_b to SemE.",
+    )
+    guidance: str = doc(
+        "cfg", "Teacher guidance: 'cfg' (two passes, Wan) or 'embedded' (one pass, HunyuanVideo)."
+    )
     cfg_scale: float = doc(5.0, "w in v_T = v(c) + w * (v(c) - v(null)); classic scale = w + 1.")
-    embedded_guidance: float = doc(6016.0, "Embedded guidance input (HunyuanVideo) for teacher, student and target.")
+    embedded_guidance: float = doc(
+        6016.0, "Embedded guidance input (HunyuanVideo) for teacher, student and target."
+    )
     consistency_loss: str = doc("pseudo_huber", "'pseudo_huber' (reference) or 'l2' (paper).")
     huber_c: float = doc(0.001, "Pseudo-Huber constant c.")
     tc_weight: float = doc(1.0, "lambda_tc: weight of the temporal-coherence loss (stage 1 only).")
     tc_stride: int = doc(3, "Latent-frame stride l of the temporal-coherence loss.")
     adv_weight: float = doc(0.1, "lambda_adv: weight of the adversarial block (stage 2 only).")
-    gen_scale: float = doc(5.0, "Factor on L_G inside the adversarial block: lambda_adv * (gen_scale * L_G + lambda_fm * L_FM).")
-    fm_weight: float = doc(10.0, "lambda_fm: weight of the feature-matching loss inside the adversarial block.")
-    ema_decay: float = doc(0.0, "EMA decay of the target network; 0 = the current student (reference).")
+    gen_scale: float = doc(
+        5.0,
+        "Factor on L_G inside the adversarial block: lambda_adv * (gen_scale * L_G + lambda_fm * L_FM).",
+    )
+    fm_weight: float = doc(
+        10.0, "lambda_fm: weight of the feature-matching loss inside the adversarial block."
+    )
+    ema_decay: float = doc(
+        0.0, "EMA decay of the target network; 0 = the current student (reference)."
+    )
     disc_hidden: int = doc(1024, "Channels of each discriminator head.")
     tap_every: int = doc(2, "Discriminator taps after every n-th block.")
 
@@ -117,7 +146,9 @@ class MethodConfig:
             raise ConfigError(f"ema_decay={self.ema_decay!r} is out of range: allowed [0, 1)")
         _range("disc_hidden", self.disc_hidden, 32, 65536)
         if self.disc_hidden % 32:
-            raise ConfigError(f"disc_hidden={self.disc_hidden} must be a multiple of 32 (GroupNorm(32))")
+            raise ConfigError(
+                f"disc_hidden={self.disc_hidden} must be a multiple of 32 (GroupNorm(32))"
+            )
         _range("tap_every", self.tap_every, 1, 1000)
 
 
@@ -125,7 +156,9 @@ class MethodConfig:
 class LoraConfig:
     rank: int = doc(128, "LoRA rank r of the detail expert.")
     alpha: float = doc(256.0, "LoRA alpha (scale = alpha / rank).")
-    target_modules: tuple[str, ...] = doc(("to_q", "to_k", "to_v", "to_out.0"), "Attention projections that get LoRA.")
+    target_modules: tuple[str, ...] = doc(
+        ("to_q", "to_k", "to_v", "to_out.0"), "Attention projections that get LoRA."
+    )
     dropout: float = doc(0.0, "LoRA dropout.")
 
     def __post_init__(self) -> None:
@@ -138,16 +171,27 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    input: str = doc("", "Raw videos: a manifest (JSONL/CSV/parquet with path, caption) or a folder with .txt sidecars; local or a pyarrow URI.")
+    input: str = doc(
+        "",
+        "Raw videos: a manifest (JSONL/CSV/parquet with path, caption) or a folder with .txt sidecars; local or a pyarrow URI.",
+    )
     latents: str = doc("", "Folder of ingested parquet shards + manifest.json (parquet mode).")
-    mode: str = doc("online", "'online' (ingest streams into training) or 'parquet' (read pre-encoded shards).")
+    mode: str = doc(
+        "online", "'online' (ingest streams into training) or 'parquet' (read pre-encoded shards)."
+    )
     num_frames: int = doc(81, "Frames per clip (k * vae_temporal_factor + 1).")
     height: int = doc(480, "Clip height in pixels.")
     width: int = doc(832, "Clip width in pixels.")
-    target_fps: float = doc(0.0, "Resample clips to this fps; 0 = stride frames to cover the whole clip.")
+    target_fps: float = doc(
+        0.0, "Resample clips to this fps; 0 = stride frames to cover the whole clip."
+    )
     clips_per_video: int = doc(1, "Clips taken from each video (evenly spaced).")
-    empty_prompt_prob: float = doc(0.1, "Probability of replacing a caption with the empty prompt in training.")
-    posterior: str = doc("sample", "VAE latent: 'sample' the posterior (reference) or take its 'mean'.")
+    empty_prompt_prob: float = doc(
+        0.1, "Probability of replacing a caption with the empty prompt in training."
+    )
+    posterior: str = doc(
+        "sample", "VAE latent: 'sample' the posterior (reference) or take its 'mean'."
+    )
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("online", "parquet"))
@@ -162,10 +206,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    out: str = doc("", "Output folder for parquet shards, manifest.json and rejects (default runs/<name>/latents).")
+    out: str = doc(
+        "",
+        "Output folder for parquet shards, manifest.json and rejects (default runs/<name>/latents).",
+    )
     encode_batch_size: int = doc(4, "Clips per VAE/text-encoder batch.")
     encode_actors: int = doc(1, "Encoder actors in the pool.")
-    actor_cpus: float = doc(0.5, "CPUs per encoder actor (fractional avoids the 2-CPU Ray Data deadlock).")
+    actor_cpus: float = doc(
+        0.5, "CPUs per encoder actor (fractional avoids the 2-CPU Ray Data deadlock)."
+    )
     actor_gpus: float = doc(0.0, "GPUs per encoder actor (0 on CPU machines).")
     decode_cpus: float = doc(0.5, "CPUs per decode task.")
     rows_per_shard: int = doc(64, "Clips per parquet shard.")
@@ -181,10 +230,18 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str = doc("both", "'semantic', 'detail' or 'both' (semantic, then detail from its checkpoint).")
-    out: str = doc("runs", "Root folder of run directories (local path or a pyarrow URI for checkpoints).")
-    run_name: str = doc("", "Run name; re-running the same name resumes. Default: the experiment name.")
-    init_from: str = doc("", "For stage 'detail' alone: the semantic artifact folder to start from.")
+    stage: str = doc(
+        "both", "'semantic', 'detail' or 'both' (semantic, then detail from its checkpoint)."
+    )
+    out: str = doc(
+        "runs", "Root folder of run directories (local path or a pyarrow URI for checkpoints)."
+    )
+    run_name: str = doc(
+        "", "Run name; re-running the same name resumes. Default: the experiment name."
+    )
+    init_from: str = doc(
+        "", "For stage 'detail' alone: the semantic artifact folder to start from."
+    )
     steps_semantic: int = doc(1000, "Optimiser steps of stage 1.")
     steps_detail: int = doc(1000, "Optimiser steps of stage 2.")
     lr_semantic: float = doc(1e-6, "Stage-1 learning rate (constant).")
@@ -195,17 +252,23 @@ class TrainConfig:
     adam_eps: float = doc(1e-8, "AdamW epsilon.")
     weight_decay: float = doc(1e-3, "AdamW weight decay (student and discriminator).")
     grad_clip: float = doc(1.0, "Gradient-norm clip.")
-    global_batch: int = doc(4, "Samples per optimiser step across all workers and accumulation steps.")
+    global_batch: int = doc(
+        4, "Samples per optimiser step across all workers and accumulation steps."
+    )
     grad_accum: int = doc(1, "Gradient-accumulation micro-steps per optimiser step.")
     num_workers: int = doc(1, "Ray Train workers.")
     use_gpu: str = doc("auto", "'auto', 'true' or 'false'.")
     cpus_per_worker: float = doc(1.0, "CPUs per Ray Train worker.")
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage (0-3).")
-    offload: bool = doc(False, "DeepSpeed CPU offload of optimiser state (and parameters at stage 3).")
+    offload: bool = doc(
+        False, "DeepSpeed CPU offload of optimiser state (and parameters at stage 3)."
+    )
     activation_checkpointing: bool = doc(True, "Recompute every transformer block in backward.")
     checkpoint_every: int = doc(100, "Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = doc(2, "Checkpoints kept (best by checkpoint_metric).")
-    checkpoint_metric: str = doc("val/score", "Validation metric that ranks checkpoints (higher is better).")
+    checkpoint_metric: str = doc(
+        "val/score", "Validation metric that ranks checkpoints (higher is better)."
+    )
     val_every: int = doc(0, "Steps between validations (0 = only at the end).")
     log_every: int = doc(10, "Steps between metric logs.")
     seed: int = doc(0, "Seed of every random draw of the run.")
@@ -240,10 +303,16 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     steps: int = doc(4, "Student sampling steps (any n >= 2; split evenly between the experts).")
-    sigma_preset: str = doc("", "Reference sigma list instead of the even-split rule: '', 'wan-6', 'hunyuan-4'.")
+    sigma_preset: str = doc(
+        "", "Reference sigma list instead of the even-split rule: '', 'wan-6', 'hunyuan-4'."
+    )
     teacher_steps: int = doc(50, "Teacher Euler steps (with guidance) for comparisons.")
-    eval_steps: tuple[int, ...] = doc((2, 4, 8), "Student step counts evaluated against the teacher.")
-    prompts: tuple[str, ...] = doc((), "Fixed validation prompts (empty: the data's held-out captions).")
+    eval_steps: tuple[int, ...] = doc(
+        (2, 4, 8), "Student step counts evaluated against the teacher."
+    )
+    prompts: tuple[str, ...] = doc(
+        (), "Fixed validation prompts (empty: the data's held-out captions)."
+    )
     seeds: tuple[int, ...] = doc((0,), "Fixed validation seeds.")
     num_frames: int = doc(0, "Frames sampled (0 = data.num_frames).")
     height: int = doc(0, "Sample height (0 = data.height).")
@@ -269,7 +338,9 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = doc("", "Cluster address; empty = RAY_ADDRESS / the job's cluster, else start a local one.")
+    address: str = doc(
+        "", "Cluster address; empty = RAY_ADDRESS / the job's cluster, else start a local one."
+    )
     num_cpus: int = doc(0, "CPUs of a local cluster (0 = detect).")
     num_gpus: int = doc(-1, "GPUs of a local cluster (-1 = detect).")
     object_store_mb: int = doc(512, "Object store of a local cluster in MiB.")
@@ -287,7 +358,10 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    space: dict[str, Any] = doc({}, "Search space: dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}.")
+    space: dict[str, Any] = doc(
+        {},
+        "Search space: dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}.",
+    )
     searcher: str = doc("grid", "'grid', 'random' or 'optuna' (model-based, TPE).")
     num_samples: int = doc(1, "Trials (random/optuna) or repeats of the grid.")
     metric: str = doc("val/score", "Metric the scheduler and the best-config choice use.")
@@ -388,7 +462,9 @@ class Config:
                     f"(VAE factor {m.vae_spatial_factor} x patch {p})"
                 )
         if m.backbone == "hunyuanvideo" and self.method.guidance != "embedded":
-            raise ConfigError("method.guidance must be 'embedded' for model.backbone='hunyuanvideo'")
+            raise ConfigError(
+                "method.guidance must be 'embedded' for model.backbone='hunyuanvideo'"
+            )
         t = self.train
         if t.global_batch % (t.num_workers * t.grad_accum):
             raise ConfigError(
@@ -538,7 +614,11 @@ def all_keys() -> list[str]:
 
 def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; run with --dry-run --explain to list the keys"
+    hint = (
+        f"; did you mean '{close[0]}'?"
+        if close
+        else "; run with --dry-run --explain to list the keys"
+    )
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 

@@ -84,9 +84,11 @@ def _dashboard_url() -> str | None:
     try:
         import ray
 
-        url = ray.get_runtime_context().get_dashboard_url() if hasattr(
-            ray.get_runtime_context(), "get_dashboard_url"
-        ) else None
+        url = (
+            ray.get_runtime_context().get_dashboard_url()
+            if hasattr(ray.get_runtime_context(), "get_dashboard_url")
+            else None
+        )
         return url
     except Exception:  # noqa: BLE001
         return None

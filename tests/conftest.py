@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,11 @@ from pipelines.cluster import local_env
 for _k, _v in local_env("disabled").items():
     os.environ.setdefault(_k, _v)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# DeepSpeed's JIT comm op is built once by `python -m pipelines.prebuild` into this folder.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"),
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,8 +44,13 @@ def ray_cluster():
     from pipelines.cluster import init_ray
 
     ctx = init_ray(
-        RayConfig(num_cpus=max(2, os.cpu_count() or 2), num_gpus=0, object_store_mb=384,
-                  dashboard=True, dashboard_port=8266),
+        RayConfig(
+            num_cpus=max(2, os.cpu_count() or 2),
+            num_gpus=0,
+            object_store_mb=384,
+            dashboard=True,
+            dashboard_port=8266,
+        ),
         quiet=True,
     )
     yield ctx

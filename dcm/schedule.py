@@ -1,0 +1,183 @@
+"""The shifted training grid, the one expert boundary, and sampling sigma lists.
+
+METHOD.md section 2 (grid) and 3 (expert split), section 7 (sampling lists). Everything
+here derives from three constants of ``cfg.method``: shift s, grid size N and boundary b.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dcm.config import DETAIL, SEMANTIC, SIGMA_PRESETS, ConfigError, MethodConfig
+
+# sigma_min = sigma(1 / MIN_U): the point below k = 0 (METHOD.md section 2).
+MIN_U = 1000
+# A preset value this close to sigma_b stands for sigma_b itself: the reference lists are
+# rounded (HunyuanVideo's 0.9818 is sigma_37 = 0.981763 rounded UP, yet it is the first
+# detail-expert step), so without snapping it would route to the wrong expert.
+PRESET_SNAP = 1e-3
+
+
+def shifted(u: float, shift: float) -> float:
+    """sigma(u) = s u / (1 + (s - 1) u) in float64 (METHOD.md section 2)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Shift-s Euler grid sigma_k = sigma((k + 1) / N), k = 0..N-1, split at index b.
+
+    SemE owns start indices b+1..N-1 (endpoint sigma_b), DetE owns 0..b (endpoint
+    sigma_min); at inference sigma > sigma_b goes to SemE, compared in float32.
+    """
+
+    shift: float
+    grid_points: int
+    split: int
+    sigmas: Tensor = field(init=False, repr=False)  # (N,) float64 ascending, sigma_{N-1} = 1
+    sigma_min: float = field(init=False)
+    sigma_split: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        n, b = self.grid_points, self.split
+        if n < 2:
+            raise ConfigError(f"method.grid_points={n} must be at least 2")
+        if not 0 <= b <= n - 2:
+            raise ConfigError(
+                f"method.split={b} must lie in 0..{n - 2} so both experts own grid points"
+            )
+        grid = torch.tensor(
+            [shifted((k + 1) / n, self.shift) for k in range(n)], dtype=torch.float64
+        )
+        object.__setattr__(self, "sigmas", grid)
+        object.__setattr__(self, "sigma_min", shifted(1.0 / MIN_U, self.shift))
+        object.__setattr__(self, "sigma_split", float(grid[b]))
+
+    @classmethod
+    def from_config(cls, method: MethodConfig) -> Schedule:
+        return cls(shift=method.shift, grid_points=method.grid_points, split=method.split)
+
+    # ------------------------------------------------------------ grid look-ups
+    def _table(self, device: torch.device) -> Tensor:
+        # (N + 1,) float32: [sigma_min, sigma_0, .., sigma_{N-1}], so sigma_prev(k) = table[k].
+        low = torch.tensor([self.sigma_min], dtype=torch.float64)
+        return torch.cat([low, self.sigmas]).to(device=device, dtype=torch.float32)
+
+    def sigma(self, k: Tensor) -> Tensor:
+        """sigma_k as float32, same shape and device as k."""
+        return self._table(k.device)[k.long() + 1]
+
+    def sigma_prev(self, k: Tensor) -> Tensor:
+        """sigma_{k-1} as float32; sigma_min at k = 0."""
+        return self._table(k.device)[k.long()]
+
+    def endpoint(self, expert: Tensor) -> Tensor:
+        """Consistency endpoint sigma_e per sample: sigma_b (SemE) or sigma_min (DetE)."""
+        hi = torch.full(expert.shape, self.sigma_split, dtype=torch.float32, device=expert.device)
+        lo = torch.full_like(hi, self.sigma_min)
+        return torch.where(expert == SEMANTIC, hi, lo)
+
+    def index_range(self, expert: int) -> tuple[int, int]:
+        """Inclusive start-index range of an expert (METHOD.md section 3)."""
+        if expert == SEMANTIC:
+            return self.split + 1, self.grid_points - 1
+        if expert == DETAIL:
+            return 0, self.split
+        raise ValueError(f"expert={expert!r} is not an expert id: use SEMANTIC (0) or DETAIL (1)")
+
+    def sample_indices(self, expert: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One start index k per sample, uniform over its expert's grid INDICES.
+
+        Draws exactly B uniforms from ``generator`` (on the generator's device), whatever
+        the mix of experts, so ranks sharing a seed stay in step.
+        """
+        s_lo, s_hi = self.index_range(SEMANTIC)
+        d_lo, d_hi = self.index_range(DETAIL)
+        sem = expert == SEMANTIC
+        lo = torch.where(sem, s_lo, d_lo)  # (B,)
+        count = torch.where(sem, s_hi - s_lo + 1, d_hi - d_lo + 1)
+        dev = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(expert.shape, generator=generator, device=dev, dtype=torch.float64)
+        u = u.to(expert.device)
+        k = lo + torch.floor(u * count).long()
+        return torch.minimum(k, lo + count - 1)  # guards u * count rounding up to count
+
+    def route(self, sigma: Tensor) -> Tensor:
+        """Expert per sample from its noise level: sigma > sigma_b -> SEMANTIC, else DETAIL.
+
+        Compared in float32 (never bf16: bf16 rounds sigma_35 = 0.97764 and sigma_34 =
+        0.97541 to the same value, sending a SemE step to DetE). A bf16 input has already
+        lost that precision; pass float32 or float64.
+        """
+        s32 = sigma.to(torch.float32)
+        bar = torch.tensor(self.sigma_split, dtype=torch.float32, device=sigma.device)
+        return torch.where(s32 > bar, SEMANTIC, DETAIL).long()
+
+    # ------------------------------------------------------------ sampling lists
+    def _position_sigma(self, p: float) -> float:
+        """sigma at a (possibly fractional) grid position p: sigma((p + 1) / N)."""
+        if float(p).is_integer():
+            return float(self.sigmas[int(p)])  # exactly the grid value (routes like sigma_b)
+        return shifted((p + 1.0) / self.grid_points, self.shift)
+
+    def _uniform(self, top: int, span: int, m: int) -> list[float]:
+        """m positions from ``top`` down in equal index steps of span/m (top included).
+
+        When the sub-trajectory has at least m grid points the positions are rounded
+        half-up to grid indices (distinct, since the step is >= 1): the student was
+        trained there. With more steps than grid points they stay fractional on the
+        continuous shifted curve.
+        """
+        step = span / m
+        pos = [top - j * step for j in range(m)]
+        if m <= span:
+            pos = [float(math.floor(p + 0.5)) for p in pos]
+        return [self._position_sigma(p) for p in pos]
+
+    def sampling_sigmas(self, n: int, preset: str = "") -> list[float]:
+        """Descending sigma list for n student steps, ending with 0.0 (METHOD.md section 7).
+
+        Even split: SemE gets ceil(n / 2) steps, DetE floor(n / 2). Our choice for odd n:
+        the extra step goes to the high-noise expert, which fixes layout and motion (the
+        paper's ablation credits most of DCM's gain to that expert).
+        SemE steps run uniformly in grid index from N-1 down to b (exclusive), DetE steps
+        from b down to the end (index -1, below which the list closes at 0).
+        With ``preset`` (a key of SIGMA_PRESETS) the reference list is used instead; a
+        value within PRESET_SNAP of sigma_b is snapped to sigma_b so it routes to DetE.
+        """
+        if preset:
+            return self._preset(n, preset)
+        if n < 2:
+            raise ConfigError(f"sample.steps={n} must be at least 2 (one step per expert)")
+        n_sem = (n + 1) // 2
+        n_det = n - n_sem
+        top = self.grid_points - 1
+        sem = self._uniform(top, top - self.split, n_sem)
+        det = self._uniform(self.split, self.split + 1, n_det)
+        return sem + det + [0.0]
+
+    def _preset(self, n: int, preset: str) -> list[float]:
+        if preset not in SIGMA_PRESETS:
+            raise ConfigError(
+                f"sample.sigma_preset='{preset}' is unknown: choose one of {', '.join(SIGMA_PRESETS)}"
+            )
+        values = list(SIGMA_PRESETS[preset])
+        if n != len(values):
+            raise ConfigError(
+                f"sample.steps={n} does not match sample.sigma_preset='{preset}' "
+                f"({len(values)} steps): set sample.steps={len(values)} or clear the preset"
+            )
+        out = [self.sigma_split if abs(v - self.sigma_split) <= PRESET_SNAP else v for v in values]
+        return out + [0.0]
+
+    def teacher_sigmas(self, n: int = 50) -> list[float]:
+        """Teacher Euler list: the N grid points descending then 0; sigma(i / n) for n != N."""
+        if n < 1:
+            raise ConfigError(f"sample.teacher_steps={n} must be at least 1")
+        if n == self.grid_points:
+            return [float(s) for s in self.sigmas.flip(0)] + [0.0]
+        return [shifted(i / n, self.shift) for i in range(n, 0, -1)] + [0.0]

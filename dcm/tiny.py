@@ -1,0 +1,240 @@
+"""Random tiny diffusers-format bundles for tests and for pretraining the shapes teacher.
+
+A bundle is the folder layout every real model uses (DESIGN.md point 10): ``model_index.json``
+plus ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``. The tiny
+one is sized for the ``shapes-tiny`` preset: 17 frames of 64x64 -> latents (C, 5, 8, 8) with
+a VAE of spatial factor 8 and temporal factor 4, and a patch-1 transformer (320 tokens).
+Everything is built from a seed and offline (the tokenizer is a word-level vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcm.config import ConfigError
+
+# Words of the synthetic shapes world and a few common ones; anything else maps to <unk>.
+DEFAULT_VOCAB: tuple[str, ...] = (
+    "a", "an", "the", "and", "on", "in", "of", "with", "to", "from", "is", "at", "over",
+    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "cyan",
+    "magenta", "pink", "brown",
+    "circle", "square", "triangle", "star", "ring", "cross", "diamond", "shape", "ball", "box",
+    "small", "big", "large", "tiny", "medium",
+    "moves", "moving", "slides", "bounces", "spins", "grows", "shrinks", "stays", "still",
+    "left", "right", "up", "down", "across", "around", "diagonally", "slowly", "quickly",
+    "background", "dark", "light", "plain", "striped", "frame", "video", "scene",
+)  # fmt: skip
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+# Default sizes (hidden sizes 16-64); each may be overridden through **dims.
+WAN_DIMS: dict[str, Any] = {
+    "layers": 2,
+    "heads": 2,
+    "head_dim": 16,
+    "ffn_dim": 64,
+    "freq_dim": 32,
+    "patch_size": (1, 1, 1),
+    "z_dim": 8,
+    "vae_base_dim": 8,
+    "text_dim": 32,
+    "text_layers": 2,
+    "text_heads": 2,
+    "text_ff": 64,
+    "shift": 3.0,
+}
+HUNYUAN_DIMS: dict[str, Any] = {
+    "layers": 1,
+    "single_layers": 2,
+    "refiner_layers": 1,
+    "heads": 2,
+    "head_dim": 16,
+    "rope_axes_dim": (4, 6, 6),
+    "patch_size": (1, 1, 1),
+    "z_dim": 8,
+    "vae_channels": (8, 16, 32, 32),
+    "text_dim": 32,
+    "pooled_dim": 16,
+    "shift": 3.0,
+}
+
+
+def _dims(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"build_tiny_bundle got unknown size(s) {', '.join(unknown)}: "
+            f"allowed are {', '.join(sorted(defaults))}"
+        )
+    return {**defaults, **given}
+
+
+def build_tokenizer(out_dir: Path, vocab: list[str] | tuple[str, ...] | None = None) -> Any:
+    """An offline word-level tokenizer (lower-cased, whitespace split, </s> appended)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in dict.fromkeys(w.lower() for w in (vocab or DEFAULT_VOCAB))]
+    words = [w for w in words if w not in (PAD, EOS, UNK)]
+    table = {PAD: 0, EOS: 1, UNK: 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=table, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # T5-style: every prompt, the empty one included, ends with </s> (never zero tokens).
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="right"
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _write_index(out: Path, backbone: str, parts: dict[str, tuple[str, str]]) -> None:
+    import diffusers
+
+    pipeline = "WanPipeline" if backbone == "wan" else "HunyuanVideoPipeline"
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+    index.update({name: list(lib_cls) for name, lib_cls in parts.items()})
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _scheduler(out: Path, shift: float) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(shift=shift).save_pretrained(out / "scheduler")
+
+
+def _build_wan(out: Path, vocab: Any, d: dict[str, Any]) -> None:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer(out / "tokenizer", vocab)
+    text_cfg = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=d["text_dim"],
+        d_kv=d["text_dim"] // d["text_heads"],
+        d_ff=d["text_ff"],
+        num_layers=d["text_layers"],
+        num_heads=d["text_heads"],
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    UMT5EncoderModel(text_cfg).save_pretrained(out / "text_encoder")
+    # Three spatial downsamples (factor 8), two temporal ones (factor 4); the config carries
+    # per-channel latent statistics (METHOD.md section 1), identity for a random VAE.
+    z = d["z_dim"]
+    AutoencoderKLWan(
+        base_dim=d["vae_base_dim"],
+        z_dim=z,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z,
+        latents_std=[1.0] * z,
+    ).save_pretrained(out / "vae")
+    WanTransformer3DModel(
+        patch_size=tuple(d["patch_size"]),
+        num_attention_heads=d["heads"],
+        attention_head_dim=d["head_dim"],
+        in_channels=z,
+        out_channels=z,
+        text_dim=d["text_dim"],
+        freq_dim=d["freq_dim"],
+        ffn_dim=d["ffn_dim"],
+        num_layers=d["layers"],
+        rope_max_seq_len=256,
+    ).save_pretrained(out / "transformer")
+    _scheduler(out, d["shift"])
+    _write_index(
+        out,
+        "wan",
+        {
+            "transformer": ("diffusers", "WanTransformer3DModel"),
+            "vae": ("diffusers", "AutoencoderKLWan"),
+            "text_encoder": ("transformers", "UMT5EncoderModel"),
+            "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        },
+    )
+
+
+def _build_hunyuan(out: Path, d: dict[str, Any]) -> None:
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    z = d["z_dim"]
+    pt, ph, pw = d["patch_size"]
+    if ph != pw:
+        raise ConfigError(f"HunyuanVideo needs a square spatial patch, got patch_size={d['patch_size']}")
+    HunyuanVideoTransformer3DModel(
+        in_channels=z,
+        out_channels=z,
+        num_attention_heads=d["heads"],
+        attention_head_dim=d["head_dim"],
+        num_layers=d["layers"],
+        num_single_layers=d["single_layers"],
+        num_refiner_layers=d["refiner_layers"],
+        patch_size=ph,
+        patch_size_t=pt,
+        text_embed_dim=d["text_dim"],
+        pooled_projection_dim=d["pooled_dim"],
+        rope_axes_dim=tuple(d["rope_axes_dim"]),
+        guidance_embeds=True,
+    ).save_pretrained(out / "transformer")
+    channels = tuple(d["vae_channels"])
+    AutoencoderKLHunyuanVideo(
+        latent_channels=z,
+        block_out_channels=channels,
+        down_block_types=("HunyuanVideoDownBlock3D",) * len(channels),
+        up_block_types=("HunyuanVideoUpBlock3D",) * len(channels),
+        layers_per_block=1,
+        norm_num_groups=min(channels[0], 8),
+        mid_block_add_attention=False,
+    ).save_pretrained(out / "vae")
+    _scheduler(out, d["shift"])
+    _write_index(
+        out,
+        "hunyuanvideo",
+        {
+            "transformer": ("diffusers", "HunyuanVideoTransformer3DModel"),
+            "vae": ("diffusers", "AutoencoderKLHunyuanVideo"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        },
+    )
+
+
+def build_tiny_bundle(
+    out_dir: str | Path,
+    backbone: str = "wan",
+    vocab: list[str] | tuple[str, ...] | None = None,
+    seed: int = 0,
+    **dims: Any,
+) -> Path:
+    """Write a random tiny diffusers-format bundle to ``out_dir`` and return its path.
+
+    Wan: transformer, VAE, UMT5 text encoder, word-level tokenizer over ``vocab`` and
+    scheduler. HunyuanVideo: transformer, VAE and scheduler (enough for adapter tests).
+    ``dims`` overrides sizes in ``WAN_DIMS`` / ``HUNYUAN_DIMS``; weights come from ``seed``.
+    """
+    if backbone not in ("wan", "hunyuanvideo"):
+        raise ConfigError(f"backbone={backbone!r} is not allowed: choose 'wan' or 'hunyuanvideo'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Seed the global generator only for the build, then restore the caller's state.
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if backbone == "wan":
+            _build_wan(out, vocab, _dims(WAN_DIMS, dims))
+        else:
+            _build_hunyuan(out, _dims(HUNYUAN_DIMS, dims))
+    finally:
+        torch.random.set_rng_state(state)
+    return out

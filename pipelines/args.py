@@ -1,0 +1,73 @@
+"""Flags shared by every stage: `--config FILE --preset NAME --set a.b=c --dry-run --explain`.
+
+Stage-specific flags (`--input`, `--out`, ...) map onto dotted config keys through
+`resolve(args, **{"data.input": args.input})`, so the Config stays the only thing threaded
+through the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from dcm.config import Config, ConfigError, explain, load_config
+
+
+def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the config flags every stage accepts."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", metavar="FILE", help="experiment YAML (pipelines/configs/)")
+    group.add_argument(
+        "--preset", metavar="NAME", help="start from this preset instead of the file's"
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set method.split=30 (repeatable)",
+    )
+    group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    group.add_argument(
+        "--explain", action="store_true", help="with --dry-run: list every key with its doc"
+    )
+    return parser
+
+
+def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
+    """Load the config from the common flags plus stage flags given as dotted keys.
+
+    Stage flags that were not given (None) are ignored. With --dry-run the resolved config
+    is printed and the process exits 0.
+    """
+    extra = [f"{key}={_yaml_scalar(val)}" for key, val in dotted.items() if val is not None]
+    cfg = load_config(args.config, args.preset, [*args.overrides, *extra])
+    if args.dry_run:
+        print(explain() if args.explain else cfg.to_yaml(), end="")
+        sys.exit(0)
+    return cfg
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, str):
+        # quote so that e.g. a path like "yes" or "123" stays a string
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def run_main(main_fn, argv: list[str] | None = None) -> int:
+    """Run a stage's main, turning user errors into one clear line and exit code 2."""
+    try:
+        return int(main_fn(argv) or 0)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,54 @@
+"""Shared test helpers: tiny diffusers bundles and small real video files.
+
+``tiny_bundle`` builds through ``dcm.tiny.build_tiny_bundle`` (the same code the shapes
+pretraining starts from) and caches one bundle per (factory, backbone, sizes), so a test
+session pays for each kind of bundle once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dcm.tiny import build_tiny_bundle
+
+_CACHE: dict[tuple[Any, ...], Path] = {}
+
+
+def tiny_bundle(
+    where: pytest.TempPathFactory | Path | str, backbone: str = "wan", seed: int = 0, **dims: Any
+) -> Path:
+    """A tiny random bundle: built once per session for a ``tmp_path_factory``, else in ``where``.
+
+    Sized for the ``shapes-tiny`` preset: 17 x 64 x 64 videos -> latents (8, 5, 8, 8).
+    """
+    if isinstance(where, pytest.TempPathFactory):
+        key = (id(where), backbone, seed, tuple(sorted(dims.items())))
+        if key not in _CACHE or not (_CACHE[key] / "model_index.json").is_file():
+            folder = where.mktemp(f"tiny_{backbone}_bundle")
+            _CACHE[key] = build_tiny_bundle(folder, backbone=backbone, seed=seed, **dims)
+        return _CACHE[key]
+    return build_tiny_bundle(Path(where), backbone=backbone, seed=seed, **dims)
+
+
+def moving_square_frames(
+    num_frames: int = 17, height: int = 64, width: int = 64, color: tuple[int, int, int] = (230, 40, 40)
+) -> np.ndarray:
+    """uint8 (F, H, W, 3): a coloured square sliding left to right on a grey background."""
+    frames = np.full((num_frames, height, width, 3), 60, dtype=np.uint8)
+    side = max(4, height // 4)
+    top = (height - side) // 2
+    for f in range(num_frames):
+        left = int(f * (width - side) / max(1, num_frames - 1))
+        frames[f, top : top + side, left : left + side] = color
+    return frames
+
+
+def sample_mp4(path: Path | str, num_frames: int = 17, height: int = 64, width: int = 64, fps: int = 8) -> Path:
+    """Write a real H.264 mp4 of ``moving_square_frames`` and return its path."""
+    from dcm.video import write_video
+
+    return write_video(Path(path), moving_square_frames(num_frames, height, width), fps=fps)
