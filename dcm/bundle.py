@@ -75,7 +75,9 @@ def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"'{file}' is not valid JSON ({err}): rebuild or re-download the bundle") from None
+        raise BundleError(
+            f"'{file}' is not valid JSON ({err}): rebuild or re-download the bundle"
+        ) from None
     if not isinstance(data, dict):
         raise BundleError(f"'{file}' must hold a JSON object")
     return data
@@ -84,7 +86,14 @@ def _read_json(file: Path) -> dict[str, Any]:
 def _hub_json(repo: str, filename: str) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
-    return _read_json(Path(hf_hub_download(repo, filename)))
+    try:
+        local = hf_hub_download(repo, filename)
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: one sentence
+        raise BundleError(
+            f"could not fetch {filename} of hub model '{repo}' ({type(err).__name__}): check "
+            "the id and network access, or pass a local bundle folder"
+        ) from None
+    return _read_json(Path(local))
 
 
 def read_model_index(root: Path) -> dict[str, Any]:
@@ -149,7 +158,11 @@ class Bundle:
         c = self.transformer_config
         if self.backbone_kind == "wan":
             return tuple(int(p) for p in c.get("patch_size", (1, 2, 2)))  # type: ignore[return-value]
-        return (int(c.get("patch_size_t", 1)), int(c.get("patch_size", 2)), int(c.get("patch_size", 2)))
+        return (
+            int(c.get("patch_size_t", 1)),
+            int(c.get("patch_size", 2)),
+            int(c.get("patch_size", 2)),
+        )
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, T, h, w) of the latents of a (num_frames, height, width) video."""
@@ -196,10 +209,8 @@ class Bundle:
 
     # ------------------------------------------------------------ latents
     def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.latent_channels
-        shape = (1, c) + (1,) * (z.dim() - 2)  # broadcast over (B, C, T, H, W) or (C, T, H, W)
-        if z.dim() == 4:
-            shape = shape[1:]
+        # channels are dim -4 of both (B, C, T, H, W) batches and (C, T, H, W) latent rows
+        shape = (self.latent_channels, 1, 1, 1)
         mean = torch.tensor(self.vae_config["latents_mean"], dtype=torch.float32).view(shape)
         std = torch.tensor(self.vae_config["latents_std"], dtype=torch.float32).view(shape)
         return mean.to(z.device, z.dtype), std.to(z.device, z.dtype)
@@ -267,7 +278,9 @@ def _component_class(index: dict[str, Any], name: str, file: str) -> type:
     module = {"diffusers": diffusers, "transformers": transformers}.get(library)
     cls = getattr(module, cls_name, None) if module is not None else None
     if cls is None:
-        raise BundleError(f"'{file}' names {library}.{cls_name} for '{name}', which is not available")
+        raise BundleError(
+            f"'{file}' names {library}.{cls_name} for '{name}', which is not available"
+        )
     return cls
 
 
@@ -325,7 +338,9 @@ def load_bundle(
         try:
             loaded["tokenizer"] = AutoTokenizer.from_pretrained(str(root), subfolder="tokenizer")
         except (OSError, ValueError) as err:
-            raise BundleError(f"could not load the tokenizer in '{root / 'tokenizer'}': {err}") from None
+            raise BundleError(
+                f"could not load the tokenizer in '{root / 'tokenizer'}': {err}"
+            ) from None
     vae = loaded.get("vae")
     if vae is not None and hasattr(vae, "enable_tiling"):
         vae.enable_tiling()

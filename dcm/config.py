@@ -270,6 +270,7 @@ class TrainConfig:
         "val/score", "Validation metric that ranks checkpoints (higher is better)."
     )
     val_every: int = doc(0, "Steps between validations (0 = only at the end).")
+    val_prompts: int = doc(2, "Validation prompts taken from the data's captions when sample.prompts is empty.")
     log_every: int = doc(10, "Steps between metric logs.")
     seed: int = doc(0, "Seed of every random draw of the run.")
     max_failures: int = doc(0, "Worker-group restarts allowed (Ray Train FailureConfig).")
@@ -296,6 +297,7 @@ class TrainConfig:
         _range("checkpoint_every", self.checkpoint_every, 0, 10**9)
         _range("keep_checkpoints", self.keep_checkpoints, 1, 1000)
         _range("val_every", self.val_every, 0, 10**9)
+        _range("val_prompts", self.val_prompts, 1, 1000)
         _range("log_every", self.log_every, 1, 10**9)
         _range("max_failures", self.max_failures, -1, 1000)
 
@@ -401,6 +403,15 @@ class ServeConfig:
     target_ongoing_requests: float = doc(1.0, "Autoscaling target of ongoing requests per replica.")
     replica_cpus: float = doc(0.5, "CPUs per generator replica.")
     replica_gpus: float = doc(0.0, "GPU fraction per generator replica.")
+    device: str = doc("auto", "Generator device: 'auto' (cuda when replica_gpus > 0 and CUDA exists, else cpu), 'cpu', 'cuda'.")
+    variants: dict[str, str] = doc({}, "Extra models served by multiplexing: name -> distilled artifact or bundle folder; a request picks one with its 'model' field.")
+    max_models_per_replica: int = doc(3, "Variants kept loaded per replica (least recently used are unloaded).")
+    max_batch_size: int = doc(4, "Concurrent same-shape requests generated as one batch.")
+    batch_wait_timeout_s: float = doc(0.05, "How long a batch waits for more requests after its first.")
+    max_ongoing_requests: int = doc(4, "Requests a generator replica holds at once (>= max_batch_size so batches can form).")
+    upscale_delay_s: float = doc(5.0, "Autoscaling: load must stay above target this long before adding a replica.")
+    downscale_delay_s: float = doc(60.0, "Autoscaling: load must stay below target this long before removing a replica.")
+    retry_after_s: int = doc(5, "Retry-After seconds sent with a 503 when the queue is full.")
 
     def __post_init__(self) -> None:
         _range("port", self.port, 1, 65535)
@@ -413,6 +424,20 @@ class ServeConfig:
         _range("max_queued", self.max_queued, 1, 10**6)
         _range("min_replicas", self.min_replicas, 0, 10**4)
         _range("max_replicas", self.max_replicas, max(1, self.min_replicas), 10**4)
+        _range("target_ongoing_requests", self.target_ongoing_requests, 0.01, 10**4)
+        _range("replica_cpus", self.replica_cpus, 0.0, 256)
+        _range("replica_gpus", self.replica_gpus, 0.0, 64)
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for name, path in self.variants.items():
+            if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path:
+                raise ConfigError(f"variants entry {name!r}: {path!r} must map a name to a model folder")
+        _range("max_models_per_replica", self.max_models_per_replica, 1, 1000)
+        _range("max_batch_size", self.max_batch_size, 1, 1024)
+        _range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 60.0)
+        _range("max_ongoing_requests", self.max_ongoing_requests, self.max_batch_size, 10**4)
+        _range("upscale_delay_s", self.upscale_delay_s, 0.0, 86400)
+        _range("downscale_delay_s", self.downscale_delay_s, 0.0, 86400)
+        _range("retry_after_s", self.retry_after_s, 0, 3600)
 
 
 SECTIONS: dict[str, type] = {

@@ -35,7 +35,10 @@ class ConsistencyLoss:
         d = pred.float() - target.float()
         if self.kind == "l2":
             return d.square().mean()
-        return (torch.sqrt(d.square() + self.c**2) - self.c).mean()
+        # sqrt(d^2 + c^2) - c written as d^2 / (sqrt(d^2 + c^2) + c): equal, but free of
+        # the float32 cancellation when |d| << c
+        d2 = d.square()
+        return (d2 / (torch.sqrt(d2 + self.c**2) + self.c)).mean()
 
 
 class TemporalCoherenceLoss:

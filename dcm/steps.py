@@ -200,6 +200,12 @@ class DetailStep(_Step):
         target: nn.Module | None = None,
     ) -> dict[str, Tensor]:
         sch, method = self.schedule, self.method
+        if any(p.requires_grad for p in teacher.parameters()):
+            # L_G backpropagates through the teacher's taps: a trainable teacher would be
+            # trained too (METHOD.md section 6: the discriminator's teacher is frozen).
+            raise ValueError(
+                "DetailStep: the teacher must be frozen; call teacher.requires_grad_(False)"
+            )
         c = self._consistency(student, teacher, batch, generator, target)
         x_hat, x_tgt = c.x_hat, c.x_tgt
         bsz, dev = x_hat.shape[0], x_hat.device

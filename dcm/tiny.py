@@ -172,7 +172,9 @@ def _build_hunyuan(out: Path, d: dict[str, Any]) -> None:
     z = d["z_dim"]
     pt, ph, pw = d["patch_size"]
     if ph != pw:
-        raise ConfigError(f"HunyuanVideo needs a square spatial patch, got patch_size={d['patch_size']}")
+        raise ConfigError(
+            f"HunyuanVideo needs a square spatial patch, got patch_size={d['patch_size']}"
+        )
     HunyuanVideoTransformer3DModel(
         in_channels=z,
         out_channels=z,

@@ -35,7 +35,10 @@ def tiny_bundle(
 
 
 def moving_square_frames(
-    num_frames: int = 17, height: int = 64, width: int = 64, color: tuple[int, int, int] = (230, 40, 40)
+    num_frames: int = 17,
+    height: int = 64,
+    width: int = 64,
+    color: tuple[int, int, int] = (230, 40, 40),
 ) -> np.ndarray:
     """uint8 (F, H, W, 3): a coloured square sliding left to right on a grey background."""
     frames = np.full((num_frames, height, width, 3), 60, dtype=np.uint8)
@@ -47,7 +50,9 @@ def moving_square_frames(
     return frames
 
 
-def sample_mp4(path: Path | str, num_frames: int = 17, height: int = 64, width: int = 64, fps: int = 8) -> Path:
+def sample_mp4(
+    path: Path | str, num_frames: int = 17, height: int = 64, width: int = 64, fps: int = 8
+) -> Path:
     """Write a real H.264 mp4 of ``moving_square_frames`` and return its path."""
     from dcm.video import write_video
 

@@ -25,7 +25,7 @@ from dcm.shapes.grammar import Scene, ShapeObject, parse_caption
 from dcm.shapes.render import DIRECTIONS, PALETTE, geometry, render_scene
 
 HUE_TOL = 25.0  # degrees around a palette hue that count as that colour
-MIN_SAT, MIN_VAL = 0.3, 0.2  # soft-mask ramps start here (full weight 0.3 above)
+FULL_CHROMA, MIN_CHROMA = 0.55, 0.08  # chroma of full membership; below MIN the hue is noise
 SHAPE_PROTOTYPES = {  # (bounding-box fill, centroid offset below the box centre / box height)
     "circle": (np.pi / 4, 0.0),
     "square": (1.0, 0.0),
@@ -48,18 +48,21 @@ KEYS = (
 )
 
 
-def _hsv(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue in degrees, saturation and value in [0, 1] of uint8 (F, H, W, 3) frames."""
+def _hue_chroma(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hue in degrees and chroma (max - min) in [0, 1] of uint8 (F, H, W, 3) frames.
+
+    Chroma, unlike saturation, is linear in coverage when a colour is blended over grey, so
+    soft centroids stay sub-pixel accurate at anti-aliased edges; the hue does not change.
+    """
     rgb = frames.astype(np.float32) / 255.0
     mx, mn = rgb.max(-1), rgb.min(-1)
     delta = mx - mn
-    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     safe = np.maximum(delta, 1e-6)
     hue = np.where(
         mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
     )
-    return hue * 60.0, sat, mx
+    return hue * 60.0, delta
 
 
 def _palette_hue(colour: str) -> float:
@@ -69,10 +72,9 @@ def _palette_hue(colour: str) -> float:
 
 def colour_weight(frames: np.ndarray, colour: str) -> np.ndarray:
     """Soft membership (F, H, W) in [0, 1] of each pixel to a palette colour."""
-    hue, sat, val = _hsv(frames)
+    hue, chroma = _hue_chroma(frames)
     dist = np.abs((hue - _palette_hue(colour) + 180.0) % 360.0 - 180.0)
-    ramp = np.clip((sat - MIN_SAT) / 0.3, 0, 1) * np.clip((val - MIN_VAL) / 0.3, 0, 1)
-    return ramp * (dist < HUE_TOL)
+    return np.clip(chroma / FULL_CHROMA, 0.0, 1.0) * ((dist < HUE_TOL) & (chroma > MIN_CHROMA))
 
 
 def _blobs(weight: np.ndarray, radius: float) -> list[tuple[np.ndarray, np.ndarray] | None]:

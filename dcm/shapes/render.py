@@ -94,6 +94,16 @@ def tracks(
 ) -> list[np.ndarray]:
     """Centre positions (F, 2) as (x, y) per object: start drawn so the whole path fits."""
     r, travel = geometry(height, width)
+    for _ in range(100):  # redraw until two objects never overlap (occlusion hides shapes)
+        paths = _draw_tracks(scene, rng, num_frames, height, width, r, travel)
+        if len(paths) < 2 or np.hypot(*(paths[0] - paths[1]).T).min() > 2.4 * r:
+            break
+    return paths
+
+
+def _draw_tracks(
+    scene: Scene, rng: random.Random, num_frames: int, height: int, width: int, r: float, travel: float
+) -> list[np.ndarray]:
     lo = r + MARGIN
     out = []
     for obj in scene.objects:

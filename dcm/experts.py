@@ -1,0 +1,278 @@
+"""The dual-expert student: SemE base + DetE (LoRA and copies), one artifact (METHOD.md 5-6).
+
+``DualExpert.base`` is the semantic expert (SemE): a ``Backbone`` whose transformer trains
+fully in stage 1. ``enable_detail_expert`` starts stage 2: it freezes everything, adds
+LoRA (B = 0) to the backbone's attentions and trainable copies of the conditioning
+embedder and the output layer (``Backbone.detail_parts``). The detail expert (DetE) is the
+base run with LoRA on and the copies swapped in, so it starts equal to SemE.
+
+``forward`` routes each sample by an explicit expert id (``dcm.config.SEMANTIC`` /
+``DETAIL``), never by the first element of the batch (METHOD.md section 3). Before stage 2
+there is one expert only and every row runs the base.
+
+Artifact: ``experts.safetensors`` (the whole state dict: SemE weights, LoRA, copies) +
+``dcm_artifact.json``; ``load_artifact`` rebuilds the diffusers transformer from its
+config, re-applies the same LoRA and loads strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from dcm.backbones.base import Backbone, Cond, Variant, make_backbone
+from dcm.config import DETAIL, SEMANTIC, Config, LoraConfig
+
+ARTIFACT_SCHEMA_VERSION = 1
+ARTIFACT_JSON = "dcm_artifact.json"
+ARTIFACT_WEIGHTS = "experts.safetensors"
+ADAPTER = "default"  # peft adapter name of the detail expert
+
+
+def _transformer_classes() -> dict[str, type]:
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    return {c.__name__: c for c in (WanTransformer3DModel, HunyuanVideoTransformer3DModel)}
+
+
+def _set_lora(module: nn.Module, enabled: bool) -> None:
+    """LoRA on/off for the peft layers inside ``module``, leaving requires_grad as it was.
+
+    peft's enable_adapters() also flips requires_grad of the adapter weights; the detail
+    expert's trainable set must not change when a SemE part of a mixed batch runs.
+    """
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer) and layer.disable_adapters == enabled:
+            params = [p for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
+            flags = [p.requires_grad for p in params]
+            layer.enable_adapters(enabled)
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+
+
+class DualExpert(nn.Module):
+    """SemE (the base backbone) + DetE (LoRA + copies), routed per sample."""
+
+    def __init__(self, base: Backbone | nn.Module) -> None:
+        super().__init__()
+        self.base = make_backbone(base)
+        # DetE copies of Backbone.detail_parts: modules here, bare parameters (Wan's final
+        # scale_shift_table) in a ParameterDict.
+        self.detail_modules = nn.ModuleDict()
+        self.detail_params = nn.ParameterDict()
+        self.lora_cfg: LoraConfig | None = None
+        # Stage 1 (METHOD.md section 5): every transformer parameter trains.
+        self.base.requires_grad_(True)
+
+    @property
+    def has_detail(self) -> bool:
+        return self.lora_cfg is not None
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    # ------------------------------------------------------------ stage 2 set-up
+    def enable_detail_expert(self, lora_cfg: LoraConfig) -> None:
+        """Freeze everything, add LoRA (B = 0) and trainable copies (METHOD.md section 6)."""
+        if self.has_detail:
+            raise ValueError("the detail expert is already enabled on this model")
+        self.requires_grad_(False)
+        tr = self.base.transformer
+        for name in self.base.detail_parts:
+            part = copy.deepcopy(getattr(tr, name))
+            part.requires_grad_(True)
+            if isinstance(part, nn.Parameter):
+                self.detail_params[name] = part
+            else:
+                self.detail_modules[name] = part
+        peft_cfg = PeftLoraConfig(
+            r=lora_cfg.rank,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=self.base.lora_target_regex(lora_cfg.target_modules),
+            init_lora_weights=True,  # A Kaiming-uniform, B zero: DetE == SemE at start
+        )
+        inject_adapter_in_model(peft_cfg, tr, adapter_name=ADAPTER)
+        # peft marks only adapters trainable; state it explicitly rather than rely on it.
+        for name, p in tr.named_parameters():
+            p.requires_grad_(f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name)
+        self.lora_cfg = lora_cfg
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        self.base.set_checkpointing(enabled)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, expert: Tensor) -> Tensor:
+        """Velocity (B, C, T, H, W); ``expert`` (B,) long picks SemE (0) or DetE (1) per row."""
+        expert = torch.as_tensor(expert, device=x.device)
+        if expert.shape != (x.shape[0],):
+            raise ValueError(f"expert ids shape {tuple(expert.shape)} must be (B,) = ({x.shape[0]},)")
+        is_detail = expert == DETAIL
+        if not bool(((expert == SEMANTIC) | is_detail).all()):
+            raise ValueError(f"expert ids must be {SEMANTIC} (semantic) or {DETAIL} (detail)")
+        if not self.has_detail:
+            return self.base(x, t, cond)
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        n_detail = int(is_detail.sum())
+        if n_detail == 0:
+            return self._semantic(x, t, cond)
+        if n_detail == x.shape[0]:
+            return self._detail(x, t, cond)
+        sem = torch.nonzero(~is_detail).squeeze(1)
+        det = torch.nonzero(is_detail).squeeze(1)
+        out = torch.cat(
+            [
+                self._semantic(x[sem], t[sem], cond.index(sem)),
+                self._detail(x[det], t[det], cond.index(det)),
+            ]
+        )
+        return out[torch.argsort(torch.cat([sem, det]))]  # back to the input row order
+
+    def _semantic(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.base(x, t, cond, variant=self._variant(detail=False))
+
+    def _detail(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.base(x, t, cond, variant=self._variant(detail=True))
+
+    def _variant(self, detail: bool) -> Variant:
+        modules: dict[str, Any] = {}
+        if detail:
+            modules.update(self.detail_modules.items())
+            modules.update(self.detail_params.items())
+        # The whole transformer is set now; each block is set again right before it runs
+        # (and when checkpointing recomputes it) so the two parts cannot leak into each other.
+        _set_lora(self.base.transformer, detail)
+        return Variant(modules=modules, prepare=lambda m: _set_lora(m, detail))
+
+    # ------------------------------------------------------------ artifact
+    def save_artifact(self, out_dir: str | Path, cfg: Config, bundle_path: str) -> Path:
+        """Write experts.safetensors + dcm_artifact.json into ``out_dir``; returns the folder.
+
+        Each file is written under a temporary name and renamed, weights first: a crash
+        mid-save leaves the previous artifact's JSON (and, before its rename, weights) intact.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tr = self.base.transformer
+        meta = {
+            "schema_version": ARTIFACT_SCHEMA_VERSION,
+            "backbone": self.base.kind,
+            "transformer_class": type(tr).__name__,
+            "transformer_config": _plain({k: v for k, v in tr.config.items() if not k.startswith("_")}),
+            "lora": _plain(dataclasses.asdict(self.lora_cfg)) if self.lora_cfg else None,
+            "has_detail": self.has_detail,
+            "method": {
+                "shift": cfg.method.shift,
+                "grid_points": cfg.method.grid_points,
+                "split": cfg.method.split,
+            },
+            "bundle_path": str(bundle_path),
+            "created_by": _created_by(),
+        }
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(out / ARTIFACT_WEIGHTS, lambda p: save_file(state, str(p)))
+        _atomic_write(out / ARTIFACT_JSON, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return out
+
+    @classmethod
+    def load_artifact(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> DualExpert:
+        """Rebuild a saved DualExpert (diffusers model from config + peft + strict load)."""
+        meta = read_artifact_meta(path)
+        folder = Path(path)
+        classes = _transformer_classes()
+        tr_cls = classes.get(meta["transformer_class"])
+        if tr_cls is None:
+            raise ValueError(
+                f"{folder / ARTIFACT_JSON}: transformer_class '{meta['transformer_class']}' is not "
+                f"supported (supported: {', '.join(classes)})"
+            )
+        transformer = tr_cls.from_config(meta["transformer_config"])
+        model = cls(transformer)
+        if meta["has_detail"]:
+            lora = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()}
+            model.enable_detail_expert(LoraConfig(**lora))
+        weights = folder / ARTIFACT_WEIGHTS
+        if not weights.is_file():
+            raise ValueError(f"artifact '{folder}' has no {ARTIFACT_WEIGHTS}: it is incomplete")
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        _cast(model, dtype)  # on the CPU first: half the device memory for bf16
+        return model.to(device=device)
+
+
+def read_artifact_meta(path: str | Path) -> dict[str, Any]:
+    """The parsed dcm_artifact.json of an artifact folder, with a clear error if it is not one."""
+    file = Path(path) / ARTIFACT_JSON
+    if not file.is_file():
+        raise ValueError(f"'{path}' is not a DCM artifact: {ARTIFACT_JSON} is missing")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): re-save the artifact") from None
+    version = meta.get("schema_version")
+    if version != ARTIFACT_SCHEMA_VERSION:
+        raise ValueError(
+            f"{file}: schema_version {version!r} is not supported (expected "
+            f"{ARTIFACT_SCHEMA_VERSION}); re-export it with this version of dcm"
+        )
+    missing = {"backbone", "transformer_class", "transformer_config", "has_detail", "lora"} - set(meta)
+    if missing:
+        raise ValueError(f"{file} lacks the fields {sorted(missing)}: re-save the artifact")
+    return meta
+
+
+def _cast(model: DualExpert, dtype: torch.dtype) -> None:
+    """Cast floating weights to ``dtype``, keeping diffusers' fp32 modules (rope, time
+    embedder, adaLN tables) in float32 as ``from_pretrained(torch_dtype=...)`` does."""
+    if dtype == torch.float32:
+        return
+    keep = set(getattr(model.base.transformer, "_keep_in_fp32_modules", None) or ())
+    for mod_name, module in model.named_modules():
+        for key, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and not keep & set(f"{mod_name}.{key}".split(".")):
+                p.data = p.data.to(dtype)
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and not keep & set(f"{mod_name}.{key}".split(".")):
+                setattr(module, key, buf.to(dtype))
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _created_by() -> str:
+    try:
+        return f"dcm-platform {metadata.version('dcm-platform')}"
+    except metadata.PackageNotFoundError:
+        return "dcm-platform"

@@ -1,0 +1,265 @@
+"""``VideoGenerator``: prompts -> uint8 videos from a bundle or a distilled artifact.
+
+One object used by the CLI (``dcm generate``), evaluation and Serve. It loads once:
+
+- a diffusers bundle (or 'bundled:shapes'): the teacher; as a student both experts are the
+  base model (so few-step sampling of an undistilled model is the baseline);
+- a distilled artifact (``dcm_artifact.json``): the ``DualExpert`` it holds, plus the bundle
+  at its ``bundle_path`` for the VAE, the text encoder and (on first teacher use) the
+  original transformer as the teacher.
+
+``generate`` draws noise from ``torch.Generator().manual_seed(seed)`` in the latent shape
+(on the CPU, so a seed gives the same video on any device), runs ``dcm.sampler.sample`` on
+``Schedule.sampling_sigmas(steps)`` or ``dcm.sampler.teacher_sample`` with guidance
+(METHOD.md section 7), then de-normalises and decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dcm.attention import set_attention_backend
+from dcm.backbones.base import Backbone, make_backbone
+from dcm.bundle import Bundle, BundleError, load_bundle, resolve_model_path
+from dcm.config import SIGMA_PRESETS, Config, ConfigError, MethodConfig, load_config
+from dcm.experts import ARTIFACT_JSON, DualExpert, read_artifact_meta
+from dcm.guidance import with_embedded_guidance
+from dcm.sampler import sample, teacher_sample
+from dcm.schedule import Schedule
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """cfg.model.dtype -> torch dtype: 'auto' is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def to_uint8(video: Tensor) -> np.ndarray:
+    """(B, 3, F, H, W) in [-1, 1] -> uint8 (B, F, H, W, 3)."""
+    pixels = ((video.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class VideoGenerator:
+    """A loaded model (student experts, teacher, VAE, text encoder) that writes videos."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        student: DualExpert,
+        cfg: Config,
+        method: MethodConfig,
+        teacher: Backbone | None = None,
+        source: str = "bundle",
+    ) -> None:
+        self.bundle = bundle
+        self.student = student
+        self.cfg = cfg
+        self.method = method  # the student's grid and split (from the artifact if any)
+        self._teacher = teacher
+        self.source = source  # "bundle" | "artifact"
+        self.device = bundle.device
+        self.fps = cfg.model.fps
+        self.last_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", cfg: Config | None = None
+    ) -> VideoGenerator:
+        """Load a bundle folder, 'bundled:shapes', a hub id or a distilled artifact, once.
+
+        ``cfg`` supplies text length, fps, guidance, attention and default sizes; without
+        one the shapes-tiny preset is used (pass the matching preset for real models).
+        """
+        cfg = cfg or load_config()
+        device = torch.device(device)
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        root = resolve_model_path(path)
+        if (root / ARTIFACT_JSON).is_file():
+            return cls._load_artifact(root, device, dtype, cfg)
+        bundle = load_bundle(root, device, dtype, text_max_length=cfg.model.text_max_length)
+        teacher = make_backbone(bundle.transformer).eval().requires_grad_(False)
+        set_attention_backend(teacher, cfg.model.attention)
+        # The undistilled model as a student: both experts are the base model.
+        student = DualExpert(teacher).eval().requires_grad_(False)
+        return cls(bundle, student, cfg, cfg.method, teacher=teacher, source="bundle")
+
+    @classmethod
+    def _load_artifact(
+        cls, root: Path, device: torch.device, dtype: torch.dtype, cfg: Config
+    ) -> VideoGenerator:
+        try:
+            meta = read_artifact_meta(root)
+            student = DualExpert.load_artifact(root, device, dtype)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        bundle_path = str(meta.get("bundle_path") or "")
+        if not bundle_path:
+            raise ConfigError(f"'{root / ARTIFACT_JSON}' has no bundle_path: re-save the artifact")
+        if not bundle_path.startswith("bundled:") and not Path(bundle_path).exists():
+            # A relative bundle_path may be relative to the artifact (a moved run folder).
+            near = root / bundle_path
+            bundle_path = str(near) if near.exists() else bundle_path
+        try:
+            bundle = load_bundle(
+                bundle_path,
+                device,
+                dtype,
+                components=["vae", "text_encoder"],
+                text_max_length=cfg.model.text_max_length,
+            )
+        except BundleError as err:
+            raise ConfigError(
+                f"artifact '{root}' needs its bundle ({bundle_path}): {err}"
+            ) from None
+        channels = student.base.transformer.config.in_channels
+        if channels != bundle.latent_channels:
+            raise ConfigError(
+                f"artifact '{root}' has {channels} latent channels but its bundle "
+                f"'{bundle_path}' has {bundle.latent_channels}: it belongs to another model"
+            )
+        student.eval().requires_grad_(False)
+        set_attention_backend(student, cfg.model.attention)
+        # The student's grid and split are the ones it was distilled with.
+        saved = meta.get("method") or {}
+        keys = ("shift", "grid_points", "split")
+        method = dataclasses.replace(cfg.method, **{k: saved[k] for k in keys if k in saved})
+        return cls(bundle, student, cfg, method, teacher=None, source="artifact")
+
+    @property
+    def teacher(self) -> Backbone:
+        """The original base model (for an artifact: loaded from its bundle on first use)."""
+        if self._teacher is None:
+            b = self.bundle
+            full = load_bundle(b.path, b.device, b.dtype, components=["transformer"])
+            self._teacher = make_backbone(full.transformer).eval().requires_grad_(False)
+            set_attention_backend(self._teacher, self.cfg.model.attention)
+        return self._teacher
+
+    # ------------------------------------------------------------ checks
+    def _sizes(
+        self, num_frames: int | None, height: int | None, width: int | None
+    ) -> tuple[int, int, int]:
+        s, d = self.cfg.sample, self.cfg.data
+        f = num_frames or s.num_frames or d.num_frames
+        h = height or s.height or d.height
+        w = width or s.width or d.width
+        tf = self.bundle.temporal_factor
+        if f < 1 or (f - 1) % tf:
+            k = max(0, (f - 1) // tf)
+            raise ConfigError(
+                f"num_frames={f} must be k*{tf}+1 for the VAE's temporal factor "
+                f"(e.g. {k * tf + 1} or {(k + 1) * tf + 1})"
+            )
+        _, ph, pw = self.bundle.patch_size
+        for axis, size, p in (("height", h, ph), ("width", w, pw)):
+            unit = self.bundle.spatial_factor * p
+            if size < unit or size % unit:
+                raise ConfigError(
+                    f"{axis}={size} must be a positive multiple of {unit} "
+                    f"(VAE factor {self.bundle.spatial_factor} x patch {p})"
+                )
+        return f, h, w
+
+    def schedule(self, split: int | None = None) -> Schedule:
+        """The student's grid; ``split`` overrides its boundary b (routing moves with it)."""
+        m = self.method
+        b = m.split if split is None else int(split)
+        if not 0 <= b <= m.grid_points - 2:
+            raise ConfigError(
+                f"split={b} must lie in 0..{m.grid_points - 2} (grid of {m.grid_points})"
+            )
+        return Schedule(shift=m.shift, grid_points=m.grid_points, split=b)
+
+    def sigmas(self, steps: int, split: int | None = None) -> list[float]:
+        """The student's descending sigma list for ``steps`` (a matching preset wins)."""
+        preset = self.cfg.sample.sigma_preset
+        if preset and steps != len(SIGMA_PRESETS[preset]):
+            preset = ""
+        return self.schedule(split).sampling_sigmas(int(steps), preset)
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        steps: int = 4,
+        seed: int = 0,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        split: int | None = None,
+        teacher: bool = False,
+        teacher_steps: int = 50,
+    ) -> np.ndarray:
+        """uint8 videos (B, F, H, W, 3), one per prompt; timings in ``last_timings``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ConfigError("prompts is empty: pass at least one prompt")
+        f, h, w = self._sizes(num_frames, height, width)
+        start = time.perf_counter()
+        b, dev = self.bundle, self.device
+
+        # 1. text -> Cond; noise from the seed in the latent shape (B, C, T, h, w)
+        cond = b.encode_text(list(prompts))
+        shape = (len(prompts), *b.latent_shape(f, h, w))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+        noise = noise.to(dev)
+        _sync(dev)
+        t_encode = time.perf_counter()
+
+        # 2. denoise: teacher (guided, METHOD.md section 7) or the experts
+        if teacher:
+            schedule = Schedule.from_config(self.cfg.method)
+            sig = schedule.teacher_sigmas(int(teacher_steps))
+            null = b.null_cond(len(prompts)) if self.cfg.method.guidance == "cfg" else None
+            z = teacher_sample(self.teacher, noise, cond, null, sig, self.cfg.method)
+            nfe = (len(sig) - 1) * (2 if self.cfg.method.guidance == "cfg" else 1)
+        else:
+            sig = self.sigmas(steps, split)
+            cond = with_embedded_guidance(cond, self.method, len(prompts))
+            z = sample(self.student, noise, cond, sig, self.schedule(split))
+            nfe = len(sig) - 1
+        _sync(dev)
+        t_denoise = time.perf_counter()
+
+        # 3. de-normalise + VAE decode -> uint8 frames
+        frames = to_uint8(b.decode(z))
+        t_end = time.perf_counter()
+        self.last_timings = {
+            "nfe": float(nfe),
+            "encode_s": t_encode - start,
+            "denoise_s": t_denoise - t_encode,
+            "decode_s": t_end - t_denoise,
+            "total_s": t_end - start,
+        }
+        return frames
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded (for logs, Serve health and the CLI)."""
+        return {
+            "source": self.source,
+            "bundle": str(self.bundle.path),
+            "backbone": self.bundle.backbone_kind,
+            "has_detail": self.student.has_detail,
+            "split": self.method.split,
+            "device": str(self.device),
+            "dtype": str(self.bundle.dtype).replace("torch.", ""),
+        }

@@ -1,0 +1,191 @@
+"""Distillation checkpoints: DeepSpeed state for resume + the exported inference artifact.
+
+One checkpoint directory (assembled by Ray Train from every rank's temp folder):
+
+    ds/                 engine.save_checkpoint(tag="ds") of every rank (ZeRO shards, optimiser)
+    rng/rank<r>.pt      each rank's RNG states (torch, CUDA, numpy, python, the step generator)
+    state.json          step, data position (epoch, micro-batches used), samples, stage, metrics
+    disc.pt             discriminator + its AdamW (detail stage; identical on every rank)
+    artifact/           DualExpert.save_artifact: experts.safetensors + dcm_artifact.json,
+                        loadable by dcm's sampler, VideoGenerator and Serve without DeepSpeed
+
+Each rank writes into a local temp folder first and only then calls ``ray.train.report``;
+Ray registers a checkpoint once every rank's copy has finished, so a crash during a save
+leaves the previous checkpoint as the latest one (RUNTIME.md: save on every rank, then
+report). ``state.json`` is written last: a folder without it is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcm.config import Config, ConfigError
+
+DS_TAG = "ds"
+STATE = "state.json"
+DISC = "disc.pt"
+ARTIFACT = "artifact"
+RNG = "rng"
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a stage stands: enough to continue it exactly (with the DeepSpeed state)."""
+
+    stage: str
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # data epoch of the next micro-batch
+    batch_in_epoch: int = 0  # micro-batches of that epoch already used
+    samples: int = 0  # samples seen, all workers
+    metrics: dict[str, float] = field(default_factory=dict)  # last validation metrics
+    version: int = STATE_VERSION
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, zero_stage: int) -> Iterator[None]:
+    """Full parameters on every rank for the block (ZeRO-3 partitions them; 0-2 do not)."""
+    if zero_stage < 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def export_artifact(
+    student: nn.Module, out_dir: str | Path, cfg: Config, bundle_path: str, rank: int
+) -> Path | None:
+    """Write the inference artifact (rank 0); every rank must call it (ZeRO-3 gathers)."""
+    with gathered(student, cfg.train.zero_stage):
+        if rank == 0:
+            return student.save_artifact(out_dir, cfg, bundle_path)
+    return None
+
+
+@contextlib.contextmanager
+def write_checkpoint(
+    engine: Any,
+    state: TrainState,
+    cfg: Config,
+    bundle_path: str,
+    rank: int,
+    generator: torch.Generator,
+    disc: nn.Module | None = None,
+    disc_opt: torch.optim.Optimizer | None = None,
+) -> Iterator[Any]:
+    """Stage one checkpoint in a temp folder and yield it as a ``ray.train.Checkpoint``."""
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dcm-ckpt-") as tmp:
+        root = Path(tmp)
+        engine.save_checkpoint(str(root), tag=DS_TAG)
+        (root / RNG).mkdir()
+        torch.save(rng_state(generator), root / RNG / f"rank{rank}.pt")
+        export_artifact(engine.module, root / ARTIFACT, cfg, bundle_path, rank)
+        if rank == 0:
+            if disc is not None and disc_opt is not None:
+                torch.save({"model": disc.state_dict(), "opt": disc_opt.state_dict()}, root / DISC)
+            _write_json(root / STATE, asdict(state))
+        yield Checkpoint.from_directory(str(root))
+
+
+def read_state(folder: str | Path) -> TrainState:
+    """``state.json`` of a checkpoint folder, with a clear error for an incomplete one."""
+    file = Path(folder) / STATE
+    if not file.is_file():
+        raise ConfigError(
+            f"checkpoint '{folder}' has no {STATE}: it is incomplete (a save was interrupted); "
+            "remove it or start a new run name"
+        )
+    data = json.loads(file.read_text())
+    if data.get("version") != STATE_VERSION:
+        raise ConfigError(f"{file}: state version {data.get('version')!r} is not {STATE_VERSION}")
+    return TrainState(**data)
+
+
+def restore(
+    checkpoint: Any,
+    engine: Any,
+    rank: int,
+    generator: torch.Generator,
+    disc: nn.Module | None = None,
+    disc_opt: torch.optim.Optimizer | None = None,
+) -> TrainState:
+    """Load a checkpoint written by ``write_checkpoint`` into the engine(s); return its state."""
+    with checkpoint.as_directory() as folder:
+        root = Path(folder)
+        state = read_state(root)
+        load_path, _ = engine.load_checkpoint(str(root), tag=DS_TAG)
+        if load_path is None:
+            raise ConfigError(f"checkpoint '{root}' holds no DeepSpeed state under {DS_TAG}/")
+        if disc is not None and disc_opt is not None:
+            saved = torch.load(root / DISC, map_location="cpu", weights_only=False)
+            disc.load_state_dict(saved["model"])
+            disc_opt.load_state_dict(saved["opt"])
+        rng_file = root / RNG / f"rank{rank}.pt"
+        if rng_file.is_file():  # absent when the worker count changed: keep the fresh seed
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), generator)
+    return state
+
+
+@contextlib.contextmanager
+def artifact_dir(checkpoint: Any) -> Iterator[Path]:
+    """The artifact folder inside a (possibly remote) checkpoint, as a local path."""
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / ARTIFACT
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint '{checkpoint.path}' holds no {ARTIFACT}/ folder")
+        yield path
+
+
+def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
+    """The best (highest ``metric``) of a Ray Train result's kept checkpoints, else the latest."""
+    ranked = [
+        (ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(metric) is not None
+    ]
+    if ranked:
+        return max(ranked, key=lambda cm: float(cm[1][metric]))
+    if result.checkpoint is None:
+        raise RuntimeError("the training run reported no checkpoint")
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,344 @@
+"""`dcm distill`: Ray Train + DeepSpeed distillation of the semantic and detail experts.
+
+    python -m pipelines.distill --config pipelines/configs/shapes-tiny.yaml [--stage both]
+
+One TorchTrainer fit per stage (METHOD.md sections 5 and 6); ``both`` runs semantic and
+then detail, the detail stage initialised from the semantic stage's best
+``ray.train.Checkpoint`` (never a path edited by hand). The per-worker loop is
+``pipelines.train_loop``; checkpoints (DeepSpeed state + the exported inference artifact)
+are ``pipelines.checkpoints``; MLflow is ``pipelines.tracking``.
+
+Run directory ``<train.out>/<run name>/``: ``<stage>/checkpoint_*`` (Ray Train storage,
+best ``train.keep_checkpoints`` by ``train.checkpoint_metric`` plus the latest),
+``<stage>/result.json`` (the finished stage) and ``mlflow.db`` + ``mlartifacts/`` (default
+tracking store). Re-running the same run name resumes: finished stages are skipped, an
+unfinished one continues from its latest checkpoint (step, optimiser, data position, RNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import pipelines.args
+from dcm.config import Config, ConfigError
+from pipelines.checkpoints import ARTIFACT, best_checkpoint
+from pipelines.tracking import PARENT, RunLogger, Tracker
+from pipelines.train_loop import STAGES, train_loop
+
+RESULT = "result.json"
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run produced (for ``both``: the detail stage, plus ``stages``)."""
+
+    artifact_dir: Path  # the exported dual-expert artifact of the best checkpoint
+    checkpoint: Any  # its ray.train.Checkpoint (DeepSpeed state + artifact)
+    mlflow_run_id: str | None  # the stage's run; for ``both`` the parent run
+    metrics: dict[str, Any]  # the reported metrics of that checkpoint
+    stage: str = "semantic"
+    stages: dict[str, DistillResult] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- inputs
+def run_dir(cfg: Config) -> str:
+    """``<train.out>/<run name>``: absolute for local paths, as given for URIs."""
+    if "://" in cfg.train.out:
+        return f"{cfg.train.out.rstrip('/')}/{cfg.run_name}"
+    return str(Path(cfg.train.out).expanduser().resolve() / cfg.run_name)
+
+
+def training_data(cfg: Config) -> Any:
+    """The latent rows: ingest's parquet shards or its online stream (a ray.data.Dataset)."""
+    from pipelines import ingest
+
+    if cfg.data.mode == "parquet":
+        if not cfg.data.latents:
+            raise ConfigError("data.mode is 'parquet' but data.latents is empty: pass --data DIR")
+        return ingest.read_latents(cfg.data.latents)
+    if not cfg.data.input:
+        raise ConfigError("data.input is empty: pass --data with an ingest folder or raw videos")
+    return ingest.stream_latents(cfg)
+
+
+def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
+    """Fixed validation prompts (encoded), the empty prompt, and the latent shape.
+
+    Prompts: ``sample.prompts`` (encoded here with the bundle's text encoder), else the
+    first ``train.val_prompts`` distinct captions of the data (already encoded in the rows).
+    The empty prompt comes from the ingest folder, else from the bundle's text encoder.
+    """
+    rows = dataset.take(max(cfg.train.val_prompts * 8, 8))
+    if not rows:
+        raise ConfigError("the training data holds no clips: check data.latents / data.input")
+    latent_shape = [int(s) for s in np.asarray(rows[0]["latents"]).shape]  # (C, T, h, w)
+    encoder = None
+
+    def encode(prompts: list[str]) -> Any:
+        nonlocal encoder
+        if encoder is None:
+            from dcm.bundle import load_bundle
+
+            encoder = load_bundle(
+                cfg.model.path, components=("text_encoder",),
+                text_max_length=cfg.model.text_max_length,
+            )  # fmt: skip
+        return encoder.encode_text(prompts)
+
+    if cfg.sample.prompts:
+        captions = list(cfg.sample.prompts)
+        cond = encode(captions)
+        text, mask = cond.text.float().numpy(), cond.mask.numpy()
+    else:
+        picked: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            picked.setdefault(str(row["caption"]), row)
+        chosen = list(picked.values())[: cfg.train.val_prompts]
+        captions = [str(r["caption"]) for r in chosen]
+        text = np.stack([np.asarray(r["text"], np.float32) for r in chosen])  # (P, L, D)
+        mask = np.stack([np.asarray(r["text_mask"]) for r in chosen])  # (P, L)
+    if cfg.data.mode == "parquet":
+        from dcm.latents import read_empty_prompt
+
+        null_text, null_mask = read_empty_prompt(cfg.data.latents)
+        null_text, null_mask = null_text[None], null_mask[None]  # (1, L, D), (1, L)
+    else:
+        null = encode([""])
+        null_text, null_mask = null.text.float().numpy(), null.mask.numpy()
+    return {
+        "captions": captions, "text": text, "mask": mask,
+        "null_text": null_text, "null_mask": null_mask, "latent_shape": latent_shape,
+    }  # fmt: skip
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.train.use_gpu != "auto":
+        return cfg.train.use_gpu == "true"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+# ---------------------------------------------------------------- one stage
+def make_trainer(
+    cfg: Config,
+    stage: str,
+    init_checkpoint: Any = None,
+    callbacks: Any = (),
+    storage_path: str | None = None,
+    name: str | None = None,
+    *,
+    dataset: Any = None,
+    logger: RunLogger | None = None,
+    val: dict[str, Any] | None = None,
+) -> Any:
+    """The TorchTrainer of one stage ('semantic' or 'detail').
+
+    ``init_checkpoint``: the semantic stage's Checkpoint for the detail stage (else
+    ``train.init_from``). Re-using ``storage_path`` + ``name`` resumes from the latest
+    checkpoint. ``dataset`` defaults to ``training_data(cfg)``, ``logger`` to no MLflow.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if stage not in STAGES:
+        raise ConfigError(f"stage '{stage}' is not allowed: choose one of {', '.join(STAGES)}")
+    if stage == "detail" and init_checkpoint is None and not cfg.train.init_from:
+        raise ConfigError(
+            "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
+        )
+    dataset = training_data(cfg) if dataset is None else dataset
+    val = validation_inputs(cfg, dataset) if val is None else val
+    gpu = _use_gpu(cfg)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "stage": stage,
+        "init_checkpoint": init_checkpoint,
+        "logger": logger or RunLogger(),
+        "val": val,
+        "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR", ""),
+    }
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name or stage,
+            storage_path=storage_path or run_dir(cfg),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute=t.checkpoint_metric,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def _stage_steps(cfg: Config, stage: str) -> int:
+    return cfg.train.steps_semantic if stage == "semantic" else cfg.train.steps_detail
+
+
+def _finished(cfg: Config, stage: str) -> DistillResult | None:
+    """The recorded result of a stage this run name already finished (same step count)."""
+    if "://" in run_dir(cfg):
+        return None
+    file = Path(run_dir(cfg)) / stage / RESULT
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    if data.get("steps") != _stage_steps(cfg, stage) or not Path(data["checkpoint"]).is_dir():
+        return None  # more steps asked for (continue), or the checkpoint is gone
+    from ray.train import Checkpoint
+
+    ckpt = Checkpoint(data["checkpoint"])
+    return DistillResult(
+        Path(data["artifact_dir"]), ckpt, data.get("mlflow_run_id"), data["metrics"], stage
+    )
+
+
+def _local_artifact(checkpoint: Any, cfg: Config, stage: str) -> Path:
+    """The checkpoint's artifact folder as a local path (downloaded for remote storage)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path) / ARTIFACT
+    local = Path(cfg.train.out if "://" not in cfg.train.out else ".").resolve()
+    target = local / "artifacts" / cfg.run_name / stage
+    checkpoint.to_directory(str(target))
+    return target / ARTIFACT
+
+
+def run_stage(
+    cfg: Config,
+    stage: str,
+    tracker: Tracker,
+    parent_id: str | None = None,
+    init_checkpoint: Any = None,
+    dataset: Any = None,
+    val: dict[str, Any] | None = None,
+) -> DistillResult:
+    """Fit one stage (or pick up its recorded result) and log its artifact to MLflow."""
+    done = _finished(cfg, stage)
+    if done is not None:
+        print(f"[dcm distill] stage {stage} already finished: {done.artifact_dir}", file=sys.stderr)
+        return done
+    logger = tracker.open_run(stage, parent_id)
+    trainer = make_trainer(
+        cfg, stage, init_checkpoint, dataset=dataset, logger=logger, val=val
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.close_run(logger, "FAILED")
+        raise
+    checkpoint, metrics = best_checkpoint(result, cfg.train.checkpoint_metric)
+    artifact = _local_artifact(checkpoint, cfg, stage)
+    logger.log_artifacts(artifact, "artifact")
+    tracker.close_run(logger)
+    out = DistillResult(artifact, checkpoint, logger.run_id, dict(metrics), stage)
+    if "://" not in run_dir(cfg):
+        record = {
+            "stage": stage, "steps": _stage_steps(cfg, stage), "checkpoint": checkpoint.path,
+            "artifact_dir": str(artifact), "mlflow_run_id": logger.run_id,
+            "metrics": _plain_metrics(metrics),
+        }  # fmt: skip
+        file = Path(run_dir(cfg)) / stage / RESULT
+        file.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return out
+
+
+def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
+# ---------------------------------------------------------------- the run
+def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -> DistillResult:
+    """Distil ``stage`` (default ``train.stage``): 'semantic', 'detail' or 'both'."""
+    from pipelines.cluster import init_ray, shutdown
+
+    stage = stage or cfg.train.stage
+    if stage not in (*STAGES, "both"):
+        raise ConfigError(f"stage '{stage}' is not allowed: choose semantic, detail or both")
+    if stage == "detail" and not cfg.train.init_from:
+        raise ConfigError(
+            "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
+        )
+    ctx = init_ray(cfg.ray)
+    try:
+        if "://" not in run_dir(cfg):
+            Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(cfg, run_dir(cfg))
+        dataset = training_data(cfg) if dataset is None else dataset
+        val = validation_inputs(cfg, dataset)
+        if stage != "both":
+            return run_stage(cfg, stage, tracker, dataset=dataset, val=val)
+        parent = tracker.open_run(PARENT)
+        try:
+            sem = run_stage(cfg, "semantic", tracker, parent.run_id, dataset=dataset, val=val)
+            det = run_stage(
+                cfg, "detail", tracker, parent.run_id, sem.checkpoint, dataset=dataset, val=val
+            )
+        except Exception:
+            tracker.close_run(parent, "FAILED")
+            raise
+        parent.log_metrics({f"{s}/{k}": v for s, r in (("semantic", sem), ("detail", det))
+                            for k, v in r.metrics.items() if k.startswith("val/")}, step=0)  # fmt: skip
+        tracker.close_run(parent)
+        return DistillResult(
+            det.artifact_dir, det.checkpoint, parent.run_id, det.metrics, "both",
+            stages={"semantic": sem, "detail": det},
+        )  # fmt: skip
+    finally:
+        shutdown(ctx)
+
+
+# ---------------------------------------------------------------- command line
+def _data_keys(data: str | None) -> dict[str, Any]:
+    """--data: an ingest folder (has manifest.json) -> parquet mode, else raw input (online)."""
+    if data is None:
+        return {}
+    if "://" not in data and (Path(data) / "manifest.json").is_file():
+        return {"data.latents": data, "data.mode": "parquet"}
+    return {"data.input": data, "data.mode": "online"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dcm distill", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", help="ingest folder (parquet) or raw videos (online stream)")
+    parser.add_argument("--stage", choices=("semantic", "detail", "both"), help="train.stage")
+    parser.add_argument("--out", help="root of run directories (train.out)")
+    pipelines.args.add_common(parser)
+    args = parser.parse_args(argv)
+    cfg = pipelines.args.resolve(
+        args, **_data_keys(args.data), **{"train.stage": args.stage, "train.out": args.out}
+    )
+    result = run_distill(cfg)
+    summary = {
+        "stage": result.stage,
+        "artifact": str(result.artifact_dir),
+        "checkpoint": result.checkpoint.path,
+        "mlflow_run_id": result.mlflow_run_id,
+        "val/score": result.metrics.get("val/score"),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(pipelines.args.run_main(main))

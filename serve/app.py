@@ -1,0 +1,304 @@
+"""The Ray Serve application: a FastAPI ingress in front of an autoscaling generator.
+
+    HTTP -> Ingress (FastAPI, validation, auth, timeout, 503 on a full queue)
+         -> Generator replicas (model loaded once per replica; same-shape requests batched;
+            detail-expert variants multiplexed by the request's ``model`` field)
+
+``build_app(args)`` is the builder ``serve run serve/config.yaml`` / ``serve deploy`` call
+with the config's ``args``; ``app_from_config(cfg)`` is what ``dcm serve`` calls. Every number
+(limits, replicas, batching, queue) comes from the ``serve`` section of ``dcm.config``;
+the Serve YAML's ``deployments`` entries override the deployment options on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from dcm.bundle import is_hub_id, resolve_model_path
+from dcm.config import Config, ConfigError, ServeConfig, from_dict, load_config
+from serve.api import ApiSettings, create_api, key_digest
+from serve.batching import group_by_shape
+from serve.limits import DEFAULT_MODEL, Limits, RequestError
+from serve.schemas import ModelCard
+
+APP_NAME = "dcm"
+GENERATOR = "Generator"
+INGRESS = "Ingress"
+
+
+class AppArgs(BaseModel):
+    """Builder arguments (the ``args`` of an application in serve/config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = None  # experiment YAML (dcm.config); its serve section applies
+    preset: str | None = None
+    model: str | None = None  # bundle folder, distilled artifact or 'bundled:shapes'
+    device: str | None = None  # 'auto', 'cpu', 'cuda'
+    default_steps: int | None = None
+    min_steps: int | None = None
+    max_steps: int | None = None
+    max_frames: int | None = None
+    max_height: int | None = None
+    max_width: int | None = None
+    max_prompt_chars: int | None = None
+    request_timeout_s: float | None = None
+    api_key_env: str | None = None
+    variants: dict[str, str] | None = None  # name -> artifact folder (multiplexed)
+    set: list[str] = []  # further dotted overrides, e.g. ["serve.max_batch_size=8"]
+
+    def overrides(self) -> dict[str, Any]:
+        """Dotted config keys given by these args (None = not given)."""
+        out: dict[str, Any] = {"model.path": self.model}
+        for name in type(self).model_fields:
+            if name not in ("config", "preset", "model", "set"):
+                out[f"serve.{name}"] = getattr(self, name)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def resolve(self) -> Config:
+        cfg = load_config(self.config, self.preset, self.set)
+        return cfg.replace(**self.overrides())
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application:
+    """Serve's application builder: ``import_path: serve.app:build_app``."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    return app_from_config(args.resolve())
+
+
+def app_from_config(cfg: Config) -> serve.Application:
+    """Bind the ingress and the generator with the options of ``cfg.serve``."""
+    cfg = cfg.replace(
+        **{"model.path": _model_path(cfg.model.path, "model.path")},
+        **{
+            f"serve.variants.{n}": _model_path(p, f"serve.variants.{n}")
+            for n, p in cfg.serve.variants.items()
+        },
+    )
+    if DEFAULT_MODEL in cfg.serve.variants:
+        raise ConfigError(f"serve.variants must not use the reserved name '{DEFAULT_MODEL}'")
+    s = cfg.serve
+    digest = ""
+    if s.api_key_env:
+        import os
+
+        key = os.environ.get(s.api_key_env, "")
+        if not key:
+            raise ConfigError(
+                f"serve.api_key_env names '{s.api_key_env}' but that environment variable is "
+                "empty: export the key or clear serve.api_key_env"
+            )
+        digest = key_digest(key)
+    cfg_dict = cfg.to_dict()
+    generator = Generator.options(**generator_options(s)).bind(cfg_dict)
+    ingress_cap = (s.max_ongoing_requests + s.max_queued) * s.max_replicas + 16
+    return Ingress.options(
+        max_ongoing_requests=ingress_cap,
+        max_queued_requests=ingress_cap,
+        backpressure_config={"retry_after_s": s.retry_after_s},
+        ray_actor_options={"num_cpus": 0},
+    ).bind(generator, cfg_dict, digest)
+
+
+def generator_options(s: ServeConfig) -> dict[str, Any]:
+    """Deployment options of the generator (serve/config.yaml may override them)."""
+    return {
+        "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued,
+        "autoscaling_config": {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
+        },
+        "max_constructor_retry_count": 3,  # a broken model fails the deploy, not 20 retries
+    }
+
+
+def _model_path(path: str, field: str) -> str:
+    """Check a model path where the app is built; make local paths absolute for replicas."""
+    try:
+        resolved = resolve_model_path(path)
+    except ConfigError as err:
+        raise ConfigError(f"{field}: {err}") from None
+    if path.startswith("bundled:") or is_hub_id(path):
+        return path
+    return str(Path(resolved))
+
+
+def _device(s: ServeConfig) -> str:
+    if s.device != "auto":
+        return s.device
+    import torch
+
+    return "cuda" if s.replica_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------- generator replicas
+@serve.deployment(name=GENERATOR)
+class Generator:
+    """Holds the default model (loaded once per replica) and multiplexed variants."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        from dcm.generate import VideoGenerator
+
+        self._cfg = cfg = from_dict(cfg_dict)
+        self._device = _device(cfg.serve)
+        self._models = {DEFAULT_MODEL: VideoGenerator.load(cfg.model.path, self._device, cfg)}
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._batched.set_max_batch_size(cfg.serve.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+
+        async def load_variant_model(model_id: str) -> Any:
+            path = cfg.serve.variants[model_id]
+            return await asyncio.to_thread(VideoGenerator.load, path, self._device, cfg)
+
+        # LRU cache of variants per replica; Serve routes a model id to replicas holding it.
+        self._load_variant = serve.multiplexed(
+            max_num_models_per_replica=cfg.serve.max_models_per_replica
+        )(load_variant_model)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One validated request -> {video, timings, model, replica, batch_size} or {error}."""
+        return await self._batched({**params, "_arrived": perf_counter()})
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # resized from config in __init__
+    async def _batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{} for _ in items]
+        for group in group_by_shape(items):
+            first = items[group[0]]
+            t0 = perf_counter()
+            if first["model"] == DEFAULT_MODEL:
+                model = self._models[DEFAULT_MODEL]
+            else:
+                model = await self._load_variant(first["model"])
+            load_s = perf_counter() - t0
+            try:
+                outs = await asyncio.to_thread(self._run_group, model, [items[i] for i in group])
+            except ValueError as err:  # ConfigError and friends: the request, not the server
+                outs = [{"error": {"field": None, "message": str(err)}} for _ in group]
+            for i, out in zip(group, outs, strict=True):
+                if "timings" in out:
+                    out["timings"] = {
+                        "queue": t0 - items[i]["_arrived"],
+                        "load": load_s,
+                        **out["timings"],
+                    }
+                    out.update(
+                        model=items[i]["model"], replica=self._replica, batch_size=len(group)
+                    )
+                results[i] = out
+        return results
+
+    def _run_group(self, model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate one same-shape group in a worker thread, then encode each video."""
+        from dcm.video import video_bytes
+
+        p = items[0]
+        t0 = perf_counter()
+        frames = model.generate(
+            [it["prompt"] for it in items],
+            steps=p["steps"],
+            seed=[it["seed"] for it in items],
+            num_frames=p["num_frames"],
+            height=p["height"],
+            width=p["width"],
+        )  # uint8 (B, F, H, W, 3)
+        gen_s = perf_counter() - t0
+        stages = {
+            k: float(v)
+            for k, v in (getattr(model, "last_timings", None) or {}).items()
+            if k != "nfe" and isinstance(v, (int, float))
+        }
+        outs = []
+        for it, clip in zip(items, frames, strict=True):
+            t1 = perf_counter()
+            data = video_bytes(clip, self._cfg.model.fps, fmt=it["format"])
+            timings = {**stages, "generate": gen_s, "encode": perf_counter() - t1}
+            outs.append({"video": data, "timings": timings})
+        return outs
+
+
+# ---------------------------------------------------------------- HTTP ingress
+@serve.deployment(name=INGRESS)
+@serve.ingress()
+class Ingress:
+    """FastAPI front end; the app is built per replica by ``__serve_build_asgi_app__``."""
+
+    def __init__(
+        self, generator: DeploymentHandle, cfg_dict: dict[str, Any], key_sha256: str
+    ) -> None:
+        cfg = from_dict(cfg_dict)
+        self._generator = generator
+        self._timeout = cfg.serve.request_timeout_s
+        cards = [ModelCard(id=DEFAULT_MODEL, path=cfg.model.path, default=True)]
+        cards += [
+            ModelCard(id=n, path=p, default=False) for n, p in sorted(cfg.serve.variants.items())
+        ]
+        self._settings = ApiSettings(
+            limits=Limits.from_config(cfg),
+            models=tuple(cards),
+            api_key_sha256=key_sha256,
+            retry_after_s=cfg.serve.retry_after_s,
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_api(self._settings, self._generate, self._ready)
+
+    async def _generate(self, params: dict[str, Any]) -> dict[str, Any]:
+        handle = self._generator
+        if params["model"] != DEFAULT_MODEL:
+            handle = handle.options(multiplexed_model_id=params["model"])
+        response = handle.generate.remote(params)
+        try:
+            result = await asyncio.wait_for(_wait(response), timeout=self._timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestError(
+                None,
+                f"generation took longer than serve.request_timeout_s={self._timeout:g} s",
+                504,
+                "timeout",
+            ) from None
+        except BackPressureError:
+            raise RequestError(
+                None,
+                "the generation queue is full: retry after the Retry-After delay",
+                503,
+                "overloaded",
+            ) from None
+        except (RayActorError, DeploymentUnavailableError):
+            raise RequestError(
+                None,
+                "no generator replica is available right now: retry shortly",
+                503,
+                "unavailable",
+            ) from None
+        if "error" in result:
+            raise RequestError(result["error"]["field"], result["error"]["message"])
+        return result
+
+    async def _ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(_wait(self._generator.ready.remote()), timeout=5.0))
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            return False
+
+
+async def _wait(response: Any) -> Any:
+    return await response

@@ -1,0 +1,366 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: one app per module on the session cluster.
+
+Tiny random bundles (default + two variants built from other seeds); small clips (5-9 frames
+of 32-48 px) keep each request well under a second on two cores. The tests run in file
+order: the sequential ones first (one replica), then the load tests (autoscaling to two
+replicas, batching, the full queue), then killing the replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from dcm.config import load_config
+from dcm.tiny import build_tiny_bundle
+from dcm.video import read_video
+
+KEY = "test-key-123"
+KEY_ENV = "DCM_TEST_SERVE_KEY"
+AUTH = {"X-API-Key": KEY}
+SMALL = {"num_frames": 5, "height": 32, "width": 32, "steps": 2}
+
+pytestmark = [pytest.mark.ray]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory, monkeypatch_module):
+    """(base URL, config) of the app: auth on, two variants, fast autoscaling."""
+    from pipelines.serve import start, stop
+
+    root = tmp_path_factory.mktemp("serve")
+    base = build_tiny_bundle(root / "base", seed=0)
+    variants = {"a": str(build_tiny_bundle(root / "a", seed=1)), "b": str(build_tiny_bundle(root / "b", seed=2))}
+    monkeypatch_module.setenv(KEY_ENV, KEY)
+    cfg = load_config(preset="shapes-tiny").replace(
+        **{
+            "model.path": str(base),
+            "serve.port": free_port(),
+            "serve.variants": variants,
+            "serve.api_key_env": KEY_ENV,
+            "serve.max_height": 64,
+            "serve.max_width": 64,
+            "serve.max_frames": 17,
+            "serve.replica_cpus": 0.5,
+            "serve.min_replicas": 1,
+            "serve.max_replicas": 2,
+            "serve.upscale_delay_s": 1.0,
+            "serve.downscale_delay_s": 600.0,
+            "serve.max_batch_size": 4,
+            "serve.max_ongoing_requests": 4,
+            "serve.max_queued": 4,
+            "serve.retry_after_s": 3,
+            "serve.request_timeout_s": 60.0,
+        }
+    )
+    url = start(cfg)
+    yield url, cfg
+    stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def generate(url: str, timeout: float = 60, headers: dict | None = None, **body) -> requests.Response:
+    payload = {"prompt": "a red circle moves left", **SMALL, **body}
+    return requests.post(f"{url}/v1/generate", json=payload, headers=headers or AUTH, timeout=timeout)
+
+
+def decode(resp: requests.Response, tmp_path, name: str) -> np.ndarray:
+    suffix = "gif" if resp.headers["content-type"] == "image/gif" else "mp4"
+    path = tmp_path / f"{name}.{suffix}"
+    path.write_bytes(resp.content)
+    return read_video(path)  # (F, H, W, 3) uint8
+
+
+def generator_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications["dcm"]
+    return app.deployments["Generator"].replica_states.get("RUNNING", 0)
+
+
+# ---------------------------------------------------------------- sequential requests
+@pytest.mark.timeout(120)
+def test_health_ready_docs_and_models(served):
+    url, _ = served
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    docs = requests.get(f"{url}/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert "/v1/generate" in spec["paths"] and "/v1/models" in spec["paths"]
+    models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["default", "a", "b"]
+    assert [m["default"] for m in models["data"]] == [True, False, False]
+
+
+@pytest.mark.timeout(120)
+def test_generate_mp4_and_gif_decode_to_the_requested_shape(served, tmp_path):
+    url, _ = served
+    resp = generate(url, num_frames=9, height=32, width=48, seed=7)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "video/mp4"
+    assert resp.headers["x-request-id"]
+    timing = resp.headers["server-timing"]
+    for part in ("queue;dur=", "generate;dur=", "encode;dur=", "total;dur="):
+        assert part in timing
+    assert resp.headers["x-dcm-model"] == "default" and resp.headers["x-dcm-seed"] == "7"
+    assert decode(resp, tmp_path, "a").shape == (9, 32, 48, 3)
+
+    gif = generate(url, num_frames=5, height=40, width=32, seed=7, format="gif")
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+    assert decode(gif, tmp_path, "b").shape == (5, 40, 32, 3)
+
+    # the client's request id is kept; a random seed is reported back
+    rid = requests.post(
+        f"{url}/v1/generate",
+        json={"prompt": "a blue square", **SMALL},
+        headers={**AUTH, "X-Request-Id": "my-req-42"},
+        timeout=60,
+    )
+    assert rid.status_code == 200 and rid.headers["x-request-id"] == "my-req-42"
+    assert 0 <= int(rid.headers["x-dcm-seed"]) < 2**32
+
+
+@pytest.mark.timeout(120)
+def test_seeds_and_variants_change_the_video(served, tmp_path):
+    url, _ = served
+    clips = {}
+    for name, model, seed in (("d0", None, 3), ("d0b", None, 3), ("d1", None, 4), ("a", "a", 3), ("b", "b", 3)):
+        resp = generate(url, seed=seed, **({"model": model} if model else {}))
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-dcm-model"] == (model or "default")
+        clips[name] = decode(resp, tmp_path, name).astype(np.float32)
+    diff = {k: float(np.abs(clips[k] - clips["d0"]).mean()) for k in clips}
+    assert diff["d0b"] < 1.0  # same model and seed: the same video
+    assert diff["d1"] > 2.0 and diff["a"] > 2.0 and diff["b"] > 2.0
+    assert float(np.abs(clips["a"] - clips["b"]).mean()) > 2.0
+
+    unknown = generate(url, model="nope")
+    assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
+
+
+@pytest.mark.timeout(60)
+def test_api_key_is_required(served):
+    url, _ = served
+    missing = generate(url, headers={"Content-Type": "application/json"})
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "unauthorized"
+    assert missing.headers["www-authenticate"] == "ApiKey"
+    wrong = generate(url, headers={"X-API-Key": "nope"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "forbidden"
+    assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # probes stay open
+
+
+def bad_requests(cfg) -> list[tuple[object, str | None]]:
+    """(body, field the error must name or None) for invalid requests; raw bytes = not JSON."""
+    s = cfg.serve
+    cases: list[tuple[object, str | None]] = [
+        ({"prompt": "x", "num_frames": 8}, "num_frames"),
+        ({"prompt": "x", "num_frames": s.max_frames + 4}, "num_frames"),
+        ({"prompt": "x", "num_frames": 0}, "num_frames"),
+        ({"prompt": "x", "height": 36}, "height"),
+        ({"prompt": "x", "width": s.max_width + 8}, "width"),
+        ({"prompt": "x", "width": 0}, "width"),
+        ({"prompt": "x", "steps": 1}, "steps"),
+        ({"prompt": "x", "steps": s.max_steps + 1}, "steps"),
+        ({"prompt": "x", "steps": "4"}, "steps"),
+        ({"prompt": "x", "steps": 4.5}, "steps"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": 2**32}, "seed"),
+        ({"prompt": "x" * (s.max_prompt_chars + 1)}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "format": "avi"}, "format"),
+        ({"prompt": "x", "model": "missing"}, "model"),
+        ({"prompt": "x", "colour": "red"}, "colour"),
+        ([], None),
+        ("just a string", None),
+        (b"{not json", None),
+        (b"", None),
+        (b'{"prompt": "x", "steps": NaN}', "steps"),
+        (b"\xff\xfe\x00garbage", None),
+    ]
+    rng = random.Random(0)
+    fields = ["prompt", "steps", "seed", "num_frames", "height", "width", "format", "model"]
+    junk = [None, True, -1, 0, 3, 10**30, -(10**30), 1.5, "", "9", [], {}, [1, 2], {"a": 1}, "x" * 50]
+    for _ in range(140):
+        body: dict[str, object] = {"prompt": "a red circle", **SMALL}
+        for field in rng.sample(fields, rng.randint(1, 3)):
+            body[field] = rng.choice(junk)
+        if rng.random() < 0.2:
+            body[rng.choice(["x", "Steps", "num-frames", "__proto__"])] = 1
+        if _is_valid(body, cfg):
+            continue
+        cases.append((body, None))
+    for _ in range(20):
+        cases.append((bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))), None))
+    return cases
+
+
+def _is_valid(body: dict, cfg) -> bool:
+    from pydantic import ValidationError
+
+    from serve.limits import Limits, RequestError, check_request
+    from serve.schemas import GenerateRequest
+
+    try:
+        check_request(GenerateRequest.model_validate(body, strict=True), Limits.from_config(cfg))
+    except (ValidationError, RequestError):
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_fuzzed_bad_requests_get_4xx_never_5xx(served):
+    url, cfg = served
+    cases = bad_requests(cfg)
+    assert len(cases) > 120
+    session = requests.Session()
+    for body, field in cases:
+        if isinstance(body, bytes):
+            resp = session.post(
+                f"{url}/v1/generate",
+                data=body,
+                headers={**AUTH, "Content-Type": "application/json"},
+                timeout=30,
+            )
+        else:
+            resp = session.post(f"{url}/v1/generate", json=body, headers=AUTH, timeout=30)
+        assert 400 <= resp.status_code < 500, (body, resp.status_code, resp.text)
+        err = resp.json()["error"]
+        assert err["message"] and err["request_id"], (body, err)
+        if field is not None:
+            assert err["field"] == field, (body, err)
+
+
+# ---------------------------------------------------------------- load
+def _hammer(url: str, threads: int, seconds: float) -> list[requests.Response]:
+    """`threads` clients sending requests back to back for `seconds`."""
+    out: list[requests.Response] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        while time.monotonic() < stop_at:
+            resp = generate(url, seed=i, num_frames=9, height=64, width=64, steps=4)
+            with lock:
+                out.append(resp)
+            if resp.status_code == 503:
+                time.sleep(0.2)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(client, range(threads)))
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_autoscaling_goes_from_one_to_two_replicas(served):
+    url, _ = served
+    assert generator_replicas() == 1
+    done = threading.Event()
+    seen: list[int] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(generator_replicas())
+            if seen[-1] >= 2:
+                done.set()
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    deadline = time.monotonic() + 90
+    responses: list[requests.Response] = []
+    while not done.is_set() and time.monotonic() < deadline:
+        responses += _hammer(url, threads=6, seconds=5)
+    done.set()
+    watcher.join()
+    assert max(seen) == 2, seen
+    assert all(r.status_code in (200, 503) for r in responses)
+    replicas = {r.headers.get("x-dcm-replica") for r in _hammer(url, 6, 4) if r.status_code == 200}
+    assert len(replicas) == 2
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_same_shape_requests_are_batched(served):
+    url, _ = served
+    with ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda i: generate(url, seed=100 + i, prompt=f"shape {i}"), range(8)))
+    assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200]
+    sizes = [int(r.headers["x-dcm-batch-size"]) for r in resps]
+    assert max(sizes) > 1, sizes
+    # a batched request gives the video it would alone (per-sample noise from its seed)
+    alone = generate(url, seed=100, prompt="shape 0")
+    assert alone.status_code == 200
+
+
+@pytest.mark.timeout(120)
+def test_full_queue_answers_503_with_retry_after(served):
+    url, cfg = served
+    # capacity is max_ongoing x replicas + max_queued = 12; 40 at once must overflow it
+    barrier = threading.Barrier(40)
+
+    def one(i: int) -> requests.Response:
+        barrier.wait()
+        return generate(url, seed=i, num_frames=17, height=64, width=64, steps=8, timeout=120)
+
+    with ThreadPoolExecutor(40) as pool:
+        resps = list(pool.map(one, range(40)))
+    codes = [r.status_code for r in resps]
+    assert set(codes) <= {200, 503}, codes
+    assert 503 in codes and 200 in codes, codes
+    busy = next(r for r in resps if r.status_code == 503)
+    assert busy.headers["retry-after"] == str(cfg.serve.retry_after_s)
+    assert busy.json()["error"]["type"] == "overloaded"
+
+
+@pytest.mark.timeout(150)
+def test_requests_succeed_again_after_replicas_are_killed(served):
+    import ray
+
+    url, _ = served
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::dcm#Generator")
+    ]
+    assert names
+    before = generate(url)
+    assert before.status_code == 200
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 100
+    codes = []
+    while time.monotonic() < deadline:
+        resp = generate(url)
+        codes.append(resp.status_code)
+        if resp.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert codes[-1] == 200, codes
+    assert set(codes) <= {200, 503}, codes  # a dead replica is "unavailable", not a crash
+    assert resp.headers["x-dcm-replica"] not in {n.rsplit("#", 1)[-1] for n in names}
+    assert json.loads(requests.get(f"{url}/readyz", timeout=10).text) == {"ready": True}
