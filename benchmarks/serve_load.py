@@ -59,7 +59,9 @@ def load_level(url: str, body: dict, concurrency: int, n: int, headers: dict) ->
 
     def one(i: int) -> tuple[float, int]:
         t0 = time.perf_counter()
-        r = session.post(f"{url}/v1/generate", json={**body, "seed": i}, headers=headers, timeout=600)
+        r = session.post(
+            f"{url}/v1/generate", json={**body, "seed": i}, headers=headers, timeout=600
+        )
         return time.perf_counter() - t0, r.status_code
 
     t0 = time.perf_counter()
@@ -95,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     cfg = load_config(preset=args.preset).replace(
-        **{"model.path": args.model, "serve.port": args.port, "serve.max_replicas": args.max_replicas}
+        **{
+            "model.path": args.model,
+            "serve.port": args.port,
+            "serve.max_replicas": args.max_replicas,
+        }
     )
     body = {
         "prompt": "a red circle moves left on a dark background",
@@ -126,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             shutdown(started)
 
     base_p50 = statistics.median(base)
-    print(f"in-process generate+encode: p50 {base_p50 * 1000:.1f} ms, p95 {percentile(base, 95) * 1000:.1f} ms")
+    print(
+        f"in-process generate+encode: p50 {base_p50 * 1000:.1f} ms, p95 {percentile(base, 95) * 1000:.1f} ms"
+    )
     print(f"{'conc':>4} {'ok':>5} {'p50 ms':>9} {'p95 ms':>9} {'req/s':>7}")
     for r in rows:
         print(

@@ -204,11 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--gpu needs a CUDA device; run without it for the CPU benchmark")
     args.frames = args.frames or ([81, 33] if args.gpu else [17])
     args.batch = args.batch or (1 if args.gpu else 2)
-    if args.gpu:
-        preset = load_config(preset="wan2.1-t2v-1.3b")
-    else:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        preset = load_config(preset="shapes-tiny")
+    preset = load_config(preset="wan2.1-t2v-1.3b" if args.gpu else "shapes-tiny")
     method, lora = preset.method, preset.lora
 
     rows = []

@@ -411,6 +411,8 @@ class ServeConfig:
     max_ongoing_requests: int = doc(4, "Requests a generator replica holds at once (>= max_batch_size so batches can form).")
     upscale_delay_s: float = doc(5.0, "Autoscaling: load must stay above target this long before adding a replica.")
     downscale_delay_s: float = doc(60.0, "Autoscaling: load must stay below target this long before removing a replica.")
+    look_back_period_s: float = doc(30.0, "Autoscaling: window over which ongoing requests are averaged.")
+    metrics_interval_s: float = doc(10.0, "Autoscaling: how often handles and replicas report load (Serve's default 10 s; lower reacts faster).")
     retry_after_s: int = doc(5, "Retry-After seconds sent with a 503 when the queue is full.")
 
     def __post_init__(self) -> None:
@@ -437,6 +439,8 @@ class ServeConfig:
         _range("max_ongoing_requests", self.max_ongoing_requests, self.max_batch_size, 10**4)
         _range("upscale_delay_s", self.upscale_delay_s, 0.0, 86400)
         _range("downscale_delay_s", self.downscale_delay_s, 0.0, 86400)
+        _range("look_back_period_s", self.look_back_period_s, 0.1, 86400)
+        _range("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
         _range("retry_after_s", self.retry_after_s, 0, 3600)
 
 

@@ -55,7 +55,9 @@ def _set_lora(module: nn.Module, enabled: bool) -> None:
     """
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer) and layer.disable_adapters == enabled:
-            params = [p for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
+            params = [
+                p for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()
+            ]
             flags = [p.requires_grad for p in params]
             layer.enable_adapters(enabled)
             for p, flag in zip(params, flags, strict=True):
@@ -122,7 +124,9 @@ class DualExpert(nn.Module):
         """Velocity (B, C, T, H, W); ``expert`` (B,) long picks SemE (0) or DetE (1) per row."""
         expert = torch.as_tensor(expert, device=x.device)
         if expert.shape != (x.shape[0],):
-            raise ValueError(f"expert ids shape {tuple(expert.shape)} must be (B,) = ({x.shape[0]},)")
+            raise ValueError(
+                f"expert ids shape {tuple(expert.shape)} must be (B,) = ({x.shape[0]},)"
+            )
         is_detail = expert == DETAIL
         if not bool(((expert == SEMANTIC) | is_detail).all()):
             raise ValueError(f"expert ids must be {SEMANTIC} (semantic) or {DETAIL} (detail)")
@@ -176,7 +180,9 @@ class DualExpert(nn.Module):
             "schema_version": ARTIFACT_SCHEMA_VERSION,
             "backbone": self.base.kind,
             "transformer_class": type(tr).__name__,
-            "transformer_config": _plain({k: v for k, v in tr.config.items() if not k.startswith("_")}),
+            "transformer_config": _plain(
+                {k: v for k, v in tr.config.items() if not k.startswith("_")}
+            ),
             "lora": _plain(dataclasses.asdict(self.lora_cfg)) if self.lora_cfg else None,
             "has_detail": self.has_detail,
             "method": {
@@ -194,7 +200,10 @@ class DualExpert(nn.Module):
 
     @classmethod
     def load_artifact(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> DualExpert:
         """Rebuild a saved DualExpert (diffusers model from config + peft + strict load)."""
         meta = read_artifact_meta(path)
@@ -214,7 +223,14 @@ class DualExpert(nn.Module):
         weights = folder / ARTIFACT_WEIGHTS
         if not weights.is_file():
             raise ValueError(f"artifact '{folder}' has no {ARTIFACT_WEIGHTS}: it is incomplete")
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        try:
+            model.load_state_dict(load_file(str(weights)), strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise ValueError(
+                f"{weights} does not match {ARTIFACT_JSON} ({first}): the artifact is damaged or "
+                "its save was interrupted; re-save it from the training checkpoint"
+            ) from None
         _cast(model, dtype)  # on the CPU first: half the device memory for bf16
         return model.to(device=device)
 
@@ -234,7 +250,9 @@ def read_artifact_meta(path: str | Path) -> dict[str, Any]:
             f"{file}: schema_version {version!r} is not supported (expected "
             f"{ARTIFACT_SCHEMA_VERSION}); re-export it with this version of dcm"
         )
-    missing = {"backbone", "transformer_class", "transformer_config", "has_detail", "lora"} - set(meta)
+    missing = {"backbone", "transformer_class", "transformer_config", "has_detail", "lora"} - set(
+        meta
+    )
     if missing:
         raise ValueError(f"{file} lacks the fields {sorted(missing)}: re-save the artifact")
     return meta

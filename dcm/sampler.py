@@ -65,6 +65,7 @@ def teacher_sample(
     x = noise.float()
     bsz = x.shape[0]
     for cur, nxt in zip(s, s[1:], strict=False):
-        t = torch.full((bsz,), 1000.0 * cur, dtype=torch.float32, device=x.device)
-        x = x + (nxt - cur) * teacher_velocity(teacher, x, t, cond, null_cond, method).float()
+        sig = torch.full((bsz,), cur, dtype=torch.float32, device=x.device)
+        v = teacher_velocity(teacher, x, 1000.0 * sig, cond, null_cond, method).float()
+        x = x + (nxt - cur) * v
     return x

@@ -413,7 +413,7 @@ def _decode_one(row: dict[str, Any], d: dict[str, Any]) -> tuple[list[np.ndarray
 
 def decode_batch(
     batch: dict[str, np.ndarray], geometry: dict[str, Any], ledger: Any
-) -> dict[str, Any]:
+) -> Iterator[dict[str, Any]]:
     """Ray Data UDF: source rows -> clip rows (frames uint8 (N, F, H, W, 3)); rejects go to
     the ledger. Frames stay uint8 until the encoder (4x less object-store traffic)."""
     import ray
@@ -444,14 +444,14 @@ def decode_batch(
             out["clip"].append(c)
             out["index"].append(row["index"])
     ray.get(ledger.decoded.remote(records, time.perf_counter() - t0))
-    f, h, w = geometry["num_frames"], geometry["height"], geometry["width"]
-    return {
-        "frames": np.stack(out["frames"]) if out["frames"] else np.zeros((0, f, h, w, 3), np.uint8),
-        "caption": np.asarray(out["caption"], dtype=object),
-        "source": np.asarray(out["source"], dtype=object),
-        "clip": np.asarray(out["clip"], dtype=np.int32),
-        "index": np.asarray(out["index"], dtype=np.int64),
-    }
+    if out["frames"]:  # yield nothing for all-reject batches (no empty tensor blocks)
+        yield {
+            "frames": np.stack(out["frames"]),  # (N, F, H, W, 3) uint8
+            "caption": np.asarray(out["caption"], dtype=object),
+            "source": np.asarray(out["source"], dtype=object),
+            "clip": np.asarray(out["clip"], dtype=np.int32),
+            "index": np.asarray(out["index"], dtype=np.int64),
+        }
 
 
 # ================================================================ encode (actor pool)
@@ -565,6 +565,9 @@ def _build(cfg: Config, ledger: Any, uri: str, kind: str, skip: frozenset[int],
     clips = sources.map_batches(
         decode_batch, batch_size=1, num_cpus=ing.decode_cpus,
         fn_kwargs={"geometry": geometry, "ledger": ledger},
+        # Explicit retries for a worker lost mid-decode; also keeps decode in its own CPU
+        # tasks instead of being fused into the (scarcer) encoder actors.
+        max_retries=3,
     )  # fmt: skip
     return clips.map_batches(
         Encoder,

@@ -13,6 +13,7 @@ thing. Flags given here win over the file.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ DEPLOYMENT_KEYS = {
     "autoscaling_config.target_ongoing_requests": "serve.target_ongoing_requests",
     "autoscaling_config.upscale_delay_s": "serve.upscale_delay_s",
     "autoscaling_config.downscale_delay_s": "serve.downscale_delay_s",
+    "autoscaling_config.look_back_period_s": "serve.look_back_period_s",
+    "autoscaling_config.metrics_interval_s": "serve.metrics_interval_s",
 }
 
 
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve.device": args.device,
     }
     # File values first, then --set, then the flags of this command.
-    extra = [f"{k}={pipelines.args._yaml_scalar(v)}" for k, v in dotted.items()]
+    extra = [f"{k}={json.dumps(v)}" for k, v in dotted.items()]  # JSON is valid YAML
     args.overrides = [*extra, *args.overrides]
     cfg = pipelines.args.resolve(args, **cli)
 

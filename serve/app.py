@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from dcm.bundle import is_hub_id, resolve_model_path
 from dcm.config import Config, ConfigError, ServeConfig, from_dict, load_config
 from serve.api import ApiSettings, create_api, key_digest
-from serve.batching import group_by_shape
+from serve.batching import generate_batch, group_by_shape
 from serve.limits import DEFAULT_MODEL, Limits, RequestError
 from serve.schemas import ModelCard
 
@@ -78,15 +78,12 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
 
 def app_from_config(cfg: Config) -> serve.Application:
     """Bind the ingress and the generator with the options of ``cfg.serve``."""
-    cfg = cfg.replace(
-        **{"model.path": _model_path(cfg.model.path, "model.path")},
-        **{
-            f"serve.variants.{n}": _model_path(p, f"serve.variants.{n}")
-            for n, p in cfg.serve.variants.items()
-        },
-    )
     if DEFAULT_MODEL in cfg.serve.variants:
         raise ConfigError(f"serve.variants must not use the reserved name '{DEFAULT_MODEL}'")
+    variants = {n: _model_path(p, f"serve.variants.{n}") for n, p in cfg.serve.variants.items()}
+    cfg = cfg.replace(
+        **{"model.path": _model_path(cfg.model.path, "model.path"), "serve.variants": variants}
+    )
     s = cfg.serve
     digest = ""
     if s.api_key_env:
@@ -122,6 +119,12 @@ def generator_options(s: ServeConfig) -> dict[str, Any]:
             "target_ongoing_requests": s.target_ongoing_requests,
             "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
+            # Serve marks this knob deprecated (env vars will replace it): only pass it
+            # when it differs from Serve's default, so default configs stay warning-free.
+            **(
+                {"metrics_interval_s": s.metrics_interval_s} if s.metrics_interval_s != 10.0 else {}
+            ),
         },
         "max_constructor_retry_count": 3,  # a broken model fails the deploy, not 20 retries
     }
@@ -157,13 +160,16 @@ class Generator:
         self._cfg = cfg = from_dict(cfg_dict)
         self._device = _device(cfg.serve)
         self._models = {DEFAULT_MODEL: VideoGenerator.load(cfg.model.path, self._device, cfg)}
+        check_geometry(cfg, self._models[DEFAULT_MODEL], cfg.model.path)
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._batched.set_max_batch_size(cfg.serve.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
 
         async def load_variant_model(model_id: str) -> Any:
             path = cfg.serve.variants[model_id]
-            return await asyncio.to_thread(VideoGenerator.load, path, self._device, cfg)
+            model = await asyncio.to_thread(VideoGenerator.load, path, self._device, cfg)
+            check_geometry(cfg, model, path)
+            return model
 
         # LRU cache of variants per replica; Serve routes a model id to replicas holding it.
         self._load_variant = serve.multiplexed(
@@ -211,27 +217,36 @@ class Generator:
 
         p = items[0]
         t0 = perf_counter()
-        frames = model.generate(
+        frames, stages = generate_batch(
+            model,
             [it["prompt"] for it in items],
+            [it["seed"] for it in items],
             steps=p["steps"],
-            seed=[it["seed"] for it in items],
             num_frames=p["num_frames"],
             height=p["height"],
             width=p["width"],
         )  # uint8 (B, F, H, W, 3)
         gen_s = perf_counter() - t0
-        stages = {
-            k: float(v)
-            for k, v in (getattr(model, "last_timings", None) or {}).items()
-            if k != "nfe" and isinstance(v, (int, float))
-        }
         outs = []
         for it, clip in zip(items, frames, strict=True):
             t1 = perf_counter()
             data = video_bytes(clip, self._cfg.model.fps, fmt=it["format"])
-            timings = {**stages, "generate": gen_s, "encode": perf_counter() - t1}
+            timings = {**stages, "generate": gen_s, "video": perf_counter() - t1}
             outs.append({"video": data, "timings": timings})
         return outs
+
+
+def check_geometry(cfg: Config, model: Any, name: str) -> None:
+    """The request limits use the config's VAE factors and patch: they must be the model's."""
+    b, m = model.bundle, cfg.model
+    mine = (m.vae_temporal_factor, m.vae_spatial_factor, tuple(m.patch_size))
+    theirs = (b.temporal_factor, b.spatial_factor, tuple(b.patch_size))
+    if mine != theirs:
+        raise ConfigError(
+            f"model '{name}' has VAE temporal/spatial factors and patch {theirs} but the config "
+            f"says {mine}: set model.vae_temporal_factor, model.vae_spatial_factor and "
+            "model.patch_size to match (or use the model's preset)"
+        )
 
 
 # ---------------------------------------------------------------- HTTP ingress

@@ -68,9 +68,13 @@ def _strict(node: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
+def _crd(kind: str) -> dict:
+    return _load(CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml")
+
+
+@functools.lru_cache(maxsize=None)
 def _crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = _load(CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml")
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    (v1,) = [v for v in _crd(kind)["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
 
 
@@ -99,8 +103,9 @@ def _pod_specs(cluster_spec: dict) -> list[dict]:
 def test_crd_data_is_the_cited_kuberay_version():
     source = (CRDS / "SOURCE.txt").read_text()
     assert "feeaf72facab4881ba2b179248bb67315634e229" in source and "ray.io/v1" in source
-    for plural in KUBERAY_KINDS.values():
-        crd = _load(CRDS / f"ray.io_{plural}.yaml")
+    for kind in KUBERAY_KINDS:
+        crd = _crd(kind)
+        assert crd["spec"]["names"]["kind"] == kind
         assert "v1" in [v["name"] for v in crd["spec"]["versions"]]
 
 

@@ -14,8 +14,16 @@ from dcm.discriminator import Discriminator
 def teacher():
     torch.manual_seed(0)
     tr = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-        out_channels=4, text_dim=24, freq_dim=32, ffn_dim=48, num_layers=4, rope_max_seq_len=64,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=4,
+        rope_max_seq_len=64,
     ).eval()
     return make_backbone(tr).requires_grad_(False)
 
@@ -23,7 +31,9 @@ def teacher():
 @pytest.mark.parametrize("frames,height,width", [(1, 8, 8), (3, 8, 8), (1, 6, 12), (3, 6, 12)])
 def test_heads_follow_the_latent_shape(teacher, frames, height, width):
     x = torch.randn(2, 4, frames, height, width, requires_grad=True)
-    _, taps = teacher.forward_with_taps(x, torch.tensor([900.0, 300.0]), Cond(torch.randn(2, 3, 24)))
+    _, taps = teacher.forward_with_taps(
+        x, torch.tensor([900.0, 300.0]), Cond(torch.randn(2, 3, 24))
+    )
     grid = teacher.token_grid(x.shape)
     disc = Discriminator(teacher.num_taps(2), teacher.dim, hidden=32)
     logits = disc(taps, grid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,17 +20,34 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 def tiny_wan() -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-        out_channels=4, text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        rope_max_seq_len=64,
     ).eval()
 
 
 def tiny_hunyuan() -> HunyuanVideoTransformer3DModel:
     torch.manual_seed(0)
     return HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
-        num_layers=1, num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1,
-        text_embed_dim=24, pooled_projection_dim=12, rope_axes_dim=(4, 6, 6),
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        text_embed_dim=24,
+        pooled_projection_dim=12,
+        rope_axes_dim=(4, 6, 6),
     ).eval()
 
 
@@ -93,7 +111,10 @@ def test_detail_expert_starts_equal_with_exactly_the_documented_trainable_set(ki
     if kind == "wan":
         assert copies == {
             "detail_params.scale_shift_table",
-            *(f"detail_modules.{n}" for n, _ in tr.condition_embedder.named_parameters(prefix="condition_embedder")),
+            *(
+                f"detail_modules.{n}"
+                for n, _ in tr.condition_embedder.named_parameters(prefix="condition_embedder")
+            ),
             "detail_modules.proj_out.weight",
             "detail_modules.proj_out.bias",
         }
@@ -192,10 +213,14 @@ def test_artifact_round_trip(tmp_path, kind):
     x, t, cond = batch(kind)
     expert = torch.tensor([DETAIL, SEMANTIC, DETAIL, SEMANTIC])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t, cond, expert), model(x, t, cond, expert), atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(x, t, cond, expert), model(x, t, cond, expert), atol=0, rtol=0
+        )
 
 
-def test_failed_save_keeps_the_previous_artifact_and_bf16_load_keeps_fp32_modules(tmp_path, monkeypatch):
+def test_failed_save_keeps_the_previous_artifact_and_bf16_load_keeps_fp32_modules(
+    tmp_path, monkeypatch
+):
     model = DualExpert(tiny_wan())
     folder = model.save_artifact(tmp_path, Config(), "bundled:shapes")
     x, t, cond = batch("wan")
@@ -206,7 +231,7 @@ def test_failed_save_keeps_the_previous_artifact_and_bf16_load_keeps_fp32_module
     perturb(model)
 
     def crash(state, path):
-        open(path, "wb").write(b"partial")
+        Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(experts_mod, "save_file", crash)
@@ -233,6 +258,12 @@ def test_bad_artifacts_give_clear_errors(tmp_path):
     (tmp_path / ARTIFACT_JSON).write_text(json.dumps({**meta, "schema_version": 99}))
     with pytest.raises(ValueError, match="schema_version"):
         DualExpert.load_artifact(tmp_path)
+    # weights of another model under this JSON (an interrupted save between the two renames)
+    (tmp_path / ARTIFACT_JSON).write_text(
+        json.dumps({**meta, "has_detail": True, "lora": {"rank": 4}})
+    )
+    with pytest.raises(ValueError, match="does not match"):
+        DualExpert.load_artifact(tmp_path)
 
 
 def _count(transformer) -> tuple[float, float]:
@@ -247,9 +278,17 @@ def test_parameter_counts_of_the_real_configs_on_meta():
     # METHOD.md section 6: ~120 M of 1.42 B (Wan2.1 1.3B), ~215 M of 12.8 B (HunyuanVideo).
     with torch.device("meta"):
         wan = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-            in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-            num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
             rope_max_seq_len=1024,
         )
     total, trainable = _count(wan)

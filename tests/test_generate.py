@@ -74,6 +74,12 @@ def test_bad_sizes_are_config_errors(gen, kwargs, message):
         gen.generate(PROMPTS[:1], **kwargs)
 
 
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """uint8 videos equal up to one level on a handful of pixels."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return bool(diff.max() <= 1 and (diff > 0).mean() < 1e-3)
+
+
 def test_artifact_loads_with_its_bundle(gen, bundle_path, tmp_path):
     cfg = load_config(preset="shapes-tiny")
     student = DualExpert(
@@ -83,9 +89,11 @@ def test_artifact_loads_with_its_bundle(gen, bundle_path, tmp_path):
     art = student.save_artifact(tmp_path / "fresh", cfg, str(bundle_path))
     loaded = VideoGenerator.load(art, cfg=cfg)
     assert loaded.source == "artifact" and loaded.student.has_detail
-    # DetE starts equal to SemE (LoRA B = 0) and SemE is the base: same video as the bundle.
+    # DetE starts equal to SemE (LoRA B = 0) and SemE is the base: same video as the bundle
+    # (up to float rounding: from_config + load_state_dict vs from_pretrained, ~1e-7).
     kw = {"steps": 4, "seed": 3, "num_frames": 5}
-    assert np.array_equal(loaded.generate(PROMPTS[:1], **kw), gen.generate(PROMPTS[:1], **kw))
+    base = gen.generate(PROMPTS[:1], **kw).astype(int)
+    assert _close(loaded.generate(PROMPTS[:1], **kw), base)
     # A trained-looking DetE changes only the low-noise steps' expert, hence the video.
     with torch.no_grad():
         for name, p in student.named_parameters():
@@ -94,7 +102,7 @@ def test_artifact_loads_with_its_bundle(gen, bundle_path, tmp_path):
     moved = VideoGenerator.load(
         student.save_artifact(tmp_path / "moved", cfg, str(bundle_path)), cfg=cfg
     )
-    assert not np.array_equal(moved.generate(PROMPTS[:1], **kw), gen.generate(PROMPTS[:1], **kw))
+    assert not _close(moved.generate(PROMPTS[:1], **kw), base)
     assert moved._teacher is None  # the teacher transformer loads only when asked for
     teacher = moved.generate(PROMPTS[:1], teacher=True, teacher_steps=2, num_frames=5)
     assert np.array_equal(
@@ -117,12 +125,12 @@ def test_cli_writes_playable_mp4(bundle_path, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pipelines.generate", "--model", str(bundle_path)]
     cmd += ["--prompt", "a red circle moves left", "--steps", "3", "--frames", "9"]
-    cmd += ["--height", "32", "--width", "48", "--seed", "2", "--device", "cpu", "--out", str(out)]
+    cmd += ["--height", "48", "--width", "32", "--seed", "2", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert str(out) in proc.stdout and "3 network evaluations" in proc.stdout
     frames = read_video(out)  # decord
-    assert frames.shape == (9, 32, 48, 3) and frames.dtype == np.uint8
+    assert frames.shape == (9, 48, 32, 3) and frames.dtype == np.uint8
 
 
 def test_cli_bad_input_is_one_line(bundle_path, tmp_path, capsys):

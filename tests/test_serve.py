@@ -44,7 +44,10 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
 
     root = tmp_path_factory.mktemp("serve")
     base = build_tiny_bundle(root / "base", seed=0)
-    variants = {"a": str(build_tiny_bundle(root / "a", seed=1)), "b": str(build_tiny_bundle(root / "b", seed=2))}
+    variants = {
+        "a": str(build_tiny_bundle(root / "a", seed=1)),
+        "b": str(build_tiny_bundle(root / "b", seed=2)),
+    }
     monkeypatch_module.setenv(KEY_ENV, KEY)
     cfg = load_config(preset="shapes-tiny").replace(
         **{
@@ -60,6 +63,8 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
             "serve.max_replicas": 2,
             "serve.upscale_delay_s": 1.0,
             "serve.downscale_delay_s": 600.0,
+            "serve.metrics_interval_s": 0.5,
+            "serve.look_back_period_s": 2.0,
             "serve.max_batch_size": 4,
             "serve.max_ongoing_requests": 4,
             "serve.max_queued": 4,
@@ -79,9 +84,13 @@ def monkeypatch_module():
     mp.undo()
 
 
-def generate(url: str, timeout: float = 60, headers: dict | None = None, **body) -> requests.Response:
+def generate(
+    url: str, timeout: float = 60, headers: dict | None = None, **body
+) -> requests.Response:
     payload = {"prompt": "a red circle moves left", **SMALL, **body}
-    return requests.post(f"{url}/v1/generate", json=payload, headers=headers or AUTH, timeout=timeout)
+    return requests.post(
+        f"{url}/v1/generate", json=payload, headers=headers or AUTH, timeout=timeout
+    )
 
 
 def decode(resp: requests.Response, tmp_path, name: str) -> np.ndarray:
@@ -146,7 +155,13 @@ def test_generate_mp4_and_gif_decode_to_the_requested_shape(served, tmp_path):
 def test_seeds_and_variants_change_the_video(served, tmp_path):
     url, _ = served
     clips = {}
-    for name, model, seed in (("d0", None, 3), ("d0b", None, 3), ("d1", None, 4), ("a", "a", 3), ("b", "b", 3)):
+    for name, model, seed in (
+        ("d0", None, 3),
+        ("d0b", None, 3),
+        ("d1", None, 4),
+        ("a", "a", 3),
+        ("b", "b", 3),
+    ):
         resp = generate(url, seed=seed, **({"model": model} if model else {}))
         assert resp.status_code == 200, resp.text
         assert resp.headers["x-dcm-model"] == (model or "default")
@@ -205,7 +220,23 @@ def bad_requests(cfg) -> list[tuple[object, str | None]]:
     ]
     rng = random.Random(0)
     fields = ["prompt", "steps", "seed", "num_frames", "height", "width", "format", "model"]
-    junk = [None, True, -1, 0, 3, 10**30, -(10**30), 1.5, "", "9", [], {}, [1, 2], {"a": 1}, "x" * 50]
+    junk = [
+        None,
+        True,
+        -1,
+        0,
+        3,
+        10**30,
+        -(10**30),
+        1.5,
+        "",
+        "9",
+        [],
+        {},
+        [1, 2],
+        {"a": 1},
+        "x" * 50,
+    ]
     for _ in range(140):
         body: dict[str, object] = {"prompt": "a red circle", **SMALL}
         for field in rng.sample(fields, rng.randint(1, 3)):

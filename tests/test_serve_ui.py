@@ -72,7 +72,9 @@ def test_page_generates_and_plays_an_mp4(url, page):
         " return v && v.readyState >= 1 && v.videoWidth > 0; }",
         timeout=60_000,
     )
-    size = page.evaluate("() => { const v = document.querySelector('#output'); return [v.videoWidth, v.videoHeight]; }")
+    size = page.evaluate(
+        "() => { const v = document.querySelector('#output'); return [v.videoWidth, v.videoHeight]; }"
+    )
     assert size == [48, 32]
     assert page.text_content("#status").startswith("done in")
     meta = page.text_content("#meta")
@@ -90,6 +92,8 @@ def test_page_shows_gifs_and_field_errors(url, page):
     assert page.evaluate("document.querySelector('#output').naturalWidth") == 48
 
     _submit(page, url, "mp4", height=36)
-    page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('#status').className === 'error'", timeout=30_000
+    )
     status = page.text_content("#status")
     assert status.startswith("422") and "height=36" in status

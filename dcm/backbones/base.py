@@ -56,12 +56,16 @@ class Cond:
             if all(v is None for v in vals):
                 out[name] = None
             elif any(v is None for v in vals):
-                raise ValueError(f"Cond.cat: field '{name}' is set in some Conds and None in others")
+                raise ValueError(
+                    f"Cond.cat: field '{name}' is set in some Conds and None in others"
+                )
             else:
                 out[name] = torch.cat(vals, dim=0)
         return Cond(**out)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Cond:
         """Moved to ``device``; ``dtype`` applies to the float features (text, pooled) only:
         the mask stays integer and guidance stays float32 (METHOD.md section 1)."""
         out = {}
@@ -108,9 +112,7 @@ class Backbone(nn.Module, abc.ABC):
         self.checkpointing = False
 
     # ------------------------------------------------------------ public API
-    def forward(
-        self, x: Tensor, t: Tensor, cond: Cond, variant: Variant | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, variant: Variant | None = None) -> Tensor:
         """Velocity (B, C, T, H, W) at x (B, C, T, H, W), t = 1000 sigma (B,) float32."""
         return self._run(x, self._timestep(x, t), cond, 0, variant)[0]
 
