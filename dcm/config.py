@@ -362,7 +362,11 @@ class RayConfig:
 class SweepConfig:
     space: dict[str, Any] = doc(
         {},
-        "Search space: dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}.",
+        "Search space: dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]} (randint: hi inclusive).",
+    )
+    variants: dict[str, Any] = doc(
+        {},
+        "Named sets of dotted overrides (e.g. the ablation's 'single-cm', 'dcm'), crossed with the space as one more dimension.",
     )
     searcher: str = doc("grid", "'grid', 'random' or 'optuna' (model-based, TPE).")
     num_samples: int = doc(1, "Trials (random/optuna) or repeats of the grid.")
@@ -370,6 +374,7 @@ class SweepConfig:
     mode: str = doc("max", "'max' or 'min'.")
     asha: bool = doc(True, "Early-stop weak trials with ASHA.")
     grace_period: int = doc(1, "ASHA grace period in reports.")
+    reduction_factor: int = doc(2, "ASHA reduction factor (keep the top 1/rf at each rung).")
     max_concurrent: int = doc(1, "Trials running at once.")
     trial_cpus: float = doc(1.0, "CPUs per trial worker.")
     trial_gpus: float = doc(0.0, "GPUs per trial worker.")
@@ -379,7 +384,13 @@ class SweepConfig:
         _range("num_samples", self.num_samples, 1, 10**6)
         _choice("mode", self.mode, ("max", "min"))
         _range("grace_period", self.grace_period, 1, 10**6)
+        _range("reduction_factor", self.reduction_factor, 2, 100)
         _range("max_concurrent", self.max_concurrent, 1, 10**4)
+        for name, overrides in self.variants.items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(
+                    f"variants.{name} must be a mapping of dotted keys to values, got {overrides!r}"
+                )
         _range("trial_cpus", self.trial_cpus, 0.01, 256)
         _range("trial_gpus", self.trial_gpus, 0.0, 64)
 

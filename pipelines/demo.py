@@ -46,7 +46,9 @@ class Demo:
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         done = self.state.get(name)
         if done and done.get("done"):
-            print(f"[demo] {name}: already done ({done['seconds']:.0f} s), skipping; --fresh re-runs it")
+            print(
+                f"[demo] {name}: already done ({done['seconds']:.0f} s), skipping; --fresh re-runs it"
+            )
             return done["result"]
         print(f"[demo] {name}: running", flush=True)
         start = time.perf_counter()
@@ -103,7 +105,9 @@ class Demo:
 
         from pipelines import serve as serve_stage
 
-        cfg = self.cfg.replace(**{"model.path": artifact, "serve.min_replicas": 1, "serve.max_replicas": 1})
+        cfg = self.cfg.replace(
+            **{"model.path": artifact, "serve.min_replicas": 1, "serve.max_replicas": 1}
+        )
         url = serve_stage.start(cfg, name="demo")
         try:
             body = {"prompt": prompt, "steps": self.cfg.sample.steps, "seed": 0, "format": "mp4"}
@@ -133,7 +137,9 @@ def tracking_uri(cfg: Config) -> str:
     return uri(cfg, run_dir(cfg))
 
 
-def run_demo(cfg: Config, out: Path, fresh: bool = False, num_videos: int = 64, num_prompts: int = 4) -> dict[str, Any]:
+def run_demo(
+    cfg: Config, out: Path, fresh: bool = False, num_videos: int = 64, num_prompts: int = 4
+) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the final state."""
     from pipelines.cluster import init_ray, shutdown
 
@@ -152,8 +158,12 @@ def run_demo(cfg: Config, out: Path, fresh: bool = False, num_videos: int = 64, 
         shutdown(ctx)
     print()
     print(f"[demo] finished. Report: {report['html']} (and {report['md']})")
-    print(f"[demo] MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {dist['tracking_uri']} --host 127.0.0.1 --port 5000")
-    print("[demo] Ray dashboard:  http://127.0.0.1:8265 while a stage runs (start one with `ray start --head --dashboard-host 127.0.0.1`)")
+    print(
+        f"[demo] MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {dist['tracking_uri']} --host 127.0.0.1 --port 5000"
+    )
+    print(
+        "[demo] Ray dashboard:  http://127.0.0.1:8265 while a stage runs (start one with `ray start --head --dashboard-host 127.0.0.1`)"
+    )
     return demo.state
 
 

@@ -1,0 +1,249 @@
+"""The demo's evaluation and report: quality and speed tables, loss curves, side-by-side GIFs.
+
+`evaluate_models` compares the teacher (50 steps + guidance) with the distilled experts at
+several step counts on held-out prompts (`dcm.evaluation`), and renders teacher | DCM GIFs
+for the same prompts and seeds. `write_report` turns the demo's state into `report.md` and
+`report.html` next to it (images referenced relatively, so the folder can be moved).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dcm.config import Config
+
+LOSS_PREFIXES = ("loss", "train/loss", "semantic/", "detail/")
+
+
+def evaluate_models(cfg: Config, artifact: str, prompts: list[str], out: Path) -> dict[str, Any]:
+    """metrics.json + side-by-side GIFs for the distilled artifact against its teacher."""
+    from dcm.evaluation import evaluate
+
+    from dcm.generate import VideoGenerator
+    from dcm.video import write_video
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = VideoGenerator.load(artifact, cfg=cfg)
+    s = cfg.sample
+    results = evaluate(gen, prompts, list(s.seeds), list(s.eval_steps), s.teacher_steps)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+
+    gifs = []
+    for i, prompt in enumerate(prompts[:3]):
+        seed = s.seeds[0]
+        teacher = gen.generate([prompt], seed=seed, teacher=True, teacher_steps=s.teacher_steps)[0]
+        student = gen.generate([prompt], steps=s.steps, seed=seed)[0]
+        gap = np.full((teacher.shape[0], teacher.shape[1], 4, 3), 255, np.uint8)
+        path = write_video(
+            out / f"side_by_side_{i}.gif", np.concatenate([teacher, gap, student], 2), gen.fps
+        )
+        gifs.append({"prompt": prompt, "seed": seed, "path": str(path)})
+    return {"metrics": str(out / "metrics.json"), "results": results, "gifs": gifs}
+
+
+# ---------------------------------------------------------------- tables
+def _rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method from dcm.evaluation's result, teacher first."""
+    methods = results.get("methods", results)
+    rows = []
+    for name, m in methods.items():
+        if not isinstance(m, dict):
+            continue
+        rows.append({"method": name, **m})
+    rows.sort(key=lambda r: (not str(r["method"]).startswith("teacher"), str(r["method"])))
+    return rows
+
+
+def _fmt(val: Any) -> str:
+    if isinstance(val, float):
+        return f"{val:.3f}" if abs(val) < 100 else f"{val:.0f}"
+    return str(val)
+
+
+def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = _rows(results)
+    keys = ["summary", "adherence", "quality", "smoothness", "flicker", "sharpness"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    head = ["method", *keys]
+    body = []
+    for r in rows:
+        cells = [str(r["method"])]
+        for k in keys:
+            std = r.get(f"{k}_std")
+            cells.append(_fmt(r.get(k, "")) + (f" ± {std:.3f}" if isinstance(std, float) else ""))
+        body.append(cells)
+    return head, body
+
+
+def speed_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = _rows(results)
+    keys = [
+        k
+        for k in ("nfe", "seconds", "denoise_s", "decode_s", "total_s")
+        if any(k in r for r in rows)
+    ]
+    head = ["method", *keys]
+    teacher = next((r for r in rows if str(r["method"]).startswith("teacher")), None)
+    if teacher and "total_s" in teacher:
+        head.append("speed-up")
+    body = []
+    for r in rows:
+        cells = [str(r["method"])] + [_fmt(r.get(k, "")) for k in keys]
+        if teacher and "total_s" in teacher:
+            cells.append(f"{teacher['total_s'] / max(r.get('total_s', 0) or 1e-9, 1e-9):.1f}x")
+        body.append(cells)
+    return head, body
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
+    )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+# ---------------------------------------------------------------- curves
+def loss_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Path | None:
+    """Plot every loss metric of the stage runs from MLflow into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    series = {}
+    for stage, run_id in run_ids.items():
+        if not run_id:
+            continue
+        for key in client.get_run(run_id).data.metrics:
+            if "loss" in key:
+                hist = client.get_metric_history(run_id, key)
+                series[f"{stage}: {key}"] = sorted((m.step, m.value) for m in hist)
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(run_ids), figsize=(6 * len(run_ids), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], run_ids, strict=False):
+        for name, pts in series.items():
+            if name.startswith(f"{stage}:") and pts:
+                steps, vals = zip(*pts, strict=True)
+                ax.plot(steps, vals, label=name.split(": ", 1)[1])
+        ax.set_title(f"{stage} stage")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- report
+def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
+    """report.md + report.html from the demo's state."""
+    ev = state["evaluate"]["result"]
+    dist = state["distill"]["result"]
+    serve = state.get("serve", {}).get("result", {})
+    results = ev["results"]
+    q_head, q_body = quality_table(results)
+    s_head, s_body = speed_table(results)
+    run_ids = {k: v.get("run_id") for k, v in dist.get("stages", {}).items()}
+    curves = loss_curves(dist["tracking_uri"], run_ids, out) if dist.get("tracking_uri") else None
+    rel = lambda p: str(Path(p).resolve().relative_to(out.resolve()))  # noqa: E731
+    timings = {name: s.get("seconds", 0.0) for name, s in state.items() if isinstance(s, dict)}
+
+    md = ["# DCM demo report", ""]
+    md += [
+        "Teacher: the bundled shapes model at 50 Euler steps with classifier-free guidance.",
+        "DCM: the distilled semantic + detail experts, no guidance. Prompts are held-out",
+        "compositions of the shapes world, scored from decoded pixels (dcm/shapes/metrics.py).",
+        "",
+    ]
+    md += ["## Quality", "", _md_table(q_head, q_body), ""]
+    md += [
+        "## Speed (network evaluations and wall time per video, this machine)",
+        "",
+        _md_table(s_head, s_body),
+        "",
+    ]
+    if curves:
+        md += ["## Loss curves", "", f"![loss curves]({rel(curves)})", ""]
+    md += ["## Teacher (left) vs DCM (right), same prompt and seed", ""]
+    for g in ev.get("gifs", []):
+        md += [
+            f"**{g['prompt']}** (seed {g['seed']})",
+            "",
+            f"![{g['prompt']}]({rel(g['path'])})",
+            "",
+        ]
+    if serve:
+        md += [
+            "## Serve",
+            "",
+            f"One HTTP request to {serve.get('url')}/v1/generate answered in "
+            f"{serve.get('seconds', 0):.2f} s: [{Path(serve['video']).name}]({rel(serve['video'])})",
+            "",
+        ]
+    md += [
+        "## Stage times",
+        "",
+        _md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
+        "",
+    ]
+    md += [f"MLflow: `mlflow ui --backend-store-uri {dist.get('tracking_uri')}`", ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+
+    css = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px}"
+        "th{background:#f3f3f3}figure{display:inline-block;margin:8px}img.gif{image-rendering:pixelated;width:264px}"
+    )
+    h = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>DCM demo report</title><style>{css}</style></head><body>",
+        "<h1>DCM demo report</h1>",
+        "<p>Teacher: bundled shapes model, 50 Euler steps with guidance. DCM: distilled experts, no guidance. "
+        "Held-out prompts, scored from pixels.</p>",
+        "<h2>Quality</h2>",
+        _html_table(q_head, q_body),
+        "<h2>Speed</h2>",
+        _html_table(s_head, s_body),
+    ]
+    if curves:
+        h += [
+            "<h2>Loss curves</h2>",
+            f"<img src='{html.escape(rel(curves))}' alt='loss curves' width='900'>",
+        ]
+    h += ["<h2>Teacher (left) vs DCM (right)</h2>"]
+    for g in ev.get("gifs", []):
+        h.append(
+            f"<figure><img class='gif' src='{html.escape(rel(g['path']))}' alt='side by side'>"
+            f"<figcaption>{html.escape(g['prompt'])} (seed {g['seed']})</figcaption></figure>"
+        )
+    if serve:
+        h += [
+            "<h2>Serve</h2>",
+            f"<p>One HTTP request answered in {serve.get('seconds', 0):.2f} s: "
+            f"<a href='{html.escape(rel(serve['video']))}'>{html.escape(Path(serve['video']).name)}</a></p>",
+        ]
+    h += [
+        "<h2>Stage times</h2>",
+        _html_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
+        "</body></html>",
+    ]
+    html_path = out / "report.html"
+    html_path.write_text("\n".join(h))
+    return {"md": md_path, "html": html_path, **({"curves": curves} if curves else {})}
