@@ -375,6 +375,7 @@ class SweepConfig:
     asha: bool = doc(True, "Early-stop weak trials with ASHA.")
     grace_period: int = doc(1, "ASHA grace period in reports.")
     reduction_factor: int = doc(2, "ASHA reduction factor (keep the top 1/rf at each rung).")
+    teacher_baseline: bool = doc(False, "Also score the teacher at sample.teacher_steps on the validation prompts and seeds (shapes world), as the reference line of the report.")
     max_concurrent: int = doc(1, "Trials running at once.")
     trial_cpus: float = doc(1.0, "CPUs per trial worker.")
     trial_gpus: float = doc(0.0, "GPUs per trial worker.")

@@ -133,7 +133,11 @@ def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def to_pixels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``(B, F, H, W, 3)`` -> float32 ``(B, 3, F, H, W)`` in [-1, 1] (VAE input)."""
-    x = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
+    if not torch.is_tensor(frames):
+        arr = np.asarray(frames)
+        # Ray hands out read-only views of the object store; torch wants writable memory.
+        frames = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    x = frames
     if x.dtype != torch.uint8 or x.dim() != 5 or x.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (B, F, H, W, 3), got {tuple(x.shape)} {x.dtype}")
     return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # (B, 3, F, H, W)

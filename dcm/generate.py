@@ -16,6 +16,7 @@ One object used by the CLI (``dcm generate``), evaluation and Serve. It loads on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from dcm.attention import set_attention_backend
-from dcm.backbones.base import Backbone, make_backbone
+from dcm.backbones.base import Backbone, Cond, make_backbone
 from dcm.bundle import Bundle, BundleError, load_bundle, resolve_model_path
 from dcm.config import SIGMA_PRESETS, Config, ConfigError, MethodConfig, load_config
 from dcm.experts import ARTIFACT_JSON, DualExpert, read_artifact_meta
@@ -225,18 +226,10 @@ class VideoGenerator:
         _sync(dev)
         t_encode = time.perf_counter()
 
-        # 2. denoise: teacher (guided, METHOD.md section 7) or the experts
-        if teacher:
-            schedule = Schedule.from_config(self.cfg.method)
-            sig = schedule.teacher_sigmas(int(teacher_steps))
-            null = b.null_cond(len(prompts)) if self.cfg.method.guidance == "cfg" else None
-            z = teacher_sample(self.teacher, noise, cond, null, sig, self.cfg.method)
-            nfe = (len(sig) - 1) * (2 if self.cfg.method.guidance == "cfg" else 1)
-        else:
-            sig = self.sigmas(steps, split)
-            cond = with_embedded_guidance(cond, self.method, len(prompts))
-            z = sample(self.student, noise, cond, sig, self.schedule(split))
-            nfe = len(sig) - 1
+        # 2. denoise: teacher (guided, METHOD.md section 7) or the experts. The sampler keeps
+        # x in float32; half-precision weights run under autocast (the runner's policy).
+        with self._precision():
+            z, nfe = self._denoise(noise, cond, steps, split, teacher, teacher_steps)
         _sync(dev)
         t_denoise = time.perf_counter()
 
@@ -251,6 +244,33 @@ class VideoGenerator:
             "total_s": t_end - start,
         }
         return frames
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        half = self.bundle.dtype in (torch.float16, torch.bfloat16)
+        if not half:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.bundle.dtype)
+
+    def _denoise(
+        self,
+        noise: Tensor,
+        cond: Cond,
+        steps: int,
+        split: int | None,
+        teacher: bool,
+        teacher_steps: int,
+    ) -> tuple[Tensor, int]:
+        """Normalised latents at sigma 0 and the number of network evaluations used."""
+        batch = noise.shape[0]
+        if teacher:
+            method = self.cfg.method
+            sig = Schedule.from_config(method).teacher_sigmas(int(teacher_steps))
+            null = self.bundle.null_cond(batch) if method.guidance == "cfg" else None
+            z = teacher_sample(self.teacher, noise, cond, null, sig, method)
+            return z, (len(sig) - 1) * (2 if method.guidance == "cfg" else 1)
+        sig = self.sigmas(steps, split)
+        cond = with_embedded_guidance(cond, self.method, batch)
+        return sample(self.student, noise, cond, sig, self.schedule(split)), len(sig) - 1
 
     def describe(self) -> dict[str, Any]:
         """What is loaded (for logs, Serve health and the CLI)."""

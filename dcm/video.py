@@ -105,7 +105,9 @@ def read_video(path: str | Path) -> np.ndarray:
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as err:  # noqa: BLE001 - decord raises its own error types
-        raise VideoError(f"video file '{path}' cannot be decoded ({err}); re-encode it as mp4") from None
+        raise VideoError(
+            f"video file '{path}' cannot be decoded ({err}); re-encode it as mp4"
+        ) from None
     if len(reader) == 0:
         raise VideoError(f"video file '{path}' has no frames")
     return reader.get_batch(list(range(len(reader)))).asnumpy().astype(np.uint8)  # (F, H, W, 3)
@@ -146,9 +148,7 @@ def contact_sheet(
         n_frames = max(c.shape[0] for c in clips)
         cols = min(columns, len(clips))
         rows = -(-len(clips) // cols)
-        grid = np.full(
-            (n_frames, rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8
-        )
+        grid = np.full((n_frames, rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
         for i, clip in enumerate(clips):
             r, c = divmod(i, cols)
             y, x = pad + r * (h + pad), pad + c * (w + pad)
@@ -159,9 +159,7 @@ def contact_sheet(
         raise VideoError(f"{path}: contact sheets are .png or .gif")
     from PIL import Image
 
-    sheet = np.full(
-        (len(clips) * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8
-    )
+    sheet = np.full((len(clips) * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
     for r, clip in enumerate(clips):
         picks = np.linspace(0, clip.shape[0] - 1, columns).round().astype(int)
         for c, k in enumerate(picks):

@@ -178,8 +178,8 @@ def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     ranked = [
         (ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(metric) is not None
     ]
-    if ranked:
-        return max(ranked, key=lambda cm: float(cm[1][metric]))
+    if ranked:  # ties go to the later checkpoint
+        return max(ranked, key=lambda cm: (float(cm[1][metric]), float(cm[1].get("step", 0))))
     if result.checkpoint is None:
         raise RuntimeError("the training run reported no checkpoint")
     return result.checkpoint, dict(result.metrics or {})

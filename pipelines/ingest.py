@@ -543,6 +543,12 @@ class Encoder:
 
 
 # ================================================================ the pipeline
+def _decode_memory(cfg: Config) -> int:
+    d = cfg.data
+    clip_bytes = d.num_frames * d.height * d.width * 3
+    return int(3 * clip_bytes * d.clips_per_video + (64 << 20))
+
+
 def _group_size(cfg: Config) -> int:
     return max(1, cfg.ingest.rows_per_shard // cfg.data.clips_per_video)
 
@@ -565,9 +571,9 @@ def _build(cfg: Config, ledger: Any, uri: str, kind: str, skip: frozenset[int],
     clips = sources.map_batches(
         decode_batch, batch_size=1, num_cpus=ing.decode_cpus,
         fn_kwargs={"geometry": geometry, "ledger": ledger},
-        # Explicit retries for a worker lost mid-decode; also keeps decode in its own CPU
-        # tasks instead of being fused into the (scarcer) encoder actors.
-        max_retries=3,
+        # The reservation covers a task's clips (uint8) plus decoder buffers; declaring it also
+        # keeps decode in its own CPU tasks instead of fused into the (scarcer) encoder actors.
+        memory=_decode_memory(cfg),
     )  # fmt: skip
     return clips.map_batches(
         Encoder,

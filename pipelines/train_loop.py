@@ -306,6 +306,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    print("TIMING start", time.time(), file=sys.stderr, flush=True)
     cfg: Config = from_dict(config["cfg"])
     stage: str = config["stage"]
     logger: RunLogger = config["logger"]
@@ -327,6 +328,7 @@ def train_loop(config: dict[str, Any]) -> None:
     _seed_everything(t.seed * 1009 + rank)
     generator = torch.Generator(device=device).manual_seed(t.seed * 7919 + rank)
 
+    print("TIMING", "models", time.time(), file=sys.stderr, flush=True)
     # 2. models: the teacher's weights are loaded once; stage 1 copies them for the student
     bundle = load_bundle(
         cfg.model.path, components=("transformer",), text_max_length=cfg.model.text_max_length
@@ -351,6 +353,7 @@ def train_loop(config: dict[str, Any]) -> None:
         schedule, cfg.method, cfg.data.empty_prompt_prob
     )
 
+    print("TIMING", "built", time.time(), file=sys.stderr, flush=True)
     # 3. the student's optimiser inside a DeepSpeed engine
     lr = t.lr_semantic if stage == "semantic" else t.lr_detail
     opt = torch.optim.AdamW(
@@ -361,6 +364,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model=student, optimizer=opt, config=deepspeed_config(cfg, micro, on_gpu)
     )
 
+    print("TIMING", "engine", time.time(), file=sys.stderr, flush=True)
     # 4. resume (a re-run of the same run name, or a restart after a worker failure)
     state = TrainState(stage=stage)
     checkpoint = ray.train.get_checkpoint()
@@ -370,6 +374,7 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"[dcm distill {stage}] resumed at step {state.step}/{total}", flush=True)
     resumed_from = state.step
 
+    print("TIMING", "resume", time.time(), file=sys.stderr, flush=True)
     # 5. data: this worker's shard, cycled; the null prompt for CFG and prompt dropout
     null = _cond(config["val"]["null_text"], config["val"]["null_mask"], device)
     shard = ray.train.get_dataset_shard("train")
@@ -377,6 +382,7 @@ def train_loop(config: dict[str, Any]) -> None:
     validator = Validator(cfg, config["val"], device, rank)
     bundle_path = _bundle_path(cfg.model.path)
 
+    print("TIMING", "validator", time.time(), file=sys.stderr, flush=True)
     window: dict[str, float] = {}
     window_steps, t_window = 0, time.perf_counter()
     t_start, start_step = time.perf_counter(), state.step
@@ -414,6 +420,7 @@ def train_loop(config: dict[str, Any]) -> None:
         state.step, state.samples = step, state.samples + t.global_batch
         window_steps += 1
 
+        print("TIMING", "step", time.time(), file=sys.stderr, flush=True)
         # 5b. log: losses averaged over the window and the workers, lr, speed, memory
         metrics: dict[str, float] = {}
         if _due(step, t.log_every, total) or _due(step, t.checkpoint_every, total):
@@ -441,6 +448,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 )  # fmt: skip
             window, window_steps, t_window = {}, 0, time.perf_counter()
 
+        print("TIMING", "logged", time.time(), file=sys.stderr, flush=True)
         # 5c. validate (fixed prompts and seeds) and checkpoint (DeepSpeed state + artifact)
         save = _due(step, t.checkpoint_every, total)
         if save or (t.val_every and step % t.val_every == 0):
@@ -448,13 +456,16 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics.update(validator(engine, teacher, step, logger))
             engine.train()
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        print("TIMING", "validated", time.time(), file=sys.stderr, flush=True)
         if rank == 0 and metrics:
             logger.log_metrics(metrics, step)
         if save:
             with write_checkpoint(
                 engine, state, cfg, bundle_path, rank, generator, disc, disc_opt
             ) as ckpt:
+                print("TIMING saved", time.time(), file=sys.stderr, flush=True)
                 ray.train.report(_with_last_val(metrics, state), checkpoint=ckpt)
+            print("TIMING reported", time.time(), file=sys.stderr, flush=True)
         elif metrics:
             ray.train.report(metrics)
 

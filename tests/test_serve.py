@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from dcm.video import read_video
 KEY = "test-key-123"
 KEY_ENV = "DCM_TEST_SERVE_KEY"
 AUTH = {"X-API-Key": KEY}
+SERVE_YAML = Path(__file__).parents[1] / "serve" / "config.yaml"
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "steps": 2}
 
 pytestmark = [pytest.mark.ray]
@@ -67,7 +69,7 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
             "serve.look_back_period_s": 2.0,
             "serve.max_batch_size": 4,
             "serve.max_ongoing_requests": 4,
-            "serve.max_queued": 4,
+            "serve.max_queued": 8,
             "serve.retry_after_s": 3,
             "serve.request_timeout_s": 60.0,
         }
@@ -107,6 +109,87 @@ def generator_replicas() -> int:
     return app.deployments["Generator"].replica_states.get("RUNNING", 0)
 
 
+# ---------------------------------------------------------------- without Ray
+def test_batched_rows_match_solo_generation(tmp_path):
+    from dcm.generate import VideoGenerator
+    from serve.batching import generate_batch, group_by_shape
+
+    gen = VideoGenerator.load(str(build_tiny_bundle(tmp_path / "b", seed=0)), "cpu", load_config())
+    prompts, seeds = ["a red circle", "a blue square moves up", "a star"], [3, 4, 3]
+    frames, timings = generate_batch(
+        gen, prompts, seeds, steps=2, num_frames=5, height=32, width=32
+    )
+    assert frames.shape == (3, 5, 32, 32, 3) and frames.dtype == np.uint8
+    assert set(timings) == {"text", "denoise", "decode"}
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        solo = gen.generate([prompt], steps=2, seed=seed, num_frames=5, height=32, width=32)[0]
+        assert np.abs(frames[i].astype(int) - solo).max() <= 1  # float batching noise only
+    assert np.abs(frames[0].astype(int) - frames[1]).mean() > 2.0  # own seed per row
+    assert not np.array_equal(frames[0], frames[2])  # same seed, other prompt
+
+    items = [
+        {"model": "default", "steps": 2, "num_frames": 5, "height": 32, "width": 32},
+        {"model": "a", "steps": 2, "num_frames": 5, "height": 32, "width": 32},
+        {"model": "default", "steps": 2, "num_frames": 5, "height": 32, "width": 32},
+        {"model": "default", "steps": 4, "num_frames": 5, "height": 32, "width": 32},
+    ]
+    assert group_by_shape(items) == [[0, 2], [1], [3]]
+
+
+def test_serve_config_yaml_is_valid_and_dcm_serve_reads_it(capsys):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve import main
+
+    raw = yaml.safe_load(SERVE_YAML.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.applications[0].import_path == "serve.app:build_app"
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "--config",
+                "serve/config.yaml",
+                "--port",
+                "8555",
+                "--set",
+                "serve.max_batch_size=2",
+                "--dry-run",
+            ]
+        )
+    assert done.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    scaling = raw["applications"][0]["deployments"][0]["autoscaling_config"]
+    assert resolved["serve"]["port"] == 8555 and resolved["serve"]["host"] == "127.0.0.1"
+    assert resolved["serve"]["max_batch_size"] == 2
+    assert resolved["serve"]["upscale_delay_s"] == scaling["upscale_delay_s"]
+    assert resolved["serve"]["max_replicas"] == scaling["max_replicas"]
+    assert resolved["serve"]["max_queued"] == 16 and resolved["serve"]["replica_cpus"] == 0.5
+    assert resolved["model"]["path"] == "bundled:shapes"
+
+
+def test_bad_builder_args_fail_in_one_sentence(tmp_path, monkeypatch):
+    from dcm.config import ConfigError
+    from pipelines.args import run_main
+    from pipelines.serve import main
+    from serve.app import build_app
+
+    with pytest.raises(ConfigError, match="model.path: model path '/nope' does not exist"):
+        build_app({"model": "/nope"})
+    monkeypatch.delenv("DCM_UNSET_KEY", raising=False)
+    bundle = build_tiny_bundle(tmp_path / "b")
+    with pytest.raises(ConfigError, match="DCM_UNSET_KEY"):
+        build_app({"model": str(bundle), "api_key_env": "DCM_UNSET_KEY"})
+    with pytest.raises(ConfigError, match="reserved name"):
+        build_app({"model": str(bundle), "variants": {"default": str(bundle)}})
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        build_app({"model": str(bundle), "set": ["serve.max_batch_size=8"]})
+    (tmp_path / "bad.yaml").write_text(
+        "applications:\n  - name: x\n    import_path: serve.app:build_app\n    args: {modle: x}\n"
+    )
+    assert run_main(main, ["--config", str(tmp_path / "bad.yaml")]) == 2
+
+
 # ---------------------------------------------------------------- sequential requests
 @pytest.mark.timeout(120)
 def test_health_ready_docs_and_models(served):
@@ -126,15 +209,15 @@ def test_health_ready_docs_and_models(served):
 @pytest.mark.timeout(120)
 def test_generate_mp4_and_gif_decode_to_the_requested_shape(served, tmp_path):
     url, _ = served
-    resp = generate(url, num_frames=9, height=32, width=48, seed=7)
+    resp = generate(url, num_frames=9, height=40, width=64, seed=7)
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == "video/mp4"
     assert resp.headers["x-request-id"]
     timing = resp.headers["server-timing"]
-    for part in ("queue;dur=", "generate;dur=", "encode;dur=", "total;dur="):
+    for part in ("queue;dur=", "denoise;dur=", "generate;dur=", "video;dur=", "total;dur="):
         assert part in timing
     assert resp.headers["x-dcm-model"] == "default" and resp.headers["x-dcm-seed"] == "7"
-    assert decode(resp, tmp_path, "a").shape == (9, 32, 48, 3)
+    assert decode(resp, tmp_path, "a").shape == (9, 40, 64, 3)
 
     gif = generate(url, num_frames=5, height=40, width=32, seed=7, format="gif")
     assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
@@ -288,14 +371,13 @@ def test_fuzzed_bad_requests_get_4xx_never_5xx(served):
 
 
 # ---------------------------------------------------------------- load
-def _hammer(url: str, threads: int, seconds: float) -> list[requests.Response]:
-    """`threads` clients sending requests back to back for `seconds`."""
+def _hammer(url: str, threads: int, stop: threading.Event) -> list[requests.Response]:
+    """`threads` clients sending requests back to back until `stop` is set."""
     out: list[requests.Response] = []
     lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
 
     def client(i: int) -> None:
-        while time.monotonic() < stop_at:
+        while not stop.is_set():
             resp = generate(url, seed=i, num_frames=9, height=64, width=64, steps=4)
             with lock:
                 out.append(resp)
@@ -307,51 +389,75 @@ def _hammer(url: str, threads: int, seconds: float) -> list[requests.Response]:
     return out
 
 
-@pytest.mark.timeout(150)
+def generator_states() -> dict[str, int]:
+    from ray import serve
+
+    return dict(serve.status().applications["dcm"].deployments["Generator"].replica_states)
+
+
+@pytest.mark.timeout(180)
 def test_autoscaling_goes_from_one_to_two_replicas(served):
     url, _ = served
-    assert generator_replicas() == 1
-    done = threading.Event()
-    seen: list[int] = []
+    assert generator_states() == {"RUNNING": 1}
+    scaled = threading.Event()
+    seen: list[dict[str, int]] = []
 
     def watch() -> None:
-        while not done.is_set():
-            seen.append(generator_replicas())
-            if seen[-1] >= 2:
-                done.set()
-            time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        while not scaled.is_set() and time.monotonic() < deadline:
+            seen.append(generator_states())
+            if sum(seen[-1].values()) >= 2:  # the autoscaler asked for a second replica
+                scaled.set()
+            time.sleep(0.25)
+        scaled.set()
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    deadline = time.monotonic() + 90
-    responses: list[requests.Response] = []
-    while not done.is_set() and time.monotonic() < deadline:
-        responses += _hammer(url, threads=6, seconds=5)
-    done.set()
+    responses = _hammer(url, threads=6, stop=scaled)  # load until the decision
     watcher.join()
-    assert max(seen) == 2, seen
+    assert sum(seen[-1].values()) == 2, seen
     assert all(r.status_code in (200, 503) for r in responses)
-    replicas = {r.headers.get("x-dcm-replica") for r in _hammer(url, 6, 4) if r.status_code == 200}
-    assert len(replicas) == 2
+    # the new replica boots faster without load; then both take traffic
+    deadline = time.monotonic() + 120
+    while generator_states().get("RUNNING", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert generator_states() == {"RUNNING": 2}
+    with ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda i: generate(url, seed=i), range(16)))
+    assert {r.headers.get("x-dcm-replica") for r in resps if r.status_code == 200} == set(
+        replica_ids()
+    )
+
+
+def replica_ids() -> list[str]:
+    import ray
+
+    prefix = "SERVE_REPLICA::dcm#Generator#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [n[len(prefix) :] for n in names if n.startswith(prefix)]
 
 
 @pytest.mark.timeout(90)
-def test_concurrent_same_shape_requests_are_batched(served):
+def test_concurrent_same_shape_requests_are_batched(served, tmp_path):
     url, _ = served
-    with ThreadPoolExecutor(8) as pool:
-        resps = list(pool.map(lambda i: generate(url, seed=100 + i, prompt=f"shape {i}"), range(8)))
+    with ThreadPoolExecutor(6) as pool:
+        resps = list(pool.map(lambda i: generate(url, seed=100 + i, prompt=f"shape {i}"), range(6)))
     assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200]
     sizes = [int(r.headers["x-dcm-batch-size"]) for r in resps]
     assert max(sizes) > 1, sizes
     # a batched request gives the video it would alone (per-sample noise from its seed)
-    alone = generate(url, seed=100, prompt="shape 0")
+    batched = next(r for r in resps if int(r.headers["x-dcm-batch-size"]) > 1)
+    seed, i = int(batched.headers["x-dcm-seed"]), int(batched.headers["x-dcm-seed"]) - 100
+    alone = generate(url, seed=seed, prompt=f"shape {i}")
     assert alone.status_code == 200
+    a, b = decode(batched, tmp_path, "batched"), decode(alone, tmp_path, "alone")
+    assert np.abs(a.astype(np.float32) - b).mean() < 1.0
 
 
 @pytest.mark.timeout(120)
 def test_full_queue_answers_503_with_retry_after(served):
     url, cfg = served
-    # capacity is max_ongoing x replicas + max_queued = 12; 40 at once must overflow it
+    # capacity is max_ongoing x replicas + max_queued = 16; 40 at once must overflow it
     barrier = threading.Barrier(40)
 
     def one(i: int) -> requests.Response:
@@ -373,16 +479,14 @@ def test_requests_succeed_again_after_replicas_are_killed(served):
     import ray
 
     url, _ = served
-    names = [
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::dcm#Generator")
-    ]
-    assert names
+    killed = replica_ids()
+    assert killed
     before = generate(url)
     assert before.status_code == 200
-    for name in names:
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for rid in killed:
+        ray.kill(
+            ray.get_actor(f"SERVE_REPLICA::dcm#Generator#{rid}", namespace="serve"), no_restart=True
+        )
     deadline = time.monotonic() + 100
     codes = []
     while time.monotonic() < deadline:
@@ -393,5 +497,5 @@ def test_requests_succeed_again_after_replicas_are_killed(served):
         time.sleep(0.5)
     assert codes[-1] == 200, codes
     assert set(codes) <= {200, 503}, codes  # a dead replica is "unavailable", not a crash
-    assert resp.headers["x-dcm-replica"] not in {n.rsplit("#", 1)[-1] for n in names}
+    assert resp.headers["x-dcm-replica"] not in killed
     assert json.loads(requests.get(f"{url}/readyz", timeout=10).text) == {"ready": True}

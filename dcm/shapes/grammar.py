@@ -24,11 +24,7 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 
 # Every word a caption can contain (the word-level tokenizer's vocabulary).
 VOCAB: tuple[str, ...] = (
-    ("a", "moves", "stays", "and", "on", "background")
-    + COLOURS
-    + SHAPES
-    + MOTIONS
-    + BACKGROUNDS
+    ("a", "moves", "stays", "and", "on", "background") + COLOURS + SHAPES + MOTIONS + BACKGROUNDS
 )
 
 
@@ -57,7 +53,9 @@ class Scene:
     background: str
 
     def caption(self) -> str:
-        return " and ".join(o.phrase() for o in self.objects) + f" on a {self.background} background"
+        return (
+            " and ".join(o.phrase() for o in self.objects) + f" on a {self.background} background"
+        )
 
 
 def heldout_triples() -> frozenset[tuple[str, str, str]]:
@@ -96,9 +94,7 @@ def sample_scene(rng: random.Random, split: str = "train", two_prob: float = 0.0
 
 def all_captions(split: str) -> list[str]:
     """Every one-object caption of `split` (both backgrounds), in a fixed order."""
-    return [
-        Scene((ShapeObject(*t),), bg).caption() for t in triples(split) for bg in BACKGROUNDS
-    ]
+    return [Scene((ShapeObject(*t),), bg).caption() for t in triples(split) for bg in BACKGROUNDS]
 
 
 _OBJECT = r"a (\w+) (\w+) (?:moves (\w+)|stays (still))"

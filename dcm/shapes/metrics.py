@@ -60,7 +60,9 @@ def _hue_chroma(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     safe = np.maximum(delta, 1e-6)
     hue = np.where(
-        mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+        mx == r,
+        ((g - b) / safe) % 6.0,
+        np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
     )
     return hue * 60.0, delta
 
@@ -123,7 +125,9 @@ def classify_shape(mask: np.ndarray) -> str:
     return min(dists, key=dists.get)
 
 
-def _direction_score(track: np.ndarray, times: np.ndarray, n: int, motion: str, travel: float) -> float:
+def _direction_score(
+    track: np.ndarray, times: np.ndarray, n: int, motion: str, travel: float
+) -> float:
     """Least-squares displacement over the clip (n frames) against the caption's motion."""
     if times.max() == times.min():
         return 0.0
@@ -154,7 +158,11 @@ def _object_scores(
         direction = _direction_score(track, times, n, obj.motion, travel)
     # geometric mean: every attribute must be right for the object to count
     adherence = float(np.cbrt(colour * shape * direction))
-    return {"colour": colour, "shape": shape, "direction": direction, "adherence": adherence}, track, blobs
+    return (
+        {"colour": colour, "shape": shape, "direction": direction, "adherence": adherence},
+        track,
+        blobs,
+    )
 
 
 def _jerk_score(track: np.ndarray | None, travel: float) -> float:
@@ -186,7 +194,9 @@ def _flicker_score(frames: np.ndarray, object_masks: np.ndarray, radius: float) 
     return float(np.exp(-max(level - FLICKER_FREE, 0.0) / FLICKER_SCALE))
 
 
-def score_video(frames: np.ndarray, caption: str | Scene, reference_seed: int = 0) -> dict[str, float]:
+def score_video(
+    frames: np.ndarray, caption: str | Scene, reference_seed: int = 0
+) -> dict[str, float]:
     """Score uint8 frames (F, H, W, 3) against a caption of the grammar; values in [0, 1]."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

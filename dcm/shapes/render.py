@@ -102,7 +102,13 @@ def tracks(
 
 
 def _draw_tracks(
-    scene: Scene, rng: random.Random, num_frames: int, height: int, width: int, r: float, travel: float
+    scene: Scene,
+    rng: random.Random,
+    num_frames: int,
+    height: int,
+    width: int,
+    r: float,
+    travel: float,
 ) -> list[np.ndarray]:
     lo = r + MARGIN
     out = []

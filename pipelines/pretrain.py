@@ -1,0 +1,381 @@
+"""Train the tiny shapes teacher bundle (VAE, text encoder, transformer) on Ray Train.
+
+    python -m pipelines.pretrain [--out dcm/shapes/bundle] [--minutes 60] [--set train.seed=0]
+
+One TorchTrainer worker (fractional CPUs on the loopback cluster, a GPU when there is one)
+runs, top to bottom:
+
+1. a random bundle from ``dcm.tiny.build_tiny_bundle`` with the grammar's word vocabulary;
+2. the VAE: reconstruction (MSE + L1) + a small KL on freshly rendered clips;
+3. the training clips encoded once (posterior mean and std cached), the per-channel latent
+   statistics written into the VAE config (``Bundle.normalize`` reads them);
+4. the transformer and the text encoder jointly, rectified flow (METHOD.md section 1):
+   x_s = (1 - s) x0 + s eps, target v = eps - x0, s from the preset's shifted grid
+   (section 2), 10% empty prompts (data.empty_prompt_prob), EMA weights saved;
+5. the bundle (EMA weights) reported as a Ray checkpoint every few minutes and at the end;
+   the driver copies the last one to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcm.config import Config, ConfigError, from_dict
+from dcm.shapes.grammar import VOCAB
+from pipelines.args import add_common, resolve, run_main
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dcm" / "shapes" / "bundle"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Sizes and budgets of the teacher pretraining (the model maths come from Config)."""
+
+    vae_steps: int = 600  # VAE optimiser steps
+    vae_frames: int = 9  # frames per VAE training clip (1 + 4k; the causal VAE runs any length)
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    clips: int = 1536  # training clips encoded once
+    steps: int = 4000  # transformer optimiser steps (upper bound)
+    minutes: float = 0.0  # wall-clock cap of the transformer phase (0 = none)
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.998
+    two_prob: float = 0.15  # share of two-object training clips
+    threads: int = 2  # torch threads in the worker
+    checkpoint_minutes: float = 10.0
+    log_every: int = 25
+    # model sizes for dcm.tiny.build_tiny_bundle
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    ffn_dim: int = 256
+    z_dim: int = 8
+    vae_base_dim: int = 8
+    text_dim: int = 64
+    text_layers: int = 2
+    text_ff: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "clips", "steps", "batch", "vae_batch", "threads", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pretrain --{name.replace('_', '-')} must be at least 1")
+        if (self.vae_frames - 1) % 4:
+            raise ConfigError(f"--vae-frames={self.vae_frames} must be 4k+1 (e.g. 5 or 9)")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"--ema={self.ema} must lie in [0, 1)")
+
+    def dims(self) -> dict[str, Any]:
+        names = ("layers", "heads", "head_dim", "ffn_dim", "z_dim", "vae_base_dim")
+        names += ("text_dim", "text_layers", "text_ff")
+        return {n: getattr(self, n) for n in names}
+
+
+# ---------------------------------------------------------------- shared pieces
+def clips_tensor(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 clips [(F, H, W, 3)] -> pixels (B, 3, F, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.stack(frames)).float() / 127.5 - 1.0  # (B, F, H, W, 3)
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def encode_text_train(tokenizer: Any, text_encoder: Any, prompts: list[str], max_len: int):
+    """Bundle.encode_text with gradients (same tokenisation, padding and zeroed pad states)."""
+    from dcm.backbones.base import Cond
+
+    tok = tokenizer(
+        [p.strip() for p in prompts],
+        padding="max_length",
+        max_length=max_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    dev = next(text_encoder.parameters()).device
+    ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)  # (B, L)
+    hidden = text_encoder(ids, mask).last_hidden_state  # (B, L, D)
+    return Cond(text=hidden * mask.unsqueeze(-1).to(hidden.dtype), mask=mask.long())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two pixel tensors in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().item()
+    return float(10.0 * math.log10(4.0 / max(mse, 1e-12)))
+
+
+class Ema:
+    """Exponential moving average of parameters, warmed up as min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and EMA weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def _lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warmup, then cosine from 1 to 0.1 over the run's progress (steps or minutes)."""
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ---------------------------------------------------------------- the worker
+def pretrain_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: all phases of the teacher pretraining, reporting bundle checkpoints."""
+    import ray.train
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from dcm.shapes.dataset import iter_clips
+    from dcm.tiny import build_tiny_bundle
+
+    cfg: Config = from_dict(config["cfg"])
+    st = PretrainSettings(**config["settings"])
+    torch.set_num_threads(st.threads)
+    torch.manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    rng = np.random.default_rng(cfg.train.seed)
+    use_cuda = torch.cuda.is_available() and cfg.train.use_gpu != "false"
+    dev = torch.device("cuda" if use_cuda else "cpu")
+    d = cfg.data
+    started = time.time()
+    info: dict[str, Any] = {"settings": dataclasses.asdict(st), "device": str(dev)}
+
+    # 1. a random bundle with the grammar's vocabulary
+    work = Path(tempfile.mkdtemp(prefix="dcm-pretrain-"))
+    base = build_tiny_bundle(
+        work / "init", vocab=list(VOCAB), seed=cfg.train.seed, shift=cfg.method.shift, **st.dims()
+    )
+    vae = AutoencoderKLWan.from_pretrained(base / "vae").to(dev)
+    transformer = WanTransformer3DModel.from_pretrained(base / "transformer").to(dev)
+    text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder").to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+
+    def render(
+        n: int, seed: int, frames: int, split: str = "train"
+    ) -> tuple[list[str], torch.Tensor]:
+        pairs = list(iter_clips(n, seed, split, st.two_prob, frames, d.height, d.width))
+        return [s.caption() for s, _ in pairs], clips_tensor([f for _, f in pairs])
+
+    # 2. VAE: MSE + L1 reconstruction and a small KL, on clips never reused
+    opt = torch.optim.AdamW(vae.parameters(), lr=st.vae_lr, weight_decay=0.0)
+    vae.train()
+    for step in range(st.vae_steps):
+        _, x = render(st.vae_batch, 10_000 + step, st.vae_frames)
+        x = x.to(dev)  # (B, 3, F, H, W)
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=None)).sample
+        rec = (recon - x).pow(2).mean() + 0.1 * (recon - x).abs().mean()
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = rec + st.kl_weight * kl
+        for g in opt.param_groups:
+            g["lr"] = st.vae_lr * _lr_factor(step, step / st.vae_steps, 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % st.log_every == 0 or step == st.vae_steps - 1:
+            metrics = {"phase": "vae", "step": step, "loss": float(rec), "psnr": psnr(recon, x)}
+            ray.train.report(metrics)
+            print(f"[pretrain] vae {step}/{st.vae_steps} {metrics}", flush=True)
+    vae.eval().requires_grad_(False)
+
+    # 3. encode the training clips once; held-out renders measure the VAE's PSNR
+    with torch.no_grad():
+        _, x_val = render(16, 999, d.num_frames, "heldout")
+        x_val = x_val.to(dev)
+        info["vae_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mode()).sample, x_val)
+        captions, means, stds = [], [], []
+        for start in range(0, st.clips, 16):
+            caps, x = render(min(16, st.clips - start), 20_000 + start, d.num_frames)
+            post = vae.encode(x.to(dev)).latent_dist
+            captions += caps
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+    z_mean, z_std = torch.cat(means), torch.cat(stds)  # (N, C, T, h, w) raw latents
+    ch_mean = z_mean.mean(dim=(0, 2, 3, 4))
+    ch_std = z_mean.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=ch_mean.tolist(), latents_std=ch_std.tolist())
+    info["encode_minutes"] = (time.time() - started) / 60
+    print(
+        f"[pretrain] vae psnr {info['vae_psnr']:.2f} dB; {len(captions)} clips encoded", flush=True
+    )
+    shape = (1, -1, 1, 1, 1)
+    norm_mean, norm_std = ch_mean.view(shape).to(dev), ch_std.view(shape).to(dev)
+
+    # 4. transformer + text encoder, rectified flow with the preset's shift
+    transformer.train()
+    text_encoder.train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=st.lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    ema = Ema([transformer, text_encoder], st.ema)
+    shift, drop = cfg.method.shift, d.empty_prompt_prob
+    flow_start, last_ckpt, step, losses = time.time(), time.time(), 0, []
+
+    def save_bundle(tag: str) -> None:
+        out = work / tag
+        shutil.copytree(base, out, dirs_exist_ok=True)
+        ema.swap()
+        transformer.save_pretrained(out / "transformer")
+        text_encoder.save_pretrained(out / "text_encoder")
+        ema.swap()
+        vae.save_pretrained(out / "vae")
+        info.update(
+            steps=step,
+            flow_minutes=(time.time() - flow_start) / 60,
+            total_minutes=(time.time() - started) / 60,
+            loss=float(np.mean(losses[-100:])) if losses else None,
+        )
+        (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+        metrics = {"phase": "flow", "step": step, "loss": info["loss"] or 0.0}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
+        shutil.rmtree(out, ignore_errors=True)
+
+    while step < st.steps:
+        minutes = (time.time() - flow_start) / 60
+        if st.minutes and minutes >= st.minutes:
+            break
+        progress = max(step / st.steps, minutes / st.minutes if st.minutes else 0.0)
+        idx = rng.integers(0, len(captions), st.batch)
+        # posterior sample of the cached clips, then normalised (Bundle.normalize)
+        z = z_mean[idx] + z_std[idx] * torch.randn(z_mean[idx].shape, generator=gen)
+        x0 = (z.to(dev) - norm_mean) / norm_std  # (B, C, T, h, w)
+        prompts = ["" if rng.random() < drop else captions[i] for i in idx]
+        cond = encode_text_train(tokenizer, text_encoder, prompts, cfg.model.text_max_length)
+        u = torch.rand(st.batch, generator=gen)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)  # METHOD.md section 2
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xs = (1 - s) * x0 + s * eps
+        v = transformer(
+            xs, timestep=1000.0 * sigma, encoder_hidden_states=cond.text, return_dict=False
+        )[0]
+        loss = (v.float() - (eps - x0)).pow(2).mean()
+        for g in opt.param_groups:
+            g["lr"] = st.lr * _lr_factor(step, progress, st.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(float(loss))
+        step += 1
+        if step % st.log_every == 0:
+            print(
+                f"[pretrain] flow {step} loss {np.mean(losses[-st.log_every :]):.4f} "
+                f"{minutes:.1f} min",
+                flush=True,
+            )
+        if st.checkpoint_minutes and time.time() - last_ckpt > 60 * st.checkpoint_minutes:
+            save_bundle(f"step{step}")
+            last_ckpt = time.time()
+
+    # 5. the final bundle
+    save_bundle("final")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the driver
+def run_pretrain(
+    cfg: Config, settings: PretrainSettings, out: str | Path, workdir: str | Path
+) -> Path:
+    """Fit the pretraining on Ray Train and copy the final bundle to ``out``."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.cluster import init_ray
+
+    init_ray(cfg.ray, quiet=True)
+    use_gpu = cfg.train.use_gpu == "true" or (
+        cfg.train.use_gpu == "auto" and torch.cuda.is_available()
+    )
+    trainer = TorchTrainer(
+        pretrain_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "settings": dataclasses.asdict(settings)},
+        scaling_config=ScalingConfig(
+            num_workers=1,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"pretrain-{int(time.time())}", storage_path=str(Path(workdir).resolve())
+        ),
+    )
+    started = time.time()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining ended without a checkpoint: {result.error}")
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(result.checkpoint.to_directory(tmp))
+        info = json.loads((folder / "pretrain.json").read_text())
+        info["wall_minutes"] = (time.time() - started) / 60
+        info["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+        info["command"] = "python -m pipelines.pretrain " + " ".join(sys.argv[1:])
+        (folder / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(folder, out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.pretrain", description="Train the tiny shapes teacher bundle."
+    )
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="bundle folder to write")
+    parser.add_argument("--workdir", default="runs/pretrain", help="Ray Train storage folder")
+    for f in dataclasses.fields(PretrainSettings):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
+        )
+    return add_common(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve(args)
+    names = [f.name for f in dataclasses.fields(PretrainSettings)]
+    settings = PretrainSettings(**{n: getattr(args, n) for n in names})
+    out = run_pretrain(cfg, settings, args.out, args.workdir)
+    info = json.loads((out / "pretrain.json").read_text())
+    print(
+        f"[pretrain] bundle in {out}: VAE PSNR {info['vae_psnr']:.2f} dB, {info['steps']} flow "
+        f"steps, {info['wall_minutes']:.1f} min"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

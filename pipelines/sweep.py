@@ -1,0 +1,534 @@
+"""`dcm sweep`: Ray Tune over config keys; every trial is a distillation run.
+
+    python -m pipelines.sweep --config pipelines/configs/sweep-shapes.yaml [--set ...] [--dry-run]
+    python -m pipelines.sweep report RUN_DIR
+
+``sweep.space`` maps dotted config keys (``method.split`` = the expert boundary b,
+``method.tc_weight``, ``train.lr_semantic``, ``lora.rank``, ...) to a grid, a choice or a
+range; ``sweep.variants`` adds named override sets (the ablation's model variants) as one
+more dimension. Searchers: grid, random, or Optuna's TPE (model-based); ASHA stops weak
+trials early on ``sweep.metric``.
+
+Ray 2.60 / Train V2 (RUNTIME.md): a trial is a driver function holding 0.01 CPU that
+builds and fits one TorchTrainer per stage (``pipelines.distill.make_trainer``) with a
+``TuneReportCallback``; Tune never wraps a trainer. ASHA needs the dashboard on (without it
+a stopped trial's workers are never released).
+
+Run directory ``<train.out>/<run name>/``: ``trials/<run name>-<trial id>/`` (each trial's
+distill run dir), ``tune-*/`` (Tune's state), ``mlflow.db`` (default store), ``sweep.json``
+(parent run, metric), ``trials.json`` (every trial's params, status and metric history),
+``best.yaml`` (the best configuration as a distill config) and ``report/``.
+MLflow: one parent run per sweep; each trial is a child run, its stages nested below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipelines.args
+from dcm.config import Config, ConfigError, SweepConfig, all_keys, explain, from_dict
+
+VARIANT = "variant"  # the Tune parameter that selects one of sweep.variants
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+SWEEP_FILE = "sweep.json"
+TRIALS_FILE = "trials.json"
+BEST_FILE = "best.yaml"
+
+
+# ---------------------------------------------------------------- search space
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: ``kind`` in KINDS, ``values`` the list (grid/choice) or (lo, hi)."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]
+
+
+def parse_space(cfg: Config) -> list[Dimension]:
+    """``sweep.space`` + ``sweep.variants`` as checked dimensions (bad input: ConfigError).
+
+    Every key must be a config key, and every listed value and range end must give a valid
+    config (so a split outside the grid fails here, not in trial 7).
+    """
+    keys = set(all_keys())
+    dims: list[Dimension] = []
+    for key, spec in cfg.sweep.space.items():
+        where = f"sweep.space.{key}"
+        if key not in keys:
+            raise ConfigError(f"{where}: '{key}' is not a config key (see --dry-run --explain)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ConfigError(
+                f"{where} must be one of {{{': ..}, {'.join(KINDS)}: ..}}, got {spec!r}"
+            )
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{kind} must be a non-empty list, got {values!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
+                raise ConfigError(f"{where}.{kind} must be [lo, hi] numbers, got {values!r}")
+            lo, hi = values
+            if not lo < hi or (kind == "loguniform" and lo <= 0):
+                raise ConfigError(
+                    f"{where}.{kind}={values!r} needs lo < hi (and lo > 0 for loguniform)"
+                )
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{where}.randint={values!r} must be two integers")
+        for value in values:
+            _check(cfg, {key: value}, f"{where}: value {value!r}")
+        dims.append(Dimension(key, kind, tuple(values)))
+    if cfg.sweep.variants:
+        for name, overrides in cfg.sweep.variants.items():
+            bad = [k for k in overrides if k not in keys]
+            if bad:
+                raise ConfigError(f"sweep.variants.{name}: '{bad[0]}' is not a config key")
+            _check(cfg, overrides, f"sweep.variants.{name}")
+        dims.append(Dimension(VARIANT, "grid", tuple(cfg.sweep.variants)))
+    if not dims:
+        raise ConfigError(
+            "sweep.space and sweep.variants are both empty: give at least one key to search"
+        )
+    return dims
+
+
+def _check(cfg: Config, dotted: dict[str, Any], where: str) -> None:
+    try:
+        cfg.replace(**dotted)
+    except ConfigError as err:
+        raise ConfigError(f"{where} is invalid: {err}") from None
+
+
+def tune_space(dims: list[Dimension], searcher: str) -> dict[str, Any]:
+    """Tune domains. Grid dimensions stay grids only for the grid searcher (random and
+    Optuna draw them as choices); ranges are sampled ``num_samples`` times."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for d in dims:
+        if d.kind == "grid" and searcher == "grid":
+            space[d.key] = tune.grid_search(list(d.values))
+        elif d.kind in ("grid", "choice"):
+            space[d.key] = tune.choice(list(d.values))
+        elif d.kind == "uniform":
+            space[d.key] = tune.uniform(*d.values)
+        elif d.kind == "loguniform":
+            space[d.key] = tune.loguniform(*d.values)
+        else:  # randint, hi inclusive
+            space[d.key] = tune.randint(d.values[0], d.values[1] + 1)
+    return space
+
+
+def trial_config(base: Config, params: dict[str, Any], run_name: str, **dotted: Any) -> Config:
+    """The config of one trial: base <- its variant's overrides <- its sampled params."""
+    params = dict(params)
+    overrides: dict[str, Any] = {}
+    if VARIANT in params:
+        overrides.update(base.sweep.variants[params.pop(VARIANT)])
+    overrides.update(params)
+    return base.replace(**overrides, **{"train.run_name": run_name}, **dotted)
+
+
+def best_config(base: Config, params: dict[str, Any]) -> Config:
+    """The best trial's configuration as a plain distill config (no sweep, own run name)."""
+    data = trial_config(base, params, f"{base.run_name}-best").to_dict()
+    data["sweep"] = dataclasses.asdict(SweepConfig())
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------- paths and files
+def sweep_dir(cfg: Config) -> Path:
+    """Where the sweep's own files live (local; a remote train.out keeps them under ./runs)."""
+    root = cfg.train.out if "://" not in cfg.train.out else "runs"
+    return Path(root).expanduser().resolve() / cfg.run_name
+
+
+def storage_root(cfg: Config) -> str:
+    """Where Tune and the trials' Ray Train runs keep their state (local dir or URI)."""
+    if "://" in cfg.train.out:
+        return f"{cfg.train.out.rstrip('/')}/{cfg.run_name}"
+    return str(sweep_dir(cfg))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- one trial
+def _report_callback(metric: str, stage: str) -> Any:
+    """TuneReportCallback that forwards only reports carrying ``metric``, tagged with the stage.
+
+    The train loop reports losses every log step and validation metrics at checkpoints;
+    Tune rejects results without the metric it optimises, and ASHA's rungs should count
+    validations, not log lines.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _ValidationReport(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            if metrics and metric in metrics[0]:
+                tagged = [{**metrics[0], "stage": stage}, *metrics[1:]]
+                super().after_report(run_context, tagged, checkpoint)
+
+    return _ValidationReport()
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str | None) -> None:
+    """Tune's function trainable: one distill run (one stage or both) as an MLflow child run."""
+    from ray import tune
+
+    from pipelines.checkpoints import best_checkpoint
+    from pipelines.distill import make_trainer, run_dir, training_data, validation_inputs
+    from pipelines.tracking import Tracker
+
+    base_cfg = from_dict(base)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base_cfg, params, f"{base_cfg.run_name}-{trial_id}")
+    tracker = Tracker(cfg, run_dir(cfg))
+    trial_run = _open_trial_run(tracker, cfg, params, trial_id, parent_run_id)
+    stages = ("semantic", "detail") if cfg.train.stage == "both" else (cfg.train.stage,)
+    dataset = training_data(cfg)
+    val = validation_inputs(cfg, dataset)
+    init, summary = None, {}
+    for stage in stages:
+        logger = tracker.open_run(stage, trial_run)
+        trainer = make_trainer(
+            cfg, stage, init, callbacks=[_report_callback(cfg.sweep.metric, stage)],
+            storage_path=run_dir(cfg), name=stage, dataset=dataset, logger=logger, val=val,
+        )  # fmt: skip
+        try:
+            result = trainer.fit()
+        except Exception:
+            tracker.close_run(logger, "FAILED")
+            _close_trial_run(tracker, trial_run, {}, "FAILED")
+            raise
+        init, metrics = best_checkpoint(result, cfg.train.checkpoint_metric)
+        tracker.close_run(logger)
+        summary.update({f"{stage}/{k}": v for k, v in metrics.items() if k.startswith("val/")})
+        summary.update({k: v for k, v in metrics.items() if k.startswith("val/")})
+    _close_trial_run(tracker, trial_run, summary, "FINISHED", checkpoint=init.path)
+
+
+def _open_trial_run(
+    tracker: Any, cfg: Config, params: dict[str, Any], trial_id: str, parent: str | None
+) -> str | None:
+    if not tracker.enabled:
+        return None
+    client = tracker._client()
+    tags = {"dcm_run": cfg.run_name, "dcm_stage": "trial", "dcm_trial": trial_id}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(tracker.experiment_id(), run_name=cfg.run_name, tags=tags)
+    flat = {**cfg.flat(), **{f"sweep/{k}": v for k, v in params.items()}}
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def _close_trial_run(
+    tracker: Any, run_id: str | None, metrics: dict[str, Any], status: str, checkpoint: str = ""
+) -> None:
+    if run_id is None:
+        return
+    from pipelines.tracking import RunLogger
+
+    RunLogger(tracker.uri, run_id).log_metrics(metrics, step=0)
+    client = tracker._client()
+    if checkpoint:
+        client.set_tag(run_id, "dcm_checkpoint", checkpoint)
+    client.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------- the sweep
+@dataclass
+class SweepResult:
+    run_dir: Path
+    best_config: Path | None  # best.yaml, loadable by `python -m pipelines.distill --config`
+    best_params: dict[str, Any]
+    best_value: float | None
+    parent_run_id: str | None
+    trials: list[dict[str, Any]]
+
+
+def _searcher(cfg: Config) -> Any:
+    s = cfg.sweep
+    if s.searcher != "optuna":
+        return None  # grid and random: Tune's variant generator
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=s.max_concurrent)
+
+
+def _scheduler(cfg: Config) -> Any:
+    if not cfg.sweep.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Time unit = validation reports; no trial reports more often than once per step.
+    max_t = cfg.train.steps_semantic + cfg.train.steps_detail
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=max_t,
+        grace_period=min(cfg.sweep.grace_period, max_t),
+        reduction_factor=cfg.sweep.reduction_factor,
+    )  # fmt: skip
+
+
+def check_sweep(cfg: Config) -> list[Dimension]:
+    """Everything about a sweep config that can be checked without a cluster."""
+    s = cfg.sweep
+    if s.trial_gpus not in (0.0, 1.0):
+        raise ConfigError(
+            f"sweep.trial_gpus={s.trial_gpus:g} is not supported: Train workers take 0 or 1 GPU each "
+            "(use train.num_workers for more GPUs per trial)"
+        )
+    if s.asha and not cfg.ray.dashboard and not cfg.ray.address:
+        raise ConfigError(
+            "sweep.asha needs ray.dashboard=true: without the dashboard Ray 2.60 never releases "
+            "a stopped trial's workers (RUNTIME.md)"
+        )
+    if cfg.train.stage == "detail" and not cfg.train.init_from:
+        raise ConfigError(
+            "train.stage='detail' in a sweep needs train.init_from (a semantic artifact)"
+        )
+    return parse_space(cfg)
+
+
+def run_sweep(cfg: Config) -> SweepResult:
+    """Run the whole sweep, write trials.json, best.yaml and the report; return the summary."""
+    from ray import tune
+
+    from pipelines.cluster import init_ray, shutdown
+    from pipelines.tracking import Tracker
+
+    dims = check_sweep(cfg)
+    out = sweep_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg, out)
+    # Trials log into the sweep's store, even where the default is their own run dir.
+    uri = tracker.uri or ""
+    base = cfg.replace(**{
+        "train.out": f"{storage_root(cfg)}/trials",
+        "train.cpus_per_worker": cfg.sweep.trial_cpus,
+        "train.use_gpu": "true" if cfg.sweep.trial_gpus else "false",
+        "tracking.uri": uri if cfg.tracking.enabled else cfg.tracking.uri,
+    })  # fmt: skip
+    parent = _open_parent(tracker, cfg, dims)
+    _write_json(out / SWEEP_FILE, {
+        "name": cfg.run_name, "parent_run_id": parent, "tracking_uri": uri,
+        "metric": cfg.sweep.metric, "mode": cfg.sweep.mode, "searcher": cfg.sweep.searcher,
+        "dimensions": [d.key for d in dims], "config": cfg.to_dict(),
+    })  # fmt: skip
+    ctx = init_ray(cfg.ray)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=parent),
+            {"cpu": 0.01},
+        )
+        search = _searcher(cfg)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(dims, cfg.sweep.searcher),
+            tune_config=tune.TuneConfig(
+                metric=cfg.sweep.metric, mode=cfg.sweep.mode, search_alg=search,
+                scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
+                max_concurrent_trials=None if search else cfg.sweep.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_root(cfg),
+                verbose=1,
+            ),
+        )  # fmt: skip
+        grid = tuner.fit()
+        baseline = teacher_baseline(base) if cfg.sweep.teacher_baseline else {}
+    finally:
+        shutdown(ctx)
+    trials = _collect(grid, cfg, tracker, parent)
+    _write_json(out / TRIALS_FILE, trials)
+    if baseline:
+        info = json.loads((out / SWEEP_FILE).read_text())
+        _write_json(out / SWEEP_FILE, {**info, "baseline": baseline})
+        if parent is not None:
+            tracker._client().log_metric(parent, f"teacher/{cfg.sweep.metric}", baseline["value"])
+    return _finish(cfg, out, trials, tracker, parent)
+
+
+def teacher_baseline(cfg: Config) -> dict[str, Any]:
+    """The teacher's score at ``sample.teacher_steps`` on the trials' validation prompts and
+    seeds (the ablation's reference; METHOD.md section 9 compares every variant with it).
+
+    Scored like the trials' ``val/score`` on the shapes world (dcm.shapes.metrics summary);
+    elsewhere the validation score is minus the MSE to the teacher, 0 for the teacher itself.
+    """
+    from dcm.generate import VideoGenerator
+    from dcm.shapes.grammar import CaptionError, parse_caption
+    from dcm.shapes.metrics import score_batch
+    from pipelines.distill import training_data, validation_inputs
+
+    captions = validation_inputs(cfg, training_data(cfg))["captions"]
+    steps = cfg.sample.teacher_steps
+    try:
+        for caption in captions:
+            parse_caption(caption)
+    except CaptionError:
+        return {"value": 0.0, "teacher_steps": steps, "scored": "teacher_mse"}
+    gen = VideoGenerator.load(cfg.model.path, cfg=cfg)
+    videos = [
+        v for seed in cfg.sample.seeds
+        for v in gen.generate(captions, teacher=True, teacher_steps=steps, seed=seed)
+    ]  # fmt: skip
+    res = score_batch(videos, captions * len(cfg.sample.seeds))
+    return {"value": float(res["summary"]), "teacher_steps": steps, "scored": "shapes",
+            "adherence": float(res["adherence"]), "quality": float(res["quality"])}  # fmt: skip
+
+
+def _open_parent(tracker: Any, cfg: Config, dims: list[Dimension]) -> str | None:
+    if not tracker.enabled:
+        return None
+    client = tracker._client()
+    tags = {"dcm_run": cfg.run_name, "dcm_stage": "sweep"}
+    run = client.create_run(tracker.experiment_id(), run_name=cfg.run_name, tags=tags)
+    from mlflow.entities import Param
+
+    params = {
+        "searcher": cfg.sweep.searcher, "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
+        "asha": cfg.sweep.asha, "num_samples": cfg.sweep.num_samples,
+        "space": json.dumps({d.key: {d.kind: list(d.values)} for d in dims}),
+    }  # fmt: skip
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[dict[str, Any]]:
+    """One record per trial: params, status, final and best metric, metric history."""
+    metric, sign = cfg.sweep.metric, 1 if cfg.sweep.mode == "max" else -1
+    children = _child_runs(tracker, parent)
+    trials = []
+    for result in grid:
+        history: list[list[float]] = []
+        frame = result.metrics_dataframe
+        if frame is not None and metric in frame:
+            rows = frame[["training_iteration", metric]].dropna()
+            history = [[float(i), float(v)] for i, v in rows.itertuples(index=False)]
+        values = [v for _, v in history if math.isfinite(v)]
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        run = children.get(trial_id)
+        status = "error" if result.error else "finished"
+        if run is not None and run.info.status == "RUNNING":
+            # An error outside fit(), or ASHA ended the trial between two validations.
+            status = "error" if result.error else "stopped"
+            ended = "FAILED" if result.error else "KILLED"
+            tracker._client().set_terminated(run.info.run_id, status=ended)
+        if run is not None and values:
+            tracker._client().log_metric(
+                run.info.run_id, "sweep/best", sign * max(sign * v for v in values)
+            )
+        trials.append({
+            "trial_id": trial_id, "params": dict(result.config), "status": status,
+            "error": str(result.error).splitlines()[0][:500] if result.error else "",
+            "iterations": len(history), "last": values[-1] if values else None,
+            "best": sign * max(sign * v for v in values) if values else None,
+            "history": history, "mlflow_run_id": run.info.run_id if run else None,
+        })  # fmt: skip
+    return trials
+
+
+def _child_runs(tracker: Any, parent: str | None) -> dict[str, Any]:
+    if parent is None:
+        return {}
+    runs = tracker._client().search_runs(
+        [tracker.experiment_id()],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.dcm_stage = 'trial'",
+        max_results=10000,
+    )
+    return {r.data.tags["dcm_trial"]: r for r in runs}
+
+
+def _finish(
+    cfg: Config, out: Path, trials: list[dict[str, Any]], tracker: Any, parent: str | None
+) -> SweepResult:
+    from pipelines.sweep_report import write_report
+
+    sign = 1 if cfg.sweep.mode == "max" else -1
+    scored = [t for t in trials if t["best"] is not None]
+    best = max(scored, key=lambda t: sign * t["best"]) if scored else None
+    best_file = None
+    if best is not None:
+        best_file = out / BEST_FILE
+        chosen = best_config(cfg, best["params"])
+        header = (
+            f"# Best configuration of sweep '{cfg.run_name}': trial {best['trial_id']}, "
+            f"{cfg.sweep.metric} = {best['best']:.6g} ({cfg.sweep.mode}).\n"
+            f"# Searched: {json.dumps(best['params'], sort_keys=True)}\n"
+            f"#   python -m pipelines.distill --config {best_file}\n"
+        )
+        best_file.write_text(header + chosen.to_yaml())
+    if parent is not None:
+        client = tracker._client()
+        if best is not None:
+            client.log_metric(parent, f"best/{cfg.sweep.metric}", best["best"])
+            client.log_artifact(parent, str(best_file))
+        client.log_metric(parent, "trials", len(trials))
+        client.log_metric(parent, "trials_stopped", sum(t["status"] == "stopped" for t in trials))
+    write_report(out)  # table + plots, logged to the parent run
+    if parent is not None:
+        tracker._client().set_terminated(parent, status="FINISHED" if best else "FAILED")
+    return SweepResult(
+        out, best_file, best["params"] if best else {}, best["best"] if best else None,
+        parent, trials,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- command line
+def _data_keys(data: str | None) -> dict[str, Any]:
+    """--data: a folder with manifest.json -> parquet latents, else raw input (online)."""
+    if data is None:
+        return {}
+    if "://" not in data and (Path(data) / "manifest.json").is_file():
+        return {"data.latents": data, "data.mode": "parquet"}
+    return {"data.input": data, "data.mode": "online"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from pipelines.sweep_report import main as report_main
+
+        return report_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="dcm sweep", description=__doc__.split("\n")[0],
+        epilog="Compare finished trials with: dcm sweep report RUN_DIR",
+    )  # fmt: skip
+    parser.add_argument("--data", help="ingest folder (parquet) or raw videos, as for dcm distill")
+    parser.add_argument("--out", help="root of run directories (train.out)")
+    pipelines.args.add_common(parser)
+    args = parser.parse_args(argv)
+    dry_run, args.dry_run = args.dry_run, False
+    cfg = pipelines.args.resolve(args, **_data_keys(args.data), **{"train.out": args.out})
+    check_sweep(cfg)  # a bad space fails the dry run too
+    if dry_run:
+        print(explain() if args.explain else cfg.to_yaml(), end="")
+        return 0
+    result = run_sweep(cfg)
+    print(json.dumps({
+        "run_dir": str(result.run_dir), "best_config": str(result.best_config or ""),
+        "best_params": result.best_params, cfg.sweep.metric: result.best_value,
+        "trials": len(result.trials), "mlflow_parent_run_id": result.parent_run_id,
+    }, default=str))  # fmt: skip
+    return 0 if result.best_config else 1
+
+
+if __name__ == "__main__":
+    sys.exit(pipelines.args.run_main(main))

@@ -1,0 +1,277 @@
+"""Ingest end to end: real mp4 files (good and broken) through a local Ray cluster, in parquet
+mode (shards + manifest + rejects, resume) and online mode; counts must reconcile."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import sample_mp4, tiny_bundle
+
+from dcm import latents as lt
+from dcm.config import ConfigError, load_config
+from dcm.decode import decode_clips, to_pixels
+from pipelines import ingest
+
+GOOD = {"good0.mp4": 40, "good1.mp4": 17, "good2.mp4": 21, "good3.mp4": 17}  # name -> frames
+
+
+def _broken_files(d: Path) -> None:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    data = (d / "good0.mp4").read_bytes()
+    (d / "zero.mp4").write_bytes(b"")
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (d / "notes.mp4").write_text("not a video\n" * 40)
+    sample_mp4(d / "short.mp4", num_frames=5, height=48, width=80)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi",
+                    "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(d / "audio.m4a")],
+                   check=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A bundle, a manifest dataset (relative paths, broken files, bad lines) and a folder
+    dataset with sidecar captions."""
+    root = tmp_path_factory.mktemp("ingest")
+    vids = root / "vids"
+    vids.mkdir()
+    for name, frames in GOOD.items():
+        sample_mp4(vids / name, num_frames=frames, height=48, width=80)
+    _broken_files(vids)
+    lines = [json.dumps({"path": f"vids/{n}", "caption": f"a red square moves right {i}"})
+             for i, n in enumerate(GOOD)]  # fmt: skip
+    lines[1] = json.dumps({"path": str(vids / "good1.mp4"), "caption": "an absolute path"})
+    for name in ("zero.mp4", "truncated.mp4", "notes.mp4", "short.mp4", "audio.m4a", "missing.mp4"):
+        lines.append(json.dumps({"path": f"vids/{name}", "caption": "broken"}))
+    lines.append(json.dumps({"path": "vids/good3.mp4", "caption": "   "}))  # empty caption
+    lines.append('{"path": "vids/good3.mp4", "caption": "caf\xe9"}')  # latin-1 byte below
+    lines.append("{not json")
+    lines.append(json.dumps({"caption": "no path"}))
+    # the "café" line in latin-1, as a non-UTF-8 caption
+    raw = ("\n".join(lines) + "\n\n").encode().replace("café".encode(), b"caf\xe9")
+    (root / "captions.jsonl").write_bytes(raw)
+
+    folder = root / "folder"
+    folder.mkdir()
+    for i, name in enumerate(("a.mp4", "b.mp4", "c.mp4")):
+        sample_mp4(folder / name, num_frames=17, height=64, width=64)
+        (folder / name).with_suffix(".txt").write_text(f"a red square {i}\n")
+    sample_mp4(folder / "nocaption.mp4", num_frames=17)
+    sample_mp4(folder / "latin.mp4", num_frames=17)
+    (folder / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (folder / "orphan.txt").write_text("a caption without its video")
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "zero.txt").write_text("zero")
+    (folder / ".hidden").write_text("ignored")
+    return {"root": root, "bundle": tiny_bundle(tmp_path_factory), "manifest": root / "captions.jsonl",
+            "folder": folder}  # fmt: skip
+
+
+def _cfg(world, out: Path, data_input: Path, *extra: str):
+    return load_config(None, "shapes-tiny", [
+        f"model.path={world['bundle']}", f"data.input={data_input}", f"ingest.out={out}",
+        "data.posterior=mean", "data.clips_per_video=2", "ingest.rows_per_shard=4",
+        "ingest.encode_batch_size=2", *extra,
+    ])  # fmt: skip
+
+
+# ---------------------------------------------------------------- listing (no Ray)
+def test_jsonl_listing_resolves_paths_and_flags_bad_lines(world):
+    uri, kind = ingest.check_input(str(world["root"]))  # a folder holding captions.jsonl
+    assert (uri, kind) == (str(world["manifest"]), "jsonl")
+    rows = list(ingest.iter_sources(uri, kind))
+    assert len(rows) == 14
+    assert rows[0]["source"] == str(world["root"] / "vids" / "good0.mp4")
+    assert rows[1]["source"] == str(world["root"] / "vids" / "good1.mp4")
+    assert "\ufffd" in rows[11]["caption"]  # the latin-1 byte, left for decode to reject
+    assert rows[12]["error"] == "captions.jsonl line 13 is not valid JSON"
+    assert rows[13]["error"] == "captions.jsonl line 14 has no 'path'"
+
+
+def test_csv_and_parquet_manifests(tmp_path):
+    (tmp_path / "m.csv").write_bytes(
+        b"path,caption,start,end\nv/a.mp4,first,1.5,\nv/b.mp4,caf\xe9,,\nv/c.mp4,x,y,z,extra\n"
+        b"v/d.mp4,fourth,,3\n"
+    )
+    rows = list(ingest.iter_sources(*ingest.check_input(str(tmp_path / "m.csv"))))
+    assert [r["source"].rsplit("/", 1)[-1] if not r["error"] else r["error"] for r in rows] == [
+        "a.mp4", "b.mp4", "d.mp4", "m.csv line 4 has the wrong number of fields",
+    ]  # fmt: skip
+    assert rows[0]["start"] == 1.5 and math.isnan(rows[0]["end"]) and rows[2]["end"] == 3.0
+    assert "\ufffd" in rows[1]["caption"]
+    table = pa.table({"path": ["s3://bucket/x.mp4", "y.mp4"], "caption": ["one", None],
+                      "fps": [8.0, None]})  # fmt: skip
+    pq.write_table(table, tmp_path / "m.parquet")
+    rows = list(ingest.iter_sources(*ingest.check_input(str(tmp_path / "m.parquet"))))
+    assert rows[0]["source"] == "s3://bucket/x.mp4" and rows[0]["fps"] == 8.0
+    assert rows[1]["source"] == str(tmp_path / "y.mp4") and rows[1]["caption"] is None
+
+
+def test_folder_listing_pairs_sidecars(world):
+    rows = list(ingest.iter_sources(*ingest.check_input(str(world["folder"]))))
+    names = [Path(r["source"]).name for r in rows]
+    assert names == [
+        "a.mp4",
+        "b.mp4",
+        "c.mp4",
+        "latin.mp4",
+        "nocaption.mp4",
+        "orphan.txt",
+        "zero.mp4",
+    ]
+    assert rows[0]["caption_file"] == str(world["folder"] / "a.txt")
+    assert rows[5]["error"] == "caption file without a video of the same name"
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("", "data.input is empty"),
+        ("/nonexistent/x.jsonl", "does not exist"),
+        (__file__, "not a manifest"),
+    ],
+)
+def test_bad_input_is_one_clear_error(value, match):
+    with pytest.raises(ConfigError, match=match):
+        ingest.check_input(value)
+
+
+def test_cli_dry_run_and_user_errors(capsys, tmp_path):
+    from pipelines.args import run_main
+
+    with pytest.raises(SystemExit) as stop:
+        ingest.main(["--input", "data.jsonl", "--out", str(tmp_path), "--dry-run"])
+    assert stop.value.code == 0
+    assert "input: data.jsonl" in capsys.readouterr().out
+    assert run_main(ingest.main, ["--input", str(tmp_path / "none.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- parquet mode
+EXPECTED_REJECTS = {
+    "zero.mp4": "empty file",
+    "truncated.mp4": "not a readable video",
+    "notes.mp4": "not a readable video",
+    "short.mp4": "too short",
+    "audio.m4a": "audio-only",
+    "missing.mp4": "missing file",
+}
+
+
+@pytest.fixture(scope="module")
+def parquet_run(world, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents")
+    cfg = _cfg(world, out, world["manifest"])
+    return cfg, out, ingest.run_ingest(cfg)
+
+
+@pytest.mark.timeout(240)
+def test_parquet_mode_counts_reconcile(parquet_run):
+    cfg, out, summary = parquet_run
+    assert summary.reconciled
+    # good0 has 40 frames -> 2 clips; good1-3 one each; 14 inputs, 4 videos, 10 rejects
+    assert (summary.inputs, summary.videos, summary.clips, summary.rejects) == (14, 4, 5, 10)
+    manifest = lt.read_manifest(out)
+    assert manifest.counts["inputs"] == 14 and manifest.counts["clips"] == 5
+    assert manifest.latent_shape == (8, 5, 8, 8) and manifest.text_shape == (24, 32)
+    assert manifest.normalisation["kind"] == "per_channel"
+    assert (
+        manifest.encoder["model"] == str(cfg.model.path)
+        and manifest.encoder["vae"] == "AutoencoderKLWan"
+    )
+    assert sum(s["rows"] for s in manifest.shards) == 5
+    rejects = {Path(r["path"]).name: r["reason"] for r in lt.read_rejects(out)}
+    for name, reason in EXPECTED_REJECTS.items():
+        assert reason in rejects[name], (name, rejects[name])
+    reasons = [r["reason"] for r in lt.read_rejects(out)]
+    assert any("caption is empty" in r for r in reasons)
+    assert any("not valid UTF-8" in r for r in reasons)
+    assert "captions.jsonl line 13 is not valid JSON" in reasons
+
+
+@pytest.mark.timeout(240)
+def test_parquet_rows_are_the_encoders_output(parquet_run, world):
+    from dcm.bundle import load_bundle
+
+    cfg, out, _ = parquet_run
+    rows = {}
+    for batch in ingest.read_latents(out).iter_batches(batch_size=None, batch_format="numpy"):
+        assert set(batch) == set(lt.COLUMNS)
+        for i in range(len(batch["clip"])):
+            rows[(Path(batch["source"][i]).name, int(batch["clip"][i]))] = {
+                k: batch[k][i] for k in batch
+            }
+    assert sorted(rows) == [("good0.mp4", 0), ("good0.mp4", 1), ("good1.mp4", 0), ("good2.mp4", 0),
+                            ("good3.mp4", 0)]  # fmt: skip
+    row = rows[("good0.mp4", 1)]
+    assert row["latents"].shape == (8, 5, 8, 8) and row["latents"].dtype == np.float32
+    assert row["text"].shape == (24, 32) and row["text_mask"].dtype == np.int8
+    # The same clip encoded directly (mean posterior) gives the stored RAW latents.
+    bundle = load_bundle(world["bundle"], text_max_length=cfg.model.text_max_length)
+    clip = decode_clips(world["root"] / "vids" / "good0.mp4", 17, 64, 64, clips=2).clips[1]
+    z = bundle.encode_video(to_pixels(clip[None]), posterior="mean")[0]
+    np.testing.assert_allclose(row["latents"], z.numpy(), atol=1e-4)
+    cond = bundle.encode_text([str(row["caption"])])
+    np.testing.assert_allclose(row["text"], cond.text[0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(row["text_mask"], cond.mask[0].numpy())
+    text, mask = lt.read_empty_prompt(out)
+    null = bundle.null_cond(1)
+    np.testing.assert_allclose(text, null.text[0].numpy(), atol=1e-5)
+    assert mask.sum() == null.mask.sum()
+    # the distill stage's view: torch batches with the tensor columns
+    batch = next(iter(ingest.read_latents(out).select_columns(["latents", "text", "text_mask"])
+                      .iter_torch_batches(batch_size=2)))  # fmt: skip
+    assert batch["latents"].shape == (2, 8, 5, 8, 8) and batch["text_mask"].dtype == torch.int8
+
+
+@pytest.mark.timeout(240)
+def test_rerun_skips_finished_shards(parquet_run, world):
+    cfg, out, first = parquet_run
+    shards = sorted(out.glob("shard-*.parquet"))
+    assert len(shards) >= 2
+    kept, redo = shards[0], shards[-1]
+    kept_mtime = kept.stat().st_mtime_ns
+    group = int(redo.stem.split("-")[1])
+    redo.unlink()
+    (out / ingest.STATE_DIR / f"done-{group:05d}.json").unlink()
+    again = ingest.run_ingest(cfg)
+    assert again.reconciled and (again.inputs, again.clips, again.rejects) == (14, 5, 10)
+    assert again.resumed_groups == len(list((out / ingest.STATE_DIR).glob("done-*.json"))) - 1
+    assert kept.stat().st_mtime_ns == kept_mtime and redo.is_file()
+    # other settings into the same folder: one clear error, nothing overwritten
+    with pytest.raises(ConfigError, match="data.num_frames"):
+        ingest.run_ingest(cfg.replace(**{"data.num_frames": 9}))
+
+
+# ---------------------------------------------------------------- online mode
+@pytest.mark.timeout(240)
+def test_online_stream_reconciles_and_logs_rejects(world, ray_cluster, tmp_path):
+    cfg = _cfg(world, tmp_path / "online", world["folder"], "data.clips_per_video=1")
+    ds = ingest.stream_latents(cfg)
+    n = 0
+    for batch in ds.iter_batches(batch_size=2, batch_format="numpy"):
+        assert set(batch) == set(lt.COLUMNS)
+        assert batch["latents"].shape[1:] == (8, 5, 8, 8) and batch["latents"].dtype == np.float32
+        assert batch["text"].shape[1:] == (24, 32) and batch["text_mask"].dtype == np.int8
+        n += len(batch["clip"])
+    s = ingest.stream_summary(ds)
+    assert n == 3 and s["inputs"] == 7 and s["videos"] == 3
+    assert s["inputs"] == s["videos"] + len(s["rejects"])
+    reasons = {Path(r["path"]).name: r["reason"] for r in s["rejects"]}
+    assert reasons == {
+        "latin.mp4": "caption file is not valid UTF-8 (byte 3): re-save it as UTF-8",
+        "nocaption.mp4": "missing caption file nocaption.txt",
+        "orphan.txt": "caption file without a video of the same name",
+        "zero.mp4": "empty file (0 bytes)",
+    }
+    side = lt.read_rejects(tmp_path / "online")  # the side file of online mode
+    assert sorted(r["path"] for r in side) == sorted(r["path"] for r in s["rejects"])
