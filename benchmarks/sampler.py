@@ -93,12 +93,8 @@ def full_size_generator(
     text = load_bundle(small, device, dtype, ["text_encoder"], cfg.model.text_max_length)
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = (
-            WanTransformer3DModel(**(transformer_config or WAN_1_3B))
-            .to(dtype)
-            .eval()
-            .requires_grad_(False)
-        )
+        transformer = half(WanTransformer3DModel(**(transformer_config or WAN_1_3B)), dtype)
+        transformer.eval().requires_grad_(False)
         vae = half(AutoencoderKLWan(), dtype).eval().requires_grad_(False)
     vae.enable_tiling()
     bundle = dataclasses.replace(

@@ -267,6 +267,11 @@ class Bundle:
 
 
 # ---------------------------------------------------------------- loading
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__).rstrip(" :,")
+
+
 def _component_class(index: dict[str, Any], name: str, file: str) -> type:
     entry = index.get(name)
     if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
@@ -324,8 +329,10 @@ def load_bundle(
             _read_json(root / name / "config.json")
         try:
             model = cls.from_pretrained(str(root), subfolder=name, torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise BundleError(f"could not load '{root / name}' as {cls.__name__}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - corrupt weights etc.: one sentence, no trace
+            raise BundleError(
+                f"could not load '{root / name}' as {cls.__name__}: {_first_line(err)}"
+            ) from None
         model = model.to(device)
         if name != "transformer":
             model.eval().requires_grad_(False)
@@ -337,9 +344,9 @@ def load_bundle(
             raise BundleError(f"'{root / 'tokenizer'}' is missing: the bundle folder is incomplete")
         try:
             loaded["tokenizer"] = AutoTokenizer.from_pretrained(str(root), subfolder="tokenizer")
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001
             raise BundleError(
-                f"could not load the tokenizer in '{root / 'tokenizer'}': {err}"
+                f"could not load the tokenizer in '{root / 'tokenizer'}': {_first_line(err)}"
             ) from None
     vae = loaded.get("vae")
     if vae is not None and hasattr(vae, "enable_tiling"):

@@ -415,11 +415,11 @@ class ServeConfig:
     target_ongoing_requests: float = doc(1.0, "Autoscaling target of ongoing requests per replica.")
     replica_cpus: float = doc(0.5, "CPUs per generator replica.")
     replica_gpus: float = doc(0.0, "GPU fraction per generator replica.")
-    device: str = doc("auto", "Generator device: 'auto' (cuda when replica_gpus > 0 and CUDA exists, else cpu), 'cpu', 'cuda'.")
+    device: str = doc("auto", "Generator device: 'auto' (cuda when Ray gave the replica a GPU, else cpu), 'cpu', 'cuda'.")
     variants: dict[str, str] = doc({}, "Extra models served by multiplexing: name -> distilled artifact or bundle folder; a request picks one with its 'model' field.")
     max_models_per_replica: int = doc(3, "Variants kept loaded per replica (least recently used are unloaded).")
     max_batch_size: int = doc(4, "Concurrent same-shape requests generated as one batch.")
-    batch_wait_timeout_s: float = doc(0.05, "How long a batch waits for more requests after its first.")
+    batch_wait_timeout_s: float = doc(0.01, "How long a batch waits for more requests after its first (while a batch runs, new requests queue for the next one anyway).")
     max_ongoing_requests: int = doc(4, "Requests a generator replica holds at once (>= max_batch_size so batches can form).")
     upscale_delay_s: float = doc(5.0, "Autoscaling: load must stay above target this long before adding a replica.")
     downscale_delay_s: float = doc(60.0, "Autoscaling: load must stay below target this long before removing a replica.")
@@ -625,7 +625,7 @@ def _plain(obj: Any) -> Any:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, val in over.items():
-        if isinstance(val, dict) and isinstance(out.get(key), dict) and key != "space":
+        if isinstance(val, dict) and isinstance(out.get(key), dict) and key not in ("space", "variants"):
             out[key] = _merge(out[key], val)
         else:
             out[key] = copy.deepcopy(val)

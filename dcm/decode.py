@@ -26,9 +26,12 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SourceError(ValueError):
@@ -133,6 +136,8 @@ def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def to_pixels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``(B, F, H, W, 3)`` -> float32 ``(B, 3, F, H, W)`` in [-1, 1] (VAE input)."""
+    import torch  # here, so decode-only workers never import torch
+
     if not torch.is_tensor(frames):
         arr = np.asarray(frames)
         # Ray hands out read-only views of the object store; torch wants writable memory.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,7 @@ class VideoGenerator:
         self,
         prompts: list[str],
         steps: int = 4,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -209,7 +210,12 @@ class VideoGenerator:
         teacher: bool = False,
         teacher_steps: int = 50,
     ) -> np.ndarray:
-        """uint8 videos (B, F, H, W, 3), one per prompt; timings in ``last_timings``."""
+        """uint8 videos (B, F, H, W, 3), one per prompt; timings in ``last_timings``.
+
+        ``seed``: one int draws the whole batch's noise from one generator; a list gives row
+        i its own seed, so row i equals ``generate([prompts[i]], seed=seed[i])`` whatever the
+        batch it runs in (Serve batches concurrent requests this way).
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -220,9 +226,7 @@ class VideoGenerator:
 
         # 1. text -> Cond; noise from the seed in the latent shape (B, C, T, h, w)
         cond = b.encode_text(list(prompts))
-        shape = (len(prompts), *b.latent_shape(f, h, w))
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-        noise = noise.to(dev)
+        noise = self.noise(len(prompts), seed, f, h, w).to(dev)
         _sync(dev)
         t_encode = time.perf_counter()
 
@@ -244,6 +248,19 @@ class VideoGenerator:
             "total_s": t_end - start,
         }
         return frames
+
+    def noise(
+        self, batch: int, seed: int | Sequence[int], num_frames: int, height: int, width: int
+    ) -> Tensor:
+        """float32 CPU noise (B, C, T, h, w): from one seed, or one seed per row."""
+        shape = self.bundle.latent_shape(num_frames, height, width)
+        if isinstance(seed, (int, np.integer)):
+            return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(int(seed)))
+        seeds = [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ConfigError(f"{len(seeds)} seeds for {batch} prompts: give one seed per prompt")
+        rows = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.cat(rows)
 
     def _precision(self) -> contextlib.AbstractContextManager:
         half = self.bundle.dtype in (torch.float16, torch.bfloat16)

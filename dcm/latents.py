@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 
 LATENTS_SCHEMA_VERSION = 1
 COLUMNS = ("latents", "text", "text_mask", "caption", "source", "clip")
+# What `iter_torch_batches` can turn into tensors (it rejects the string columns).
+TENSOR_COLUMNS = ("latents", "text", "text_mask", "clip")
 MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
 EMPTY_PROMPT = "empty_prompt.parquet"

@@ -5,7 +5,8 @@ One checkpoint directory (assembled by Ray Train from every rank's temp folder):
     ds/                 engine.save_checkpoint(tag="ds") of every rank (ZeRO shards, optimiser)
     rng/rank<r>.pt      each rank's RNG states (torch, CUDA, numpy, python, the step generator)
     state.json          step, data position (epoch, micro-batches used), samples, stage, metrics
-    disc.pt             discriminator + its AdamW (detail stage; identical on every rank)
+    replicated.pt       state kept whole and identical on every rank, by name: the
+                        discriminator and its AdamW (detail stage), the EMA target
     artifact/           DualExpert.save_artifact: experts.safetensors + dcm_artifact.json,
                         loadable by dcm's sampler, VideoGenerator and Serve without DeepSpeed
 
@@ -35,7 +36,7 @@ from dcm.config import Config, ConfigError
 
 DS_TAG = "ds"
 STATE = "state.json"
-DISC = "disc.pt"
+REPLICATED = "replicated.pt"
 ARTIFACT = "artifact"
 RNG = "rng"
 STATE_VERSION = 1
@@ -105,10 +106,13 @@ def write_checkpoint(
     bundle_path: str,
     rank: int,
     generator: torch.Generator,
-    disc: nn.Module | None = None,
-    disc_opt: torch.optim.Optimizer | None = None,
+    replicated: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
-    """Stage one checkpoint in a temp folder and yield it as a ``ray.train.Checkpoint``."""
+    """Stage one checkpoint in a temp folder and yield it as a ``ray.train.Checkpoint``.
+
+    ``replicated``: modules / optimisers identical on every rank (name -> object with
+    ``state_dict``), saved once by rank 0.
+    """
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory(prefix="dcm-ckpt-") as tmp:
@@ -118,8 +122,8 @@ def write_checkpoint(
         torch.save(rng_state(generator), root / RNG / f"rank{rank}.pt")
         export_artifact(engine.module, root / ARTIFACT, cfg, bundle_path, rank)
         if rank == 0:
-            if disc is not None and disc_opt is not None:
-                torch.save({"model": disc.state_dict(), "opt": disc_opt.state_dict()}, root / DISC)
+            if replicated:
+                torch.save({k: v.state_dict() for k, v in replicated.items()}, root / REPLICATED)
             _write_json(root / STATE, asdict(state))
         yield Checkpoint.from_directory(str(root))
 
@@ -143,8 +147,7 @@ def restore(
     engine: Any,
     rank: int,
     generator: torch.Generator,
-    disc: nn.Module | None = None,
-    disc_opt: torch.optim.Optimizer | None = None,
+    replicated: dict[str, Any] | None = None,
 ) -> TrainState:
     """Load a checkpoint written by ``write_checkpoint`` into the engine(s); return its state."""
     with checkpoint.as_directory() as folder:
@@ -153,10 +156,10 @@ def restore(
         load_path, _ = engine.load_checkpoint(str(root), tag=DS_TAG)
         if load_path is None:
             raise ConfigError(f"checkpoint '{root}' holds no DeepSpeed state under {DS_TAG}/")
-        if disc is not None and disc_opt is not None:
-            saved = torch.load(root / DISC, map_location="cpu", weights_only=False)
-            disc.load_state_dict(saved["model"])
-            disc_opt.load_state_dict(saved["opt"])
+        if replicated:
+            saved = torch.load(root / REPLICATED, map_location="cpu", weights_only=False)
+            for name, obj in replicated.items():
+                obj.load_state_dict(saved[name])
         rng_file = root / RNG / f"rank{rank}.pt"
         if rng_file.is_file():  # absent when the worker count changed: keep the fresh seed
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), generator)
@@ -175,9 +178,7 @@ def artifact_dir(checkpoint: Any) -> Iterator[Path]:
 
 def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     """The best (highest ``metric``) of a Ray Train result's kept checkpoints, else the latest."""
-    ranked = [
-        (ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(metric) is not None
-    ]
+    ranked = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(metric) is not None]
     if ranked:  # ties go to the later checkpoint
         return max(ranked, key=lambda cm: (float(cm[1][metric]), float(cm[1].get("step", 0))))
     if result.checkpoint is None:

@@ -46,6 +46,12 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> RayContext:
         return RayContext(ctx.gcs_address, _dashboard_url(), started_here=False)
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        if address not in ("auto", "local") and not address.startswith(("127.", "ray://127.")):
+            # pipelines/__init__ forced loopback-only mode for local runs; a driver joining
+            # a remote cluster must advertise its real address instead.
+            import ray._private.ray_constants as ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = True
         ray.init(address=address, log_to_driver=True)
         return RayContext(address, _dashboard_url(), started_here=False)
 

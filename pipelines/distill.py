@@ -69,6 +69,26 @@ def training_data(cfg: Config) -> Any:
     return ingest.stream_latents(cfg)
 
 
+def _first_rows(cfg: Config, dataset: Any, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` latent rows from the start of the data (parquet: read directly, no Ray)."""
+    if cfg.data.mode != "parquet":
+        return dataset.take(n)
+    import pyarrow.parquet as pq
+
+    from dcm import latents as lt
+
+    manifest = lt.read_manifest(cfg.data.latents)
+    fs, _ = lt.filesystem(cfg.data.latents)
+    rows: list[dict[str, Any]] = []
+    for path in lt.shard_paths(cfg.data.latents, manifest):
+        table = pq.read_table(path, filesystem=fs, columns=list(lt.COLUMNS)).slice(0, n - len(rows))
+        cols = lt.table_to_rows(table, manifest.latent_shape, manifest.text_shape)
+        rows += [{k: v[i] for k, v in cols.items()} for i in range(table.num_rows)]
+        if len(rows) >= n:
+            break
+    return rows
+
+
 def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
     """Fixed validation prompts (encoded), the empty prompt, and the latent shape.
 
@@ -76,7 +96,7 @@ def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
     first ``train.val_prompts`` distinct captions of the data (already encoded in the rows).
     The empty prompt comes from the ingest folder, else from the bundle's text encoder.
     """
-    rows = dataset.take(max(cfg.train.val_prompts * 8, 8))
+    rows = _first_rows(cfg, dataset, max(cfg.train.val_prompts * 8, 8))
     if not rows:
         raise ConfigError("the training data holds no clips: check data.latents / data.input")
     latent_shape = [int(s) for s in np.asarray(rows[0]["latents"]).shape]  # (C, T, h, w)
@@ -239,9 +259,7 @@ def run_stage(
         print(f"[dcm distill] stage {stage} already finished: {done.artifact_dir}", file=sys.stderr)
         return done
     logger = tracker.open_run(stage, parent_id)
-    trainer = make_trainer(
-        cfg, stage, init_checkpoint, dataset=dataset, logger=logger, val=val
-    )
+    trainer = make_trainer(cfg, stage, init_checkpoint, dataset=dataset, logger=logger, val=val)
     try:
         result = trainer.fit()
     except Exception:

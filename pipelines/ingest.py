@@ -290,6 +290,7 @@ def _ledger_class() -> Any:
             self.groups: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
             self.failed: dict[int, dict[tuple[int, int], dict[str, Any]]] = defaultdict(dict)
             self.times = {"decode": 0.0, "encode": 0.0}
+            self.window: list[float] | None = None  # [first end, last end, first rows]
             self.encoded = 0
             self.encoder: dict[str, Any] | None = None
 
@@ -308,7 +309,12 @@ def _ledger_class() -> Any:
                 self.failed[r["index"] // self.group_size][(r["index"], r["clip"])] = r
             self._save_rejects(records)
 
-        def encoded_batch(self, rows: int, seconds: float) -> None:
+        def encoded_batch(self, rows: int, seconds: float, end: float) -> None:
+            # Steady-state window of the encoders: from the end of the first batch (model
+            # warm-up excluded) to the end of the last one, idle gaps (starved actors) included.
+            if self.window is None:
+                self.window = [end, end, rows]
+            self.window[1] = max(self.window[1], end)
             self.encoded += rows
             self.times["encode"] += seconds
 
@@ -349,7 +355,13 @@ def _ledger_class() -> Any:
                 "rejects": [r for r in recs if r["reason"]] + failed,
                 "encoded": self.encoded,
                 "times": dict(self.times),
+                "steady_clips_per_s": self._steady(),
             }
+
+        def _steady(self) -> float:
+            if self.window is None or self.window[1] <= self.window[0]:
+                return float("nan")
+            return (self.encoded - self.window[2]) / (self.window[1] - self.window[0])
 
         def _save_rejects(self, new: list[dict[str, Any]]) -> None:
             if not new or not self.rejects_file:
@@ -528,7 +540,8 @@ class Encoder:
             enc = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
-        ray.get(self.ledger.encoded_batch.remote(int(keep.sum()), time.perf_counter() - t0))
+        done = int(keep.sum())
+        ray.get(self.ledger.encoded_batch.remote(done, time.perf_counter() - t0, time.time()))
         out = dict(enc) if enc is not None else self._empty()
         out["caption"] = np.asarray(captions, dtype=object)[keep]
         out["source"] = np.asarray(batch["source"], dtype=object)[keep]
@@ -546,7 +559,7 @@ class Encoder:
 def _decode_memory(cfg: Config) -> int:
     d = cfg.data
     clip_bytes = d.num_frames * d.height * d.width * 3
-    return int(3 * clip_bytes * d.clips_per_video + (64 << 20))
+    return int(3 * clip_bytes * d.clips_per_video + (256 << 20))  # + interpreter, decord, arrow
 
 
 def _group_size(cfg: Config) -> int:
@@ -583,6 +596,19 @@ def _build(cfg: Config, ledger: Any, uri: str, kind: str, skip: frozenset[int],
         num_gpus=ing.actor_gpus,
         fn_constructor_kwargs={"model": model, "ledger": ledger, "keep_index": keep_index},
     )
+
+
+def check_model(cfg: Config) -> Any:
+    """The bundle's configs alone (no weights), so a bad --model fails before Ray starts."""
+    from dcm.bundle import load_bundle
+
+    geo = load_bundle(cfg.model.path, components=())
+    if geo.backbone_kind != "wan":
+        raise ConfigError(
+            f"model.path '{cfg.model.path}' is a {geo.backbone_kind} bundle: ingest encodes "
+            "captions with Bundle.encode_text, which supports Wan bundles only"
+        )
+    return geo
 
 
 def latents_dir(cfg: Config) -> str:
@@ -678,7 +704,6 @@ def run_ingest(cfg: Config) -> IngestSummary:
     """Ingest ``data.input`` into parquet shards + manifest.json + rejects.parquet."""
     import ray
 
-    from dcm.bundle import load_bundle
     from pipelines.cluster import init_ray, shutdown
 
     uri, kind = check_input(cfg.data.input)
@@ -687,8 +712,7 @@ def run_ingest(cfg: Config) -> IngestSummary:
     gsize = _group_size(cfg)
     done = _prepare_out(fs, base, _fingerprint(cfg, uri))
     resumed = len(done)
-    # Geometry from the bundle's configs alone (no weights): fails early on a bad --model.
-    geo = load_bundle(cfg.model.path, components=())
+    geo = check_model(cfg)
     latent_shape = geo.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     ctx = init_ray(cfg.ray)
     t0 = time.perf_counter()
@@ -778,6 +802,7 @@ def stream_latents(cfg: Config) -> Any:
     from pipelines.cluster import init_ray
 
     uri, kind = check_input(cfg.data.input)
+    check_model(cfg)
     init_ray(cfg.ray)
     rejects_file = lt.join(_input_uri(cfg.ingest.out), lt.REJECTS) if cfg.ingest.out else ""
     ledger = _make_ledger(_group_size(cfg), rejects_file)
@@ -801,6 +826,7 @@ def stream_summary(ds: Any) -> dict[str, Any]:
         "clips_decoded": s["clips_decoded"],
         "rejects": [{"path": r["source"], "reason": r["reason"]} for r in s["rejects"]],
         "times": s["times"],
+        "steady_clips_per_s": s["steady_clips_per_s"],
     }
 
 
@@ -821,7 +847,7 @@ def read_latents(path: str | Path) -> Any:
             f"'{path}' holds no clips (every input was rejected; see {lt.REJECTS})"
         )
     fs, _ = lt.filesystem(path)
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=list(lt.COLUMNS))
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(list(lt.COLUMNS))
     return ds.map_batches(
         _unflatten, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"latent_shape": list(manifest.latent_shape), "text_shape": list(manifest.text_shape)},

@@ -39,6 +39,7 @@ from dcm.config import Config, ConfigError, from_dict
 from dcm.shapes.grammar import VOCAB
 from pipelines.args import add_common, resolve, run_main
 
+LOGVAR_INIT = -8.0  # initial VAE posterior log-variance (std 0.018)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dcm" / "shapes" / "bundle"
 
 
@@ -46,12 +47,13 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dcm" / "shapes" / "bundl
 class PretrainSettings:
     """Sizes and budgets of the teacher pretraining (the model maths come from Config)."""
 
-    vae_steps: int = 600  # VAE optimiser steps
-    vae_frames: int = 9  # frames per VAE training clip (1 + 4k; the causal VAE runs any length)
-    vae_batch: int = 8
+    vae_steps: int = 700  # VAE optimiser steps (0 with --init: keep its VAE)
+    vae_frames: int = 5  # frames per VAE training clip (1 + 4k; the causal VAE runs any length)
+    vae_batch: int = 4
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    clips: int = 1536  # training clips encoded once
+    init: str = ""  # start from this bundle instead of a random one (its VAE, text encoder, ...)
+    clips: int = 1024  # training clips encoded once
     steps: int = 4000  # transformer optimiser steps (upper bound)
     minutes: float = 0.0  # wall-clock cap of the transformer phase (0 = none)
     batch: int = 32
@@ -74,7 +76,9 @@ class PretrainSettings:
     text_ff: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "clips", "steps", "batch", "vae_batch", "threads", "log_every"):
+        if self.vae_steps < 0:
+            raise ConfigError("pretrain --vae-steps must be >= 0")
+        for name in ("clips", "steps", "batch", "vae_batch", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pretrain --{name.replace('_', '-')} must be at least 1")
         if (self.vae_frames - 1) % 4:
@@ -157,6 +161,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from dcm.bundle import resolve_model_path
     from dcm.shapes.dataset import iter_clips
     from dcm.tiny import build_tiny_bundle
 
@@ -174,9 +179,16 @@ def pretrain_loop(config: dict[str, Any]) -> None:
 
     # 1. a random bundle with the grammar's vocabulary
     work = Path(tempfile.mkdtemp(prefix="dcm-pretrain-"))
-    base = build_tiny_bundle(
-        work / "init", vocab=list(VOCAB), seed=cfg.train.seed, shift=cfg.method.shift, **st.dims()
-    )
+    if st.init:
+        base = Path(shutil.copytree(resolve_model_path(st.init), work / "init"))
+    else:
+        base = build_tiny_bundle(
+            work / "init",
+            vocab=list(VOCAB),
+            seed=cfg.train.seed,
+            shift=cfg.method.shift,
+            **st.dims(),
+        )
     vae = AutoencoderKLWan.from_pretrained(base / "vae").to(dev)
     transformer = WanTransformer3DModel.from_pretrained(base / "transformer").to(dev)
     text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder").to(dev)
@@ -188,7 +200,15 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         pairs = list(iter_clips(n, seed, split, st.two_prob, frames, d.height, d.width))
         return [s.caption() for s, _ in pairs], clips_tensor([f for _, f in pairs])
 
-    # 2. VAE: MSE + L1 reconstruction and a small KL, on clips never reused
+    # 2. VAE: MSE + L1 reconstruction and a small KL, on clips never reused. A fresh VAE
+    # starts with posterior std ~1, which drowns its small latent means: the decoder then
+    # learns the average clip and stalls (~19 dB). Start the log-variance at LOGVAR_INIT so
+    # samples carry the mean from step one; the KL still regularises it.
+    if st.vae_steps and not st.init:
+        with torch.no_grad():
+            z = vae.config.z_dim
+            vae.quant_conv.weight[z:].zero_()  # output channels z.. are the log-variance
+            vae.quant_conv.bias[z:].fill_(LOGVAR_INIT)
     opt = torch.optim.AdamW(vae.parameters(), lr=st.vae_lr, weight_decay=0.0)
     vae.train()
     for step in range(st.vae_steps):
@@ -206,7 +226,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % st.log_every == 0 or step == st.vae_steps - 1:
-            metrics = {"phase": "vae", "step": step, "loss": float(rec), "psnr": psnr(recon, x)}
+            metrics = {"phase": "vae", "step": step, "loss": rec.item(), "psnr": psnr(recon, x)}
             ray.train.report(metrics)
             print(f"[pretrain] vae {step}/{st.vae_steps} {metrics}", flush=True)
     vae.eval().requires_grad_(False)
@@ -226,6 +246,10 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     z_mean, z_std = torch.cat(means), torch.cat(stds)  # (N, C, T, h, w) raw latents
     ch_mean = z_mean.mean(dim=(0, 2, 3, 4))
     ch_std = z_mean.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    # posterior noise relative to the latent spread: small means 'sample' ~ 'mean'
+    info["posterior_std_ratio"] = float((z_std.mean(dim=(0, 2, 3, 4)) / ch_std).mean())
+    if cfg.data.posterior == "mean":
+        z_std = torch.zeros_like(z_std)
     vae.register_to_config(latents_mean=ch_mean.tolist(), latents_std=ch_std.tolist())
     info["encode_minutes"] = (time.time() - started) / 60
     print(

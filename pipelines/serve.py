@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 import pipelines.args
 from dcm.config import Config, ConfigError
@@ -121,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             app_args, dotted = found
             try:
                 parsed = AppArgs.model_validate(app_args)
-            except ValueError as err:
-                raise ConfigError(f"{args.config}: application args are invalid: {err}") from None
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ConfigError(
+                    f"{args.config}: application args: {where}: {first['msg']}"
+                ) from None
             dotted.update(parsed.overrides())
             args.config, args.preset = parsed.config, args.preset or parsed.preset
             args.overrides = [*parsed.set, *args.overrides]

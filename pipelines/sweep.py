@@ -218,12 +218,19 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str |
     _close_trial_run(tracker, trial_run, summary, "FINISHED", checkpoint=init.path)
 
 
+def _client(tracker: Any) -> Any:
+    """An MlflowClient on the tracker's store (the sweep's, shared by every trial)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.uri)
+
+
 def _open_trial_run(
     tracker: Any, cfg: Config, params: dict[str, Any], trial_id: str, parent: str | None
 ) -> str | None:
     if not tracker.enabled:
         return None
-    client = tracker._client()
+    client = _client(tracker)
     tags = {"dcm_run": cfg.run_name, "dcm_stage": "trial", "dcm_trial": trial_id}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -245,7 +252,7 @@ def _close_trial_run(
     from pipelines.tracking import RunLogger
 
     RunLogger(tracker.uri, run_id).log_metrics(metrics, step=0)
-    client = tracker._client()
+    client = _client(tracker)
     if checkpoint:
         client.set_tag(run_id, "dcm_checkpoint", checkpoint)
     client.set_terminated(run_id, status=status)
@@ -361,7 +368,7 @@ def run_sweep(cfg: Config) -> SweepResult:
         info = json.loads((out / SWEEP_FILE).read_text())
         _write_json(out / SWEEP_FILE, {**info, "baseline": baseline})
         if parent is not None:
-            tracker._client().log_metric(parent, f"teacher/{cfg.sweep.metric}", baseline["value"])
+            _client(tracker).log_metric(parent, f"teacher/{cfg.sweep.metric}", baseline["value"])
     return _finish(cfg, out, trials, tracker, parent)
 
 
@@ -397,7 +404,7 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
 def _open_parent(tracker: Any, cfg: Config, dims: list[Dimension]) -> str | None:
     if not tracker.enabled:
         return None
-    client = tracker._client()
+    client = _client(tracker)
     tags = {"dcm_run": cfg.run_name, "dcm_stage": "sweep"}
     run = client.create_run(tracker.experiment_id(), run_name=cfg.run_name, tags=tags)
     from mlflow.entities import Param
@@ -430,9 +437,9 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
             # An error outside fit(), or ASHA ended the trial between two validations.
             status = "error" if result.error else "stopped"
             ended = "FAILED" if result.error else "KILLED"
-            tracker._client().set_terminated(run.info.run_id, status=ended)
+            _client(tracker).set_terminated(run.info.run_id, status=ended)
         if run is not None and values:
-            tracker._client().log_metric(
+            _client(tracker).log_metric(
                 run.info.run_id, "sweep/best", sign * max(sign * v for v in values)
             )
         trials.append({
@@ -448,7 +455,7 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
 def _child_runs(tracker: Any, parent: str | None) -> dict[str, Any]:
     if parent is None:
         return {}
-    runs = tracker._client().search_runs(
+    runs = _client(tracker).search_runs(
         [tracker.experiment_id()],
         filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.dcm_stage = 'trial'",
         max_results=10000,
@@ -476,7 +483,7 @@ def _finish(
         )
         best_file.write_text(header + chosen.to_yaml())
     if parent is not None:
-        client = tracker._client()
+        client = _client(tracker)
         if best is not None:
             client.log_metric(parent, f"best/{cfg.sweep.metric}", best["best"])
             client.log_artifact(parent, str(best_file))
@@ -484,7 +491,7 @@ def _finish(
         client.log_metric(parent, "trials_stopped", sum(t["status"] == "stopped" for t in trials))
     write_report(out)  # table + plots, logged to the parent run
     if parent is not None:
-        tracker._client().set_terminated(parent, status="FINISHED" if best else "FAILED")
+        _client(tracker).set_terminated(parent, status="FINISHED" if best else "FAILED")
     return SweepResult(
         out, best_file, best["params"] if best else {}, best["best"] if best else None,
         parent, trials,

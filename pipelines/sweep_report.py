@@ -52,6 +52,27 @@ def table_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict
     return sorted(rows, key=lambda r: -sign * r["best"] if r["best"] is not None else math.inf)
 
 
+def variant_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant (the ablation's rows): mean and std of the best metric over its trials
+    (seeds), plus the teacher baseline when the sweep scored one."""
+    if "variant" not in sweep["dimensions"]:
+        return []
+    groups: dict[str, list[float]] = {}
+    for t in trials:
+        if t["best"] is not None:
+            groups.setdefault(str(t["params"].get("variant")), []).append(float(t["best"]))
+    rows = []
+    for name, vals in groups.items():
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        rows.append({"variant": name, "mean": mean, "std": std, "trials": len(vals)})
+    baseline = sweep.get("baseline")
+    if baseline:
+        rows.append({"variant": f"teacher ({baseline['teacher_steps']} steps)",
+                     "mean": baseline["value"], "std": None, "trials": None})  # fmt: skip
+    return rows
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -124,32 +145,47 @@ def _dimension_plot(
     return path
 
 
+def _label(trial: dict[str, Any]) -> str:
+    """Short trial label from its searched values, e.g. 'b=30 variant=dcm'."""
+    parts = []
+    for key, val in trial["params"].items():
+        name = "b" if key == "method.split" else key.rsplit(".", 1)[-1]
+        parts.append(f"{name}={_fmt(val)}")
+    return " ".join(parts) or trial["trial_id"]
+
+
 def _overview_plot(
     plt: Any, trials: list[dict[str, Any]], metric: str, mode: str, out: Path,
     baseline: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
-    """Left: every trial's validation curve (ASHA's stops show as short curves); right: bests."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    """Left: every trial's validation curve (ASHA's stops are the short ones); right: each
+    trial's best value, best first, as dots (a bar of height 0 would be invisible)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for t in trials:
         if t["history"]:
             it, val = zip(*t["history"], strict=True)
-            left.plot(
-                it, val, marker="o", ms=3, color=STATUS_COLOURS.get(t["status"], "k"), alpha=0.8
-            )
+            colour = STATUS_COLOURS.get(t["status"], "k")
+            left.plot(it, val, marker="o", ms=3, color=colour, alpha=0.7, label=_label(t))
+    if 0 < len(trials) <= 12:
+        left.legend(fontsize=7, loc="best")
+    _baseline_line(left, baseline)
     left.set_xlabel("validation report (training_iteration)")
     left.set_ylabel(metric)
-    left.set_title("validation curves (blue finished, orange stopped by ASHA)")
+    left.set_title("validation curves (blue finished, orange stopped by ASHA, red error)")
     left.grid(alpha=0.3)
     sign = 1 if mode == "max" else -1
     scored = sorted((t for t in trials if t["best"] is not None), key=lambda t: -sign * t["best"])
-    names = [t["trial_id"][-8:] for t in scored]
-    right.bar(range(len(scored)), [t["best"] for t in scored],
-              color=[STATUS_COLOURS.get(t["status"], "k") for t in scored])  # fmt: skip
-    right.set_xticks(range(len(scored)), names, rotation=45, ha="right", fontsize=8)
-    _baseline_line(right, baseline)
-    right.set_ylabel(f"best {metric}")
-    right.set_title(f"trials, best first ({mode})")
-    right.grid(alpha=0.3, axis="y")
+    ys = list(range(len(scored)))[::-1]  # best at the top
+    right.scatter([t["best"] for t in scored], ys, s=40, zorder=2,
+                  color=[STATUS_COLOURS.get(t["status"], "k") for t in scored])  # fmt: skip
+    right.set_yticks(ys, [_label(t) for t in scored], fontsize=8)
+    if baseline:
+        label = f"teacher, {baseline['teacher_steps']} steps"
+        right.axvline(baseline["value"], ls="--", color="#2ca02c", lw=1.2, label=label)
+        right.legend(fontsize=8)
+    right.set_xlabel(f"best {metric}")
+    right.set_title(f"trials, best at the top ({mode})")
+    right.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     path = out / "overview.png"
     fig.savefig(path, dpi=110)
@@ -182,6 +218,12 @@ def write_report(run_dir: str | Path, log_to_mlflow: bool = True) -> Path:
             writer.writerows(rows)
     (out / "trials.md").write_text(_markdown(rows))
     baseline = sweep.get("baseline")
+    variants = variant_rows(sweep, trials)
+    if variants:
+        with open(out / "variants.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(variants[0]))
+            writer.writeheader()
+            writer.writerows(variants)
     plots = [_overview_plot(plt, trials, metric, sweep["mode"], out, baseline)]
     plots += [_dimension_plot(plt, k, trials, metric, out, baseline) for k in sweep["dimensions"]]
     if baseline:
@@ -208,6 +250,7 @@ figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head>
 <p>{len(trials)} trials, searcher {html.escape(sweep["searcher"])}, metric
 {html.escape(metric)} ({html.escape(sweep["mode"])}). {summary}.</p>
 {"".join(_embed(p) for p in plots)}
+{"<h2>Variants (mean over seeds)</h2>" + _html_table(variants) if variants else ""}
 <h2>Trials</h2>{_html_table(rows)}
 </body></html>
 """
@@ -231,5 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     out = write_report(args.run_dir, log_to_mlflow=not args.no_mlflow)
     sweep, trials = load(args.run_dir)
     print(_markdown(table_rows(sweep, trials)), end="")
+    variants = variant_rows(sweep, trials)
+    if variants:
+        print("\n" + _markdown(variants), end="")
     print(f"report: {out / 'report.html'}")
     return 0

@@ -127,9 +127,10 @@ class Tracker:
             tags = {"dcm_run": self.cfg.run_name, "dcm_stage": stage}
             if parent_id:
                 tags["mlflow.parentRunId"] = parent_id
-            name = self.cfg.run_name if stage == PARENT or not parent_id else stage
-            if not parent_id and stage != PARENT:
-                name = f"{self.cfg.run_name}-{stage}"
+            if stage == PARENT:
+                name = self.cfg.run_name
+            else:  # nested runs are named by their stage, standalone ones by run + stage
+                name = stage if parent_id else f"{self.cfg.run_name}-{stage}"
             run = client.create_run(self.experiment_id(), run_name=name, tags=tags)
             run_id = run.info.run_id
             self._log_params(run_id, stage)

@@ -190,7 +190,7 @@ class Validator:
     @torch.no_grad()
     def __call__(self, model: Any, teacher: Backbone, step: int, logger: RunLogger) -> dict:
         from dcm.generate import to_uint8
-        from dcm.sampler import sample, teacher_sample
+        from dcm.sampler import sample
 
         metrics: dict[str, float] = {}
         out = Path(tempfile.mkdtemp(prefix="dcm-val-"))
@@ -297,6 +297,65 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
+def optimizer_step(
+    stage: str,
+    step_fn: Any,
+    engine: Any,
+    teacher: Backbone,
+    disc: nn.Module | None,
+    disc_opt: torch.optim.Optimizer | None,
+    batches: list[dict[str, Any]],
+    generator: torch.Generator,
+    grad_clip: float,
+    world: int,
+    target: nn.Module | None = None,
+    ema_decay: float = 0.0,
+) -> dict[str, float]:
+    """One optimiser step over ``len(batches)`` micro-batches (gradient accumulation).
+
+    Stage 1: backward of "loss". Stage 2: G backward + engine step, then D backward on the
+    same detached features; the discriminator's gradients are averaged over the workers,
+    clipped and stepped once per optimiser step. With an EMA ``target`` (METHOD.md 4.4,
+    option) it follows the student after the step. Returns the mean losses and norms.
+    """
+    device = batches[0]["x0"].device
+    sums: dict[str, float] = {}
+    for batch in batches:
+        with _autocast(device):
+            if stage == "semantic":
+                out = step_fn(engine, teacher, batch, generator, target=target)
+            else:
+                out = step_fn(engine, teacher, disc, batch, generator, target=target)
+        if stage == "semantic":
+            engine.backward(out["loss"])
+            engine.step()  # DeepSpeed steps (and clips) at the accumulation boundary
+        else:
+            engine.backward(out["loss_g"])
+            engine.step()
+            (out["loss_d"] / len(batches)).backward()
+        for key, val in out.items():
+            sums[key] = sums.get(key, 0.0) + float(val.detach()) / len(batches)
+    if disc is not None and disc_opt is not None:
+        _average_grads(list(disc.parameters()), world)
+        sums["disc_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), grad_clip))
+        disc_opt.step()
+        disc_opt.zero_grad(set_to_none=True)
+    if target is not None:
+        _ema_update(target, engine.module, ema_decay)
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        sums["grad_norm"] = float(grad_norm)
+    return sums
+
+
+@torch.no_grad()
+def _ema_update(target: nn.Module, student: nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * student, on the trained parameters."""
+    for p_t, p in zip(target.parameters(), student.parameters(), strict=True):
+        if p.requires_grad:
+            p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - decay)
+
+
 # ---------------------------------------------------------------- the loop
 def train_loop(config: dict[str, Any]) -> None:
     """One stage on one Ray Train worker; ``config`` comes from ``pipelines.distill``."""
@@ -306,7 +365,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    print("TIMING start", time.time(), file=sys.stderr, flush=True)
     cfg: Config = from_dict(config["cfg"])
     stage: str = config["stage"]
     logger: RunLogger = config["logger"]
@@ -328,7 +386,6 @@ def train_loop(config: dict[str, Any]) -> None:
     _seed_everything(t.seed * 1009 + rank)
     generator = torch.Generator(device=device).manual_seed(t.seed * 7919 + rank)
 
-    print("TIMING", "models", time.time(), file=sys.stderr, flush=True)
     # 2. models: the teacher's weights are loaded once; stage 1 copies them for the student
     bundle = load_bundle(
         cfg.model.path, components=("transformer",), text_max_length=cfg.model.text_max_length
@@ -353,28 +410,36 @@ def train_loop(config: dict[str, Any]) -> None:
         schedule, cfg.method, cfg.data.empty_prompt_prob
     )
 
-    print("TIMING", "built", time.time(), file=sys.stderr, flush=True)
     # 3. the student's optimiser inside a DeepSpeed engine
     lr = t.lr_semantic if stage == "semantic" else t.lr_detail
     opt = torch.optim.AdamW(
         student.trainable_parameters(), lr=lr, betas=t.betas, eps=t.adam_eps,
         weight_decay=t.weight_decay,
     )  # fmt: skip
+    target = None  # the consistency target: the student itself, or an EMA copy of it
+    if cfg.method.ema_decay > 0:
+        if t.zero_stage == 3:
+            raise ConfigError(
+                "method.ema_decay > 0 keeps a whole EMA copy on every worker: use "
+                "train.zero_stage <= 2, or method.ema_decay=0 (the reference)"
+            )
+        target = copy.deepcopy(student).requires_grad_(False).eval().to(device)  # fp32
+    replicated = {"ema": target} if target is not None else {}
+    if disc is not None:
+        replicated.update(disc=disc, disc_opt=disc_opt)
     engine, _, _, _ = deepspeed.initialize(
         model=student, optimizer=opt, config=deepspeed_config(cfg, micro, on_gpu)
     )
 
-    print("TIMING", "engine", time.time(), file=sys.stderr, flush=True)
     # 4. resume (a re-run of the same run name, or a restart after a worker failure)
     state = TrainState(stage=stage)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = restore(checkpoint, engine, rank, generator, disc, disc_opt)
+        state = restore(checkpoint, engine, rank, generator, replicated)
         if rank == 0:
-            print(f"[dcm distill {stage}] resumed at step {state.step}/{total}", flush=True)
+            print(f"[dcm distill {stage}] resumed at step {state.step}/{total}", file=sys.stderr)
     resumed_from = state.step
 
-    print("TIMING", "resume", time.time(), file=sys.stderr, flush=True)
     # 5. data: this worker's shard, cycled; the null prompt for CFG and prompt dropout
     null = _cond(config["val"]["null_text"], config["val"]["null_mask"], device)
     shard = ray.train.get_dataset_shard("train")
@@ -382,48 +447,33 @@ def train_loop(config: dict[str, Any]) -> None:
     validator = Validator(cfg, config["val"], device, rank)
     bundle_path = _bundle_path(cfg.model.path)
 
-    print("TIMING", "validator", time.time(), file=sys.stderr, flush=True)
     window: dict[str, float] = {}
     window_steps, t_window = 0, time.perf_counter()
     t_start, start_step = time.perf_counter(), state.step
     engine.train()
     for step in range(state.step + 1, total + 1):
-        # 5a. one optimiser step = grad_accum micro-batches (DeepSpeed steps at the boundary)
+        # 5a. one optimiser step = grad_accum micro-batches from this worker's shard
+        batches = []
         for _ in range(t.grad_accum):
             epoch, index, rows = next(data)
-            batch = to_batch(rows, bundle, null, device)
-            with _autocast(device):
-                if stage == "semantic":
-                    out = step_fn(engine, teacher, batch, generator)
-                else:
-                    out = step_fn(engine, teacher, disc, batch, generator)
-            if stage == "semantic":
-                engine.backward(out["loss"])
-                engine.step()
-            else:
-                # G backward + step, then D backward on the same (detached) features
-                engine.backward(out["loss_g"])
-                engine.step()
-                (out["loss_d"] / t.grad_accum).backward()
-            for key, val in out.items():
-                window[key] = window.get(key, 0.0) + float(val.detach()) / t.grad_accum
+            batches.append(to_batch(rows, bundle, null, device))
             state.epoch, state.batch_in_epoch = epoch, index + 1
-        if disc is not None:
-            _average_grads(list(disc.parameters()), world)
-            disc_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), t.grad_clip)
-            disc_opt.step()
-            disc_opt.zero_grad(set_to_none=True)
-            window["disc_grad_norm"] = window.get("disc_grad_norm", 0.0) + float(disc_norm)
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+        out = optimizer_step(
+            stage, step_fn, engine, teacher, disc, disc_opt, batches, generator, t.grad_clip,
+            world, target, cfg.method.ema_decay,
+        )  # fmt: skip
+        for key, val in out.items():
+            window[key] = window.get(key, 0.0) + val
         state.step, state.samples = step, state.samples + t.global_batch
         window_steps += 1
 
-        print("TIMING", "step", time.time(), file=sys.stderr, flush=True)
         # 5b. log: losses averaged over the window and the workers, lr, speed, memory
+        # (every cadence depends on the step only, so all ranks report together)
+        save = _due(step, t.checkpoint_every, total)
+        validate = save or bool(t.val_every and step % t.val_every == 0)
+        log = save or validate or _due(step, t.log_every, total)
         metrics: dict[str, float] = {}
-        if _due(step, t.log_every, total) or _due(step, t.checkpoint_every, total):
+        if log:
             losses = _mean_across({k: v / window_steps for k, v in window.items()}, device, world)
             took = time.perf_counter() - t_window
             sps = window_steps * t.global_batch / max(took, 1e-9)
@@ -446,30 +496,22 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"{sps:.2f} samples/s ETA {_eta((total - step) / max(rate, 1e-9))}",
                     file=sys.stderr, flush=True,
                 )  # fmt: skip
-            window, window_steps, t_window = {}, 0, time.perf_counter()
+            window, window_steps = {}, 0
 
-        print("TIMING", "logged", time.time(), file=sys.stderr, flush=True)
         # 5c. validate (fixed prompts and seeds) and checkpoint (DeepSpeed state + artifact)
-        save = _due(step, t.checkpoint_every, total)
-        if save or (t.val_every and step % t.val_every == 0):
+        if validate:
             engine.eval()
             metrics.update(validator(engine, teacher, step, logger))
             engine.train()
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
-        print("TIMING", "validated", time.time(), file=sys.stderr, flush=True)
-        if rank == 0 and metrics:
+        if rank == 0 and log:
             logger.log_metrics(metrics, step)
         if save:
             with write_checkpoint(
-                engine, state, cfg, bundle_path, rank, generator, disc, disc_opt
+                engine, state, cfg, bundle_path, rank, generator, replicated
             ) as ckpt:
-                print("TIMING saved", time.time(), file=sys.stderr, flush=True)
-                ray.train.report(_with_last_val(metrics, state), checkpoint=ckpt)
-            print("TIMING reported", time.time(), file=sys.stderr, flush=True)
-        elif metrics:
+                ray.train.report(metrics, checkpoint=ckpt)  # carries val/score: best-k
+        elif log:
             ray.train.report(metrics)
-
-
-def _with_last_val(metrics: dict[str, float], state: TrainState) -> dict[str, float]:
-    """Checkpoint metrics always carry the validation score that ranks them."""
-    return {**state.metrics, **metrics}
+        if log:  # samples/s of the next window leaves validation and saving out
+            t_window = time.perf_counter()

@@ -13,6 +13,7 @@ the Serve YAML's ``deployments`` entries override the deployment options on top.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -26,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from dcm.bundle import is_hub_id, resolve_model_path
 from dcm.config import Config, ConfigError, ServeConfig, from_dict, load_config
 from serve.api import ApiSettings, create_api, key_digest
-from serve.batching import generate_batch, group_by_shape
+from serve.batching import generate_group, group_by_shape
 from serve.limits import DEFAULT_MODEL, Limits, RequestError
 from serve.schemas import ModelCard
 
@@ -87,8 +88,6 @@ def app_from_config(cfg: Config) -> serve.Application:
     s = cfg.serve
     digest = ""
     if s.api_key_env:
-        import os
-
         key = os.environ.get(s.api_key_env, "")
         if not key:
             raise ConfigError(
@@ -142,11 +141,14 @@ def _model_path(path: str, field: str) -> str:
 
 
 def _device(s: ServeConfig) -> str:
+    """'auto': CUDA when Ray gave this replica a GPU (num_gpus from the config or the
+    Serve YAML's ray_actor_options), else the CPU."""
     if s.device != "auto":
         return s.device
+    import ray
     import torch
 
-    return "cuda" if s.replica_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------- generator replicas
@@ -183,7 +185,7 @@ class Generator:
         """One validated request -> {video, timings, model, replica, batch_size} or {error}."""
         return await self._batched({**params, "_arrived": perf_counter()})
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # resized from config in __init__
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)  # resized from config in __init__
     async def _batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in items]
         for group in group_by_shape(items):
@@ -215,17 +217,8 @@ class Generator:
         """Generate one same-shape group in a worker thread, then encode each video."""
         from dcm.video import video_bytes
 
-        p = items[0]
         t0 = perf_counter()
-        frames, stages = generate_batch(
-            model,
-            [it["prompt"] for it in items],
-            [it["seed"] for it in items],
-            steps=p["steps"],
-            num_frames=p["num_frames"],
-            height=p["height"],
-            width=p["width"],
-        )  # uint8 (B, F, H, W, 3)
+        frames, stages = generate_group(model, items)  # uint8 (B, F, H, W, 3)
         gen_s = perf_counter() - t0
         outs = []
         for it, clip in zip(items, frames, strict=True):

@@ -23,9 +23,9 @@ def wan(tmp_path_factory) -> Bundle:
 
 def test_tiny_bundle_layout_and_speed(tmp_path):
     build_tiny_bundle(tmp_path / "warm")  # first call pays the library imports
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: stable on a loaded shared machine
     out = build_tiny_bundle(tmp_path / "b", vocab=["red", "circle"], seed=3)
-    assert time.perf_counter() - start < 2.0  # ~0.15 s idle; shared 2-core box
+    assert time.process_time() - start < 1.0  # ~0.15 s
     index = json.loads((out / "model_index.json").read_text())
     for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert name in index and (out / name).is_dir()
@@ -151,6 +151,18 @@ def test_broken_bundles_name_the_file(tmp_path, tmp_path_factory):
     (bad / "model_index.json").write_text("[1, 2")
     with pytest.raises(BundleError, match=r"model_index\.json' is not valid JSON"):
         load_bundle(bad)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(src, corrupt)
+    (corrupt / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(
+        BundleError, match=r"could not load '.*transformer' as WanTransformer3DModel"
+    ):
+        load_bundle(corrupt, components=["transformer"])
+    (corrupt / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"could not load the tokenizer in") as err:
+        load_bundle(corrupt, components=["text_encoder"])
+    assert "\n" not in str(err.value)
 
     artifact = tmp_path / "artifact"
     artifact.mkdir()

@@ -112,17 +112,17 @@ def generator_replicas() -> int:
 # ---------------------------------------------------------------- without Ray
 def test_batched_rows_match_solo_generation(tmp_path):
     from dcm.generate import VideoGenerator
-    from serve.batching import generate_batch, group_by_shape
+    from serve.batching import generate_group, group_by_shape
 
     gen = VideoGenerator.load(str(build_tiny_bundle(tmp_path / "b", seed=0)), "cpu", load_config())
     prompts, seeds = ["a red circle", "a blue square moves up", "a star"], [3, 4, 3]
-    frames, timings = generate_batch(
-        gen, prompts, seeds, steps=2, num_frames=5, height=32, width=32
-    )
+    shape = {"steps": 2, "num_frames": 5, "height": 32, "width": 32}
+    group = [{"prompt": p, "seed": s, **shape} for p, s in zip(prompts, seeds, strict=True)]
+    frames, timings = generate_group(gen, group)
     assert frames.shape == (3, 5, 32, 32, 3) and frames.dtype == np.uint8
     assert set(timings) == {"text", "denoise", "decode"}
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-        solo = gen.generate([prompt], steps=2, seed=seed, num_frames=5, height=32, width=32)[0]
+        solo = gen.generate([prompt], seed=seed, **shape)[0]
         assert np.abs(frames[i].astype(int) - solo).max() <= 1  # float batching noise only
     assert np.abs(frames[0].astype(int) - frames[1]).mean() > 2.0  # own seed per row
     assert not np.array_equal(frames[0], frames[2])  # same seed, other prompt

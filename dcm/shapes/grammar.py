@@ -16,6 +16,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from dcm.config import ConfigError
+
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "still")
@@ -28,7 +30,7 @@ VOCAB: tuple[str, ...] = (
 )
 
 
-class CaptionError(ValueError):
+class CaptionError(ConfigError):
     """A caption is not a sentence of the shapes grammar."""
 
 

@@ -10,13 +10,14 @@ Per object of the caption (found by its colour's hue; backgrounds are grey):
 
 Adherence per object is the geometric mean of the three (a video must get every attribute
 right), averaged over objects. Quality terms: smoothness = exp(-track jerk), flicker =
-background change between frames, sharpness = edge energy against a ground-truth render of
+background change between frames, sharpness = RMS edge strength against a ground-truth render of
 the same caption. summary = adherence * (0.75 + 0.25 * quality), in [0, 1].
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,9 +73,11 @@ def _palette_hue(colour: str) -> float:
     return colorsys.rgb_to_hsv(r, g, b)[0] * 360.0
 
 
-def colour_weight(frames: np.ndarray, colour: str) -> np.ndarray:
+def colour_weight(
+    frames: np.ndarray, colour: str, hue_chroma: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """Soft membership (F, H, W) in [0, 1] of each pixel to a palette colour."""
-    hue, chroma = _hue_chroma(frames)
+    hue, chroma = hue_chroma if hue_chroma is not None else _hue_chroma(frames)
     dist = np.abs((hue - _palette_hue(colour) + 180.0) % 360.0 - 180.0)
     return np.clip(chroma / FULL_CHROMA, 0.0, 1.0) * ((dist < HUE_TOL) & (chroma > MIN_CHROMA))
 
@@ -144,10 +147,10 @@ def _direction_score(
 
 
 def _object_scores(
-    frames: np.ndarray, obj: ShapeObject, radius: float, travel: float
-) -> tuple[dict[str, float], np.ndarray | None, list]:
-    blobs = _blobs(colour_weight(frames, obj.colour), radius)
-    n = len(frames)
+    weight: np.ndarray, obj: ShapeObject, radius: float, travel: float
+) -> tuple[dict[str, float], np.ndarray | None]:
+    blobs = _blobs(weight, radius)
+    n = len(weight)
     found = [i for i, b in enumerate(blobs) if b is not None]
     colour = len(found) / n
     shape = sum(classify_shape(blobs[i][1]) == obj.shape for i in found) / n
@@ -161,7 +164,6 @@ def _object_scores(
     return (
         {"colour": colour, "shape": shape, "direction": direction, "adherence": adherence},
         track,
-        blobs,
     )
 
 
@@ -175,10 +177,11 @@ def _jerk_score(track: np.ndarray | None, travel: float) -> float:
 
 
 def _edge_energy(frames: np.ndarray) -> float:
+    """RMS luminance gradient: blur lowers it (unlike the mean absolute gradient), noise raises it."""
     lum = frames.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
-    gx = np.abs(np.diff(lum, axis=2)).mean()
-    gy = np.abs(np.diff(lum, axis=1)).mean()
-    return float(gx + gy)
+    gx = np.square(np.diff(lum, axis=2)).mean()
+    gy = np.square(np.diff(lum, axis=1)).mean()
+    return float(np.sqrt(gx + gy))
 
 
 def _flicker_score(frames: np.ndarray, object_masks: np.ndarray, radius: float) -> float:
@@ -206,22 +209,30 @@ def score_video(
     radius, travel = geometry(h, w)
     per_obj, tracks = [], []
     object_masks = np.zeros((f, h, w), bool)
+    hue_chroma = _hue_chroma(frames)
     for obj in scene.objects:
-        scores, track, _ = _object_scores(frames, obj, radius, travel)
+        weight = colour_weight(frames, obj.colour, hue_chroma)  # (F, H, W)
+        scores, track = _object_scores(weight, obj, radius, travel)
         per_obj.append(scores)
         tracks.append(track)
-        # dilate the colour mask by the radius for the flicker background: cheap box test
-        object_masks |= colour_weight(frames, obj.colour) > 0.05
+        object_masks |= weight > 0.05
     object_masks = _dilate(object_masks, 2)
     out = {k: float(np.mean([s[k] for s in per_obj])) for k in per_obj[0]}
     out["smoothness"] = float(np.mean([_jerk_score(t, travel) for t in tracks]))
     out["flicker"] = _flicker_score(frames, object_masks, radius)
-    reference = render_scene(scene, reference_seed, f, h, w)
-    ratio = _edge_energy(frames) / max(_edge_energy(reference), 1e-6)
+    ratio = _edge_energy(frames) / max(
+        _reference_energy(scene.caption(), reference_seed, f, h, w), 1e-6
+    )
     out["sharpness"] = float(min(1.0, min(ratio, 1.0 / max(ratio, 1e-6)) / SHARPNESS_SLACK))
     out["quality"] = (out["smoothness"] + out["flicker"] + out["sharpness"]) / 3.0
     out["summary"] = out["adherence"] * (0.75 + 0.25 * out["quality"])
     return {k: out[k] for k in KEYS}
+
+
+@functools.lru_cache(maxsize=256)
+def _reference_energy(caption: str, seed: int, f: int, h: int, w: int) -> float:
+    """Edge energy of the ground-truth render of a caption (cached: captions repeat)."""
+    return _edge_energy(render_scene(parse_caption(caption), seed, f, h, w))
 
 
 def _dilate(mask: np.ndarray, k: int) -> np.ndarray:

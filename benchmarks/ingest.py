@@ -1,0 +1,223 @@
+"""Ingest throughput: clips/s of the Ray Data pipeline and its decode/encode time split,
+against the VAE's own encode throughput measured in the same run.
+
+    python benchmarks/ingest.py                 # CPU: shapes bundle, 17 x 64 x 64 clips
+    python benchmarks/ingest.py --gpu           # GPU: full-size Wan2.1 VAE (random weights),
+                                                #      81 x 480 x 832 clips from 720p sources
+
+The pipeline runs in online mode (``stream_latents``: decode tasks -> encoder actor pool ->
+the driver), so no parquet writing is timed. Figures:
+
+- vae_clips_per_s: the bundle's ``encode_video`` alone on ready pixel tensors (same batch
+  size, device and dtype as the actors), after a warm-up batch;
+- pipeline_clips_per_s: clips encoded per second from the end of the encoders' first batch
+  to the end of their last (steady state: warm-up excluded, but every wait for decoded
+  clips counted); end_to_end_clips_per_s also counts cluster, actor and model start-up;
+- decode_task_s / encode_task_s: seconds spent inside decode tasks / encoder actor calls;
+- ratio = pipeline / vae; the GPU target is >= 0.8.
+
+The GPU bundle has the full-size Wan VAE but a tiny text encoder (UMT5-XXL is not part of
+the target); the text encoder's time is included in the actors' encode time regardless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_sources(folder: Path, count: int, frames: int, height: int, width: int, fps: int) -> Path:
+    """``count`` synthetic mp4s (ffmpeg testsrc2, each a different start time) + captions.jsonl."""
+    import imageio_ffmpeg
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    lines = []
+    for i in range(count):
+        path = folder / f"src{i:03d}.mp4"
+        if not path.is_file():
+            subprocess.run(
+                [ffmpeg, "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                 f"testsrc2=size={width}x{height}:rate={fps}", "-ss", str(i % 7),
+                 "-frames:v", str(frames), "-c:v", "libx264", "-preset", "veryfast",
+                 "-pix_fmt", "yuv420p", str(path)],
+                check=True,
+            )  # fmt: skip
+        lines.append(json.dumps({"path": path.name, "caption": f"a test pattern number {i}"}))
+    manifest = folder / "captions.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def gpu_bundle(folder: Path) -> Path:
+    """A tiny bundle whose VAE is replaced by the full-size Wan2.1 VAE with random weights."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from dcm.tiny import build_tiny_bundle
+
+    if (folder / "vae" / "config.json").is_file() and (folder / ".full_vae").is_file():
+        return folder
+    build_tiny_bundle(folder)
+    torch.manual_seed(0)
+    AutoencoderKLWan().save_pretrained(folder / "vae")  # the Wan2.1 defaults: z_dim 16
+    (folder / ".full_vae").write_text("AutoencoderKLWan() defaults, random weights\n")
+    return folder
+
+
+def vae_throughput(cfg, batch: int, reps: int) -> dict[str, float]:
+    """The VAE's own encode throughput (clips/s) on random pixels, as the actors run it."""
+    import torch
+
+    from dcm.bundle import load_bundle
+
+    gpu = cfg.ingest.actor_gpus > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    bundle = load_bundle(cfg.model.path, device=device, dtype=dtype, components=("vae",))
+    d = cfg.data
+    pixels = torch.rand(batch, 3, d.num_frames, d.height, d.width, device=device) * 2 - 1
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def once() -> None:
+        bundle.encode_video(pixels.to(dtype), cfg.data.posterior, gen)
+        if gpu:
+            torch.cuda.synchronize()
+
+    once()  # warm-up (cuDNN autotune, allocator)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        once()
+    seconds = (time.perf_counter() - t0) / reps
+    out = {"vae_s_per_batch": seconds, "vae_clips_per_s": batch / seconds}
+    if gpu:
+        out["vae_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def pipeline_throughput(cfg) -> dict[str, float]:
+    """Consume the online stream once; steady-state and end-to-end clips/s, time split."""
+    from pipelines.ingest import stream_latents, stream_summary
+
+    t0 = time.perf_counter()
+    ds = stream_latents(cfg)
+    clips = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        clips += len(batch["clip"])
+    end = time.perf_counter()
+    summary = stream_summary(ds)
+    steady = summary["steady_clips_per_s"]  # encoder-side window, first batch excluded
+    return {
+        "clips": clips,
+        "inputs": summary["inputs"],
+        "rejects": len(summary["rejects"]),
+        "end_to_end_s": end - t0,
+        "end_to_end_clips_per_s": clips / (end - t0),
+        "pipeline_clips_per_s": steady,
+        "decode_task_s": summary["times"]["decode"],
+        "encode_task_s": summary["times"]["encode"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", action="store_true", help="full-size Wan VAE at 81x480x832 on a GPU")
+    p.add_argument("--full-vae", action="store_true",
+                   help="the --gpu model and sources on CPU (small --frames/--height/--width)")  # fmt: skip
+    p.add_argument("--videos", type=int, default=0, help="source videos (default 24 CPU / 24 GPU)")
+    p.add_argument("--frames", type=int, default=0, help="clip frames (4k+1)")
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--batch", type=int, default=0, help="encode batch size")
+    p.add_argument("--actors", type=int, default=1, help="encoder actors")
+    p.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray cluster (0 = all)")
+    p.add_argument("--reps", type=int, default=3, help="timed VAE-only batches")
+    p.add_argument("--model", default="", help="bundle (CPU default: bundled:shapes or a tiny one)")
+    p.add_argument("--work", default="", help="folder for sources and bundles (default: temp)")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    from dcm.bundle import BundleError, resolve_model_path
+    from dcm.config import load_config
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="dcm-bench-ingest-"))
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --gpu needs a CUDA device (use --full-vae to run that model on CPU)")
+            return 2
+    if args.gpu or args.full_vae:
+        frames, height, width = args.frames or 81, args.height or 480, args.width or 832
+        src_h, src_w, src_frames = 720, 1280, frames + 16
+        model = args.model or str(gpu_bundle(work / "bundle-full-vae"))
+        batch, videos = args.batch or 1, args.videos or 24
+        device = {"ingest.actor_gpus": 1.0, "ingest.actor_cpus": 2.0, "ingest.decode_cpus": 1.0,
+                  "ray.object_store_mb": 16384}  # fmt: skip
+        if not args.gpu:  # --full-vae on CPU: same model, CPU resources
+            src_h, src_w = 2 * height, 2 * width
+            device = {"ingest.actor_gpus": 0.0, "ingest.actor_cpus": 0.5, "ingest.decode_cpus": 0.5}
+    else:
+        frames, height, width = args.frames or 17, args.height or 64, args.width or 64
+        src_h, src_w, src_frames = 96, 128, 2 * frames
+        model = args.model
+        if not model:
+            try:
+                resolve_model_path("bundled:shapes")
+                model = "bundled:shapes"
+            except BundleError:  # the shapes teacher is not built here: a tiny random one
+                from dcm.tiny import build_tiny_bundle
+
+                model = str(build_tiny_bundle(work / "bundle-tiny"))
+        batch, videos = args.batch or 2, args.videos or 24
+        device = {"ingest.actor_gpus": 0.0, "ingest.actor_cpus": 0.5, "ingest.decode_cpus": 0.5}
+    manifest = make_sources(work / f"sources-{src_h}x{src_w}", videos, src_frames, src_h, src_w, 16)
+    overrides = {
+        "model.path": model, "data.input": str(manifest), "data.num_frames": frames,
+        "data.height": height, "data.width": width, "ingest.encode_batch_size": batch,
+        "ingest.encode_actors": args.actors, "ray.dashboard": False,
+        "ray.num_cpus": args.cpus or (os.cpu_count() or 2), **device,
+    }  # fmt: skip
+    preset = "wan2.1-t2v-1.3b" if args.gpu or args.full_vae else "shapes-tiny"
+    cfg = load_config(None, preset, [f"{k}={v}" for k, v in overrides.items()])
+    print(f"[bench] {videos} sources {src_frames}x{src_h}x{src_w} -> clips {frames}x{height}x{width}, "
+          f"batch {batch}, model {model}", flush=True)  # fmt: skip
+
+    vae = vae_throughput(cfg, batch, args.reps)
+    print(f"[bench] VAE alone: {vae['vae_clips_per_s']:.3f} clips/s", flush=True)
+    from pipelines.cluster import init_ray, shutdown
+
+    ctx = init_ray(cfg.ray)
+    try:
+        pipe = pipeline_throughput(cfg)
+    finally:
+        shutdown(ctx)
+    ratio = pipe["pipeline_clips_per_s"] / vae["vae_clips_per_s"]
+    result = {"mode": "gpu" if args.gpu else "cpu", "frames": frames, "height": height,
+              "width": width, "batch": batch, "videos": videos, **vae, **pipe,
+              "ratio_vs_vae": ratio, "target": 0.8 if args.gpu else None}  # fmt: skip
+    busy = pipe["encode_task_s"] / max(pipe["end_to_end_s"] * args.actors, 1e-9)
+    print(
+        f"[bench] pipeline {pipe['pipeline_clips_per_s']:.3f} clips/s steady, "
+        f"{pipe['end_to_end_clips_per_s']:.3f} end to end ({pipe['clips']} clips, "
+        f"{pipe['end_to_end_s']:.1f} s); VAE alone {vae['vae_clips_per_s']:.3f} clips/s; "
+        f"ratio {ratio:.2f}{' (target >= 0.80)' if args.gpu else ''}\n"
+        f"[bench] time split: decode {pipe['decode_task_s']:.1f} task-s, encode "
+        f"{pipe['encode_task_s']:.1f} actor-s (encoder busy {100 * busy:.0f}% of the wall time)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if (not args.gpu or ratio >= 0.8) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Distillation end to end on 2 CPU workers: `both` stages through Ray Train + DeepSpeed.
+
+One module-scoped `both` run (2 steps per stage, a checkpoint every step, best 1 kept) on
+shapes clips that went through the real ingest; several tests check its outputs: the
+artifacts (loadable without DeepSpeed), the detail stage's start from the semantic
+checkpoint, the checkpoint folders, MLflow, and that a re-run skips finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcm.config import load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "shapes-tiny.yaml"
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def shapes_latents(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny bundle, ingest folder of 8 shapes clips), built once per test session."""
+    base = tmp_path_factory.getbasetemp() / "distill_data"
+    bundle, latents = base / "bundle", base / "latents"
+    if not (latents / "manifest.json").is_file():
+        from dcm.shapes.dataset import write_dataset
+        from dcm.shapes.grammar import VOCAB
+        from dcm.tiny import build_tiny_bundle
+        from pipelines.ingest import run_ingest
+
+        build_tiny_bundle(bundle, vocab=VOCAB)
+        manifest = write_dataset(base / "videos", 8, seed=3)
+        run_ingest(
+            load_config(
+                None,
+                "shapes-tiny",
+                [f"model.path={bundle}", f"data.input={manifest}", f"ingest.out={latents}"],
+            )
+        )
+    return bundle, latents
+
+
+def distill_config(bundle: Path, latents: Path, out: Path, *extra: str):
+    """The CI config (pipelines/configs/shapes-tiny.yaml) pointed at test data."""
+    overrides = [f"model.path={bundle}", f"data.latents={latents}", f"train.out={out}", *extra]
+    return load_config(CONFIG, None, overrides)
+
+
+@pytest.fixture(scope="module")
+def both_run(ray_cluster, tmp_path_factory):
+    from pipelines.distill import run_distill
+
+    bundle, latents = shapes_latents(tmp_path_factory)
+    out = tmp_path_factory.mktemp("distill_runs")
+    cfg = distill_config(
+        bundle, latents, out,
+        "train.steps_semantic=2", "train.steps_detail=2", "train.checkpoint_every=1",
+        "train.keep_checkpoints=1", "train.run_name=both1",
+    )  # fmt: skip
+    return cfg, run_distill(cfg)
+
+
+@pytest.mark.timeout(420)
+def test_both_stages_export_loadable_artifacts(both_run):
+    from dcm.experts import DualExpert
+    from dcm.generate import VideoGenerator
+
+    cfg, result = both_run
+    sem, det = result.stages["semantic"], result.stages["detail"]
+    assert result.stage == "both" and result.artifact_dir == det.artifact_dir
+    semantic = DualExpert.load_artifact(sem.artifact_dir)
+    detail = DualExpert.load_artifact(det.artifact_dir)
+    assert not semantic.has_detail and detail.has_detail
+    # Stage 2 starts from the stage-1 checkpoint and freezes the base: SemE is unchanged.
+    sem_state, det_state = semantic.state_dict(), detail.base.state_dict()
+    base_keys = [k for k in sem_state if k.startswith("base.")]
+    assert base_keys
+    for key in base_keys:
+        name = key[len("base.") :]
+        twin = det_state.get(name, det_state.get(name.replace(".weight", ".base_layer.weight")))
+        if twin is None:
+            twin = det_state[name.replace(".bias", ".base_layer.bias")]
+        torch.testing.assert_close(sem_state[key], twin, rtol=0, atol=0)
+    # Stage 2 trained its detail expert: LoRA B is no longer zero.
+    lora_b = [v for k, v in detail.state_dict().items() if ".lora_B." in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)
+    # The artifact is what dcm's generator (and Serve) load, without DeepSpeed.
+    gen = VideoGenerator.load(str(det.artifact_dir))
+    frames = gen.generate(["a red circle moves left on a plain background"], steps=2, seed=0)
+    assert frames.dtype == np.uint8 and frames.shape == (1, 17, 64, 64, 3)
+
+
+@pytest.mark.timeout(420)
+def test_checkpoints_hold_deepspeed_state_artifact_and_best_k(both_run):
+    cfg, result = both_run
+    for stage, res in result.stages.items():
+        assert res.metrics["step"] == 2.0 and res.metrics["resumed_from"] == 0.0
+        assert "val/score" in res.metrics and 0.0 <= res.metrics["val/score"] <= 1.0
+        folder = Path(res.checkpoint.path)
+        state = json.loads((folder / "state.json").read_text())
+        assert state["stage"] == stage and state["step"] in (1, 2)
+        assert (folder / "ds" / "mp_rank_00_model_states.pt").is_file()
+        # one ZeRO optimiser shard and one RNG state per worker (2 workers)
+        assert len(list((folder / "ds").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+        assert sorted(p.name for p in (folder / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+        assert (folder / "artifact" / "experts.safetensors").is_file()
+        assert (folder / "disc.pt").is_file() == (stage == "detail")
+        # keep_checkpoints=1: the best one plus, if different, the latest one remain
+        kept = list(folder.parent.glob("checkpoint_*"))
+        assert 1 <= len(kept) <= 2
+        record = json.loads((folder.parent / "result.json").read_text())
+        assert record["checkpoint"] == res.checkpoint.path
+
+
+@pytest.mark.timeout(420)
+def test_mlflow_holds_nested_runs_with_metrics_and_artifacts(both_run):
+    from mlflow import MlflowClient
+
+    from pipelines.distill import run_dir
+
+    cfg, result = both_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(run_dir(cfg)) / 'mlflow.db'}")
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.data.tags["dcm_stage"] == "both"
+    expected = {
+        "semantic": ["train/loss", "train/cd", "train/tc"],
+        "detail": ["train/loss_g", "train/loss_d", "train/fm", "train/disc_grad_norm"],
+    }
+    for stage, keys in expected.items():
+        run = client.get_run(result.stages[stage].mlflow_run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["train.num_workers"] == "2"
+        assert run.info.status == "FINISHED"
+        common = ["train/grad_norm", "train/lr", "perf/samples_per_s", "perf/peak_mem_mb"]
+        for key in [*keys, *common, "val/score"]:
+            assert key in run.data.metrics, (stage, key)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, keys[0])]
+        assert sorted(steps) == [1, 2]
+        arts = [f.path for f in client.list_artifacts(run.info.run_id, "validation/step_000002")]
+        assert any(p.endswith(".mp4") for p in arts) and any(p.endswith(".gif") for p in arts)
+        names = [f.path for f in client.list_artifacts(run.info.run_id, "artifact")]
+        assert "artifact/experts.safetensors" in names and "artifact/dcm_artifact.json" in names
+
+
+@pytest.mark.timeout(420)
+def test_rerun_of_a_finished_run_skips_its_stages(both_run):
+    from pipelines.distill import run_distill
+
+    cfg, result = both_run
+    again = run_distill(cfg)
+    assert again.artifact_dir == result.artifact_dir
+    assert again.stages["semantic"].checkpoint.path == result.stages["semantic"].checkpoint.path
+
+
+def test_cli_dry_run_and_bad_stage_input(tmp_path, capsys):
+    from pipelines.args import run_main
+    from pipelines.distill import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(CONFIG), "--stage", "semantic", "--out", str(tmp_path), "--dry-run"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "stage: semantic" in printed and f"out: {tmp_path}" in printed
+    # detail alone without a semantic artifact: one sentence, exit 2, no traceback
+    code = run_main(main, ["--config", str(CONFIG), "--stage", "detail", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.init_from" in err and "Traceback" not in err

@@ -1,0 +1,122 @@
+"""`ray job submit --working-dir . -- python -m pipelines.distill ...` against `ray start --head`.
+
+The head is a separate local cluster bound to 127.0.0.1 with auth disabled on server and
+client (RUNTIME.md), every port chosen free, and its own temp dir; the finalizer ends
+exactly the processes of that temp dir, by pid (never `ray stop`, which would also stop
+other clusters on the machine). The job runs the semantic stage for one step with
+tracking disabled, reading the raw shapes clips through ingest's online stream (no
+parquet), and must leave an artifact and no MLflow store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_distill import shapes_latents
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _processes_under(marker: str) -> list[int]:
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if marker in cmd and proc.info["pid"] != os.getpid():
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def _end(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A `ray start --head` cluster on loopback; yields (dashboard address, client env)."""
+    temp = tempfile.mkdtemp(prefix="rjob", dir="/tmp")  # short: unix socket paths
+    gcs, dash, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+        "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+        "--runtime-env-agent-port", str(env_agent), "--num-cpus", "2", "--num-gpus", "0",
+        "--object-store-memory", str(256 * 2**20), "--temp-dir", temp,
+        "--include-dashboard", "true", "--disable-usage-stats",
+    ]  # fmt: skip
+    try:
+        subprocess.run(cmd, env=env, check=True, timeout=180, capture_output=True)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        _end(_processes_under(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.timeout(540)
+def test_distill_runs_unchanged_through_ray_job_submit(head, tmp_path_factory):
+    address, env = head
+    bundle, latents = shapes_latents(tmp_path_factory)
+    videos = latents.parent / "videos" / "captions.jsonl"  # raw clips: the online stream
+    out = tmp_path_factory.mktemp("job_runs")
+    entrypoint = [
+        "python", "-m", "pipelines.distill",
+        "--config", "pipelines/configs/shapes-tiny.yaml",
+        "--data", str(videos), "--stage", "semantic", "--out", str(out),
+        "--set", f"model.path={bundle}", "--set", "train.steps_semantic=1",
+        "--set", "train.run_name=job1", "--set", "tracking.enabled=false",
+        "--set", "sample.steps=2", "--set", "sample.eval_steps=[2]",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+         *entrypoint],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower(), log[-4000:]
+    summary = json.loads(next(ln for ln in reversed(log.splitlines()) if '"artifact"' in ln))
+    assert summary["stage"] == "semantic" and summary["mlflow_run_id"] is None
+    artifact = Path(summary["artifact"])
+    assert (artifact / "experts.safetensors").is_file()
+    assert (artifact / "dcm_artifact.json").is_file()
+    assert artifact.is_relative_to(out / "job1" / "semantic")
+    assert "[dcm distill semantic] step 1/1" in log  # the progress line reached the client
+    assert not (out / "job1" / "mlflow.db").exists()  # tracking.enabled=false
