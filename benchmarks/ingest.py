@@ -46,12 +46,29 @@ def make_sources(folder: Path, count: int, frames: int, height: int, width: int,
         path = folder / f"src{i:03d}.mp4"
         if not path.is_file():
             subprocess.run(
-                [ffmpeg, "-y", "-loglevel", "error", "-f", "lavfi", "-i",
-                 f"testsrc2=size={width}x{height}:rate={fps}", "-ss", str(i % 7),
-                 "-frames:v", str(frames), "-c:v", "libx264", "-preset", "veryfast",
-                 "-pix_fmt", "yuv420p", str(path)],
+                [
+                    ffmpeg,
+                    "-y",
+                    "-loglevel",
+                    "error",
+                    "-f",
+                    "lavfi",
+                    "-i",
+                    f"testsrc2=size={width}x{height}:rate={fps}",
+                    "-ss",
+                    str(i % 7),
+                    "-frames:v",
+                    str(frames),
+                    "-c:v",
+                    "libx264",
+                    "-preset",
+                    "veryfast",
+                    "-pix_fmt",
+                    "yuv420p",
+                    str(path),
+                ],
                 check=True,
-            )  # fmt: skip
+            )
         lines.append(json.dumps({"path": path.name, "caption": f"a test pattern number {i}"}))
     manifest = folder / "captions.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -131,8 +148,11 @@ def pipeline_throughput(cfg) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="full-size Wan VAE at 81x480x832 on a GPU")
-    p.add_argument("--full-vae", action="store_true",
-                   help="the --gpu model and sources on CPU (small --frames/--height/--width)")  # fmt: skip
+    p.add_argument(
+        "--full-vae",
+        action="store_true",
+        help="the --gpu model and sources on CPU (small --frames/--height/--width)",
+    )
     p.add_argument("--videos", type=int, default=0, help="source videos (default 24 CPU / 24 GPU)")
     p.add_argument("--frames", type=int, default=0, help="clip frames (4k+1)")
     p.add_argument("--height", type=int, default=0)
@@ -161,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         src_h, src_w, src_frames = 720, 1280, frames + 16
         model = args.model or str(gpu_bundle(work / "bundle-full-vae"))
         batch, videos = args.batch or 1, args.videos or 24
-        device = {"ingest.actor_gpus": 1.0, "ingest.actor_cpus": 2.0, "ingest.decode_cpus": 1.0,
-                  "ray.object_store_mb": 16384}  # fmt: skip
+        device = {
+            "ingest.actor_gpus": 1.0,
+            "ingest.actor_cpus": 2.0,
+            "ingest.decode_cpus": 1.0,
+            "ray.object_store_mb": 16384,
+        }
         if not args.gpu:  # --full-vae on CPU: same model, CPU resources
             src_h, src_w = 2 * height, 2 * width
             device = {"ingest.actor_gpus": 0.0, "ingest.actor_cpus": 0.5, "ingest.decode_cpus": 0.5}
@@ -182,15 +206,24 @@ def main(argv: list[str] | None = None) -> int:
         device = {"ingest.actor_gpus": 0.0, "ingest.actor_cpus": 0.5, "ingest.decode_cpus": 0.5}
     manifest = make_sources(work / f"sources-{src_h}x{src_w}", videos, src_frames, src_h, src_w, 16)
     overrides = {
-        "model.path": model, "data.input": str(manifest), "data.num_frames": frames,
-        "data.height": height, "data.width": width, "ingest.encode_batch_size": batch,
-        "ingest.encode_actors": args.actors, "ray.dashboard": False,
-        "ray.num_cpus": args.cpus or (os.cpu_count() or 2), **device,
-    }  # fmt: skip
+        "model.path": model,
+        "data.input": str(manifest),
+        "data.num_frames": frames,
+        "data.height": height,
+        "data.width": width,
+        "ingest.encode_batch_size": batch,
+        "ingest.encode_actors": args.actors,
+        "ray.dashboard": False,
+        "ray.num_cpus": args.cpus or (os.cpu_count() or 2),
+        **device,
+    }
     preset = "wan2.1-t2v-1.3b" if args.gpu or args.full_vae else "shapes-tiny"
     cfg = load_config(None, preset, [f"{k}={v}" for k, v in overrides.items()])
-    print(f"[bench] {videos} sources {src_frames}x{src_h}x{src_w} -> clips {frames}x{height}x{width}, "
-          f"batch {batch}, model {model}", flush=True)  # fmt: skip
+    print(
+        f"[bench] {videos} sources {src_frames}x{src_h}x{src_w} -> clips "
+        f"{frames}x{height}x{width}, batch {batch}, model {model}",
+        flush=True,
+    )
 
     vae = vae_throughput(cfg, batch, args.reps)
     print(f"[bench] VAE alone: {vae['vae_clips_per_s']:.3f} clips/s", flush=True)
@@ -202,9 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown(ctx)
     ratio = pipe["pipeline_clips_per_s"] / vae["vae_clips_per_s"]
-    result = {"mode": "gpu" if args.gpu else "cpu", "frames": frames, "height": height,
-              "width": width, "batch": batch, "videos": videos, **vae, **pipe,
-              "ratio_vs_vae": ratio, "target": 0.8 if args.gpu else None}  # fmt: skip
+    result = {
+        "mode": "gpu" if args.gpu else "cpu",
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "batch": batch,
+        "videos": videos,
+        **vae,
+        **pipe,
+        "ratio_vs_vae": ratio,
+        "target": 0.8 if args.gpu else None,
+    }
     busy = pipe["encode_task_s"] / max(pipe["end_to_end_s"] * args.actors, 1e-9)
     print(
         f"[bench] pipeline {pipe['pipeline_clips_per_s']:.3f} clips/s steady, "

@@ -419,7 +419,7 @@ class ServeConfig:
     variants: dict[str, str] = doc({}, "Extra models served by multiplexing: name -> distilled artifact or bundle folder; a request picks one with its 'model' field.")
     max_models_per_replica: int = doc(3, "Variants kept loaded per replica (least recently used are unloaded).")
     max_batch_size: int = doc(4, "Concurrent same-shape requests generated as one batch.")
-    batch_wait_timeout_s: float = doc(0.01, "How long a batch waits for more requests after its first (while a batch runs, new requests queue for the next one anyway).")
+    batch_wait_timeout_s: float = doc(0.0, "How long a batch waits for more requests after its first; 0 = take those already waiting (they pile up while a batch runs), so a lone request never waits.")
     max_ongoing_requests: int = doc(4, "Requests a generator replica holds at once (>= max_batch_size so batches can form).")
     upscale_delay_s: float = doc(5.0, "Autoscaling: load must stay above target this long before adding a replica.")
     downscale_delay_s: float = doc(60.0, "Autoscaling: load must stay below target this long before removing a replica.")

@@ -2,7 +2,7 @@
 
 Pure functions: a video (local path or bytes) and the clip geometry in, uint8 clips
 ``(F, H, W, 3)`` out. Every way a source can be unusable raises ``SourceError`` whose
-message is the reject reason ingest records; nothing here knows about Ray or files
+message is the reject reason ingest records; nothing here knows about Ray or file
 systems beyond reading one local path or one byte string.
 
 Clip selection, for a segment of ``L`` source frames (the whole video, or ``start``..``end``):
@@ -199,7 +199,7 @@ def _open(src: str | Path | bytes, width: int = -1, height: int = -1):
         return decord.VideoReader(
             str(src), ctx=decord.cpu(0), width=width, height=height, num_threads=1
         )
-    except Exception as err:  # noqa: BLE001 - decord raises RuntimeError, DECORDError, AssertionError
+    except Exception as err:  # noqa: BLE001 - decord raises RuntimeError, DECORDError, assert
         raise SourceError(_open_reason(src, err)) from None
 
 

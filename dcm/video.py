@@ -76,7 +76,13 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
 def _write_gif(path: Path, frames: np.ndarray, fps: int) -> None:
     from PIL import Image
 
-    images = [Image.fromarray(frame) for frame in frames]
+    # Fast octree palettes per frame: Pillow's default (median cut) takes ~0.2 s per noisy frame.
+    images = [
+        Image.fromarray(frame).quantize(
+            colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE
+        )
+        for frame in frames
+    ]
     duration_ms = max(20, round(1000 / max(fps, 1)))
     images[0].save(
         path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False

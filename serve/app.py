@@ -185,7 +185,7 @@ class Generator:
         """One validated request -> {video, timings, model, replica, batch_size} or {error}."""
         return await self._batched({**params, "_arrived": perf_counter()})
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)  # resized from config in __init__
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)  # resized from config in __init__
     async def _batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in items]
         for group in group_by_shape(items):

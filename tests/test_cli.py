@@ -29,10 +29,14 @@ def test_unknown_command_is_one_clear_error(capsys):
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_every_subcommand_has_help(name):
-    proc = _run(name, "--help")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--config" in proc.stdout or "usage" in proc.stdout
+def test_every_subcommand_has_help(name, capsys):
+    # in-process: the stage modules share one import of torch/ray instead of eight
+    with pytest.raises(SystemExit) as done:
+        main([name, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"dcm {name}" in out or "usage" in out
+    assert "--config" in out or name == "sweep"
 
 
 def test_dry_run_prints_resolved_config():

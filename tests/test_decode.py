@@ -181,17 +181,44 @@ def broken(tmp_path_factory) -> dict[str, Path]:
     files["text"].write_text("this is not a video\n" * 50)
     # index up front, then the second half of the stream garbled: opens, fails to decode
     fast = d / "fast.mp4"
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(good), "-c", "copy",
-                    "-movflags", "+faststart", str(fast)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            ffmpeg,
+            "-y",
+            "-loglevel",
+            "error",
+            "-i",
+            str(good),
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            str(fast),
+        ],
+        check=True,
+    )
     raw = bytearray(fast.read_bytes())
     rng = np.random.default_rng(0)
     raw[len(raw) // 3 :] = rng.integers(0, 256, len(raw) - len(raw) // 3, dtype=np.uint8).tobytes()
     files["corrupt"] = d / "corrupt.mp4"
     files["corrupt"].write_bytes(bytes(raw))
     files["audio"] = d / "audio.m4a"
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "sine=frequency=440:duration=1", "-c:a", "aac", str(files["audio"])],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [
+            ffmpeg,
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=1",
+            "-c:a",
+            "aac",
+            str(files["audio"]),
+        ],
+        check=True,
+    )
     from PIL import Image
 
     files["image"] = d / "still.png"

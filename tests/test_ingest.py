@@ -21,19 +21,43 @@ from pipelines import ingest
 GOOD = {"good0.mp4": 40, "good1.mp4": 17, "good2.mp4": 21, "good3.mp4": 17}  # name -> frames
 
 
-def _broken_files(d: Path) -> None:
+def _ffmpeg(*args: str) -> None:
     import subprocess
 
     import imageio_ffmpeg
 
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", *args], check=True)
+
+
+def _broken_files(d: Path) -> None:
     data = (d / "good0.mp4").read_bytes()
     (d / "zero.mp4").write_bytes(b"")
     (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (d / "notes.mp4").write_text("not a video\n" * 40)
     sample_mp4(d / "short.mp4", num_frames=5, height=48, width=80)
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi",
-                    "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(d / "audio.m4a")],
-                   check=True)  # fmt: skip
+    _ffmpeg(
+        "-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(d / "audio.m4a")
+    )
+    # index up front, second half of the stream garbled: opens, then fails to decode
+    fast = d / "fast.tmp"
+    _ffmpeg(
+        "-i", str(d / "good0.mp4"), "-c", "copy", "-movflags", "+faststart", "-f", "mp4", str(fast)
+    )
+    raw = bytearray(fast.read_bytes())
+    raw[len(raw) // 3 :] = np.random.default_rng(0).bytes(len(raw) - len(raw) // 3)
+    (d / "corrupt.mp4").write_bytes(bytes(raw))
+    fast.unlink()
+
+
+EXPECTED_REJECTS = {
+    "zero.mp4": "empty file",
+    "truncated.mp4": "not a readable video",
+    "notes.mp4": "not a readable video",
+    "short.mp4": "too short",
+    "audio.m4a": "audio-only",
+    "missing.mp4": "missing file",
+    "corrupt.mp4": "corrupt",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +70,12 @@ def world(tmp_path_factory):
     for name, frames in GOOD.items():
         sample_mp4(vids / name, num_frames=frames, height=48, width=80)
     _broken_files(vids)
-    lines = [json.dumps({"path": f"vids/{n}", "caption": f"a red square moves right {i}"})
-             for i, n in enumerate(GOOD)]  # fmt: skip
+    lines = [
+        json.dumps({"path": f"vids/{n}", "caption": f"a red square moves right {i}"})
+        for i, n in enumerate(GOOD)
+    ]
     lines[1] = json.dumps({"path": str(vids / "good1.mp4"), "caption": "an absolute path"})
-    for name in ("zero.mp4", "truncated.mp4", "notes.mp4", "short.mp4", "audio.m4a", "missing.mp4"):
+    for name in EXPECTED_REJECTS:
         lines.append(json.dumps({"path": f"vids/{name}", "caption": "broken"}))
     lines.append(json.dumps({"path": "vids/good3.mp4", "caption": "   "}))  # empty caption
     lines.append('{"path": "vids/good3.mp4", "caption": "caf\xe9"}')  # latin-1 byte below
@@ -71,16 +97,29 @@ def world(tmp_path_factory):
     (folder / "zero.mp4").write_bytes(b"")
     (folder / "zero.txt").write_text("zero")
     (folder / ".hidden").write_text("ignored")
-    return {"root": root, "bundle": tiny_bundle(tmp_path_factory), "manifest": root / "captions.jsonl",
-            "folder": folder}  # fmt: skip
+    return {
+        "root": root,
+        "bundle": tiny_bundle(tmp_path_factory),
+        "manifest": root / "captions.jsonl",
+        "folder": folder,
+    }
 
 
 def _cfg(world, out: Path, data_input: Path, *extra: str):
-    return load_config(None, "shapes-tiny", [
-        f"model.path={world['bundle']}", f"data.input={data_input}", f"ingest.out={out}",
-        "data.posterior=mean", "data.clips_per_video=2", "ingest.rows_per_shard=4",
-        "ingest.encode_batch_size=2", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        "shapes-tiny",
+        [
+            f"model.path={world['bundle']}",
+            f"data.input={data_input}",
+            f"ingest.out={out}",
+            "data.posterior=mean",
+            "data.clips_per_video=2",
+            "ingest.rows_per_shard=4",
+            "ingest.encode_batch_size=2",
+            *extra,
+        ],
+    )
 
 
 # ---------------------------------------------------------------- listing (no Ray)
@@ -88,12 +127,12 @@ def test_jsonl_listing_resolves_paths_and_flags_bad_lines(world):
     uri, kind = ingest.check_input(str(world["root"]))  # a folder holding captions.jsonl
     assert (uri, kind) == (str(world["manifest"]), "jsonl")
     rows = list(ingest.iter_sources(uri, kind))
-    assert len(rows) == 14
+    assert len(rows) == 15
     assert rows[0]["source"] == str(world["root"] / "vids" / "good0.mp4")
     assert rows[1]["source"] == str(world["root"] / "vids" / "good1.mp4")
-    assert "\ufffd" in rows[11]["caption"]  # the latin-1 byte, left for decode to reject
-    assert rows[12]["error"] == "captions.jsonl line 13 is not valid JSON"
-    assert rows[13]["error"] == "captions.jsonl line 14 has no 'path'"
+    assert "\ufffd" in rows[12]["caption"]  # the latin-1 byte, left for decode to reject
+    assert rows[13]["error"] == "captions.jsonl line 14 is not valid JSON"
+    assert rows[14]["error"] == "captions.jsonl line 15 has no 'path'"
 
 
 def test_uri_inputs_list_and_decode(world):
@@ -113,12 +152,16 @@ def test_csv_and_parquet_manifests(tmp_path):
     )
     rows = list(ingest.iter_sources(*ingest.check_input(str(tmp_path / "m.csv"))))
     assert [r["source"].rsplit("/", 1)[-1] if not r["error"] else r["error"] for r in rows] == [
-        "a.mp4", "b.mp4", "d.mp4", "m.csv line 4 has the wrong number of fields",
-    ]  # fmt: skip
+        "a.mp4",
+        "b.mp4",
+        "d.mp4",
+        "m.csv line 4 has the wrong number of fields",
+    ]
     assert rows[0]["start"] == 1.5 and math.isnan(rows[0]["end"]) and rows[2]["end"] == 3.0
     assert "\ufffd" in rows[1]["caption"]
-    table = pa.table({"path": ["s3://bucket/x.mp4", "y.mp4"], "caption": ["one", None],
-                      "fps": [8.0, None]})  # fmt: skip
+    table = pa.table(
+        {"path": ["s3://bucket/x.mp4", "y.mp4"], "caption": ["one", None], "fps": [8.0, None]}
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     rows = list(ingest.iter_sources(*ingest.check_input(str(tmp_path / "m.parquet"))))
     assert rows[0]["source"] == "s3://bucket/x.mp4" and rows[0]["fps"] == 8.0
@@ -166,16 +209,6 @@ def test_cli_dry_run_and_user_errors(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------- parquet mode
-EXPECTED_REJECTS = {
-    "zero.mp4": "empty file",
-    "truncated.mp4": "not a readable video",
-    "notes.mp4": "not a readable video",
-    "short.mp4": "too short",
-    "audio.m4a": "audio-only",
-    "missing.mp4": "missing file",
-}
-
-
 @pytest.fixture(scope="module")
 def parquet_run(world, ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents")
@@ -187,10 +220,10 @@ def parquet_run(world, ray_cluster, tmp_path_factory):
 def test_parquet_mode_counts_reconcile(parquet_run):
     cfg, out, summary = parquet_run
     assert summary.reconciled
-    # good0 has 40 frames -> 2 clips; good1-3 one each; 14 inputs, 4 videos, 10 rejects
-    assert (summary.inputs, summary.videos, summary.clips, summary.rejects) == (14, 4, 5, 10)
+    # good0 has 40 frames -> 2 clips; good1-3 one each; 15 inputs, 4 videos, 11 rejects
+    assert (summary.inputs, summary.videos, summary.clips, summary.rejects) == (15, 4, 5, 11)
     manifest = lt.read_manifest(out)
-    assert manifest.counts["inputs"] == 14 and manifest.counts["clips"] == 5
+    assert manifest.counts["inputs"] == 15 and manifest.counts["clips"] == 5
     assert manifest.latent_shape == (8, 5, 8, 8) and manifest.text_shape == (24, 32)
     assert manifest.normalisation["kind"] == "per_channel"
     assert (
@@ -204,7 +237,7 @@ def test_parquet_mode_counts_reconcile(parquet_run):
     reasons = [r["reason"] for r in lt.read_rejects(out)]
     assert any("caption is empty" in r for r in reasons)
     assert any("not valid UTF-8" in r for r in reasons)
-    assert "captions.jsonl line 13 is not valid JSON" in reasons
+    assert "captions.jsonl line 14 is not valid JSON" in reasons
 
 
 @pytest.mark.timeout(240)
@@ -219,8 +252,13 @@ def test_parquet_rows_are_the_encoders_output(parquet_run, world):
             rows[(Path(batch["source"][i]).name, int(batch["clip"][i]))] = {
                 k: batch[k][i] for k in batch
             }
-    assert sorted(rows) == [("good0.mp4", 0), ("good0.mp4", 1), ("good1.mp4", 0), ("good2.mp4", 0),
-                            ("good3.mp4", 0)]  # fmt: skip
+    assert sorted(rows) == [
+        ("good0.mp4", 0),
+        ("good0.mp4", 1),
+        ("good1.mp4", 0),
+        ("good2.mp4", 0),
+        ("good3.mp4", 0),
+    ]
     row = rows[("good0.mp4", 1)]
     assert row["latents"].shape == (8, 5, 8, 8) and row["latents"].dtype == np.float32
     assert row["text"].shape == (24, 32) and row["text_mask"].dtype == np.int8
@@ -249,7 +287,7 @@ def test_rerun_skips_finished_shards(parquet_run, world):
     redo.unlink()
     (out / ingest.STATE_DIR / f"done-{group:05d}.json").unlink()
     again = ingest.run_ingest(cfg)
-    assert again.reconciled and (again.inputs, again.clips, again.rejects) == (14, 5, 10)
+    assert again.reconciled and (again.inputs, again.clips, again.rejects) == (15, 5, 11)
     assert again.resumed_groups == len(list((out / ingest.STATE_DIR).glob("done-*.json"))) - 1
     assert kept.stat().st_mtime_ns == kept_mtime and redo.is_file()
     # other settings into the same folder: one clear error, nothing overwritten
@@ -280,3 +318,47 @@ def test_online_stream_reconciles_and_logs_rejects(world, ray_cluster, tmp_path)
     }
     side = lt.read_rejects(tmp_path / "online")  # the side file of online mode
     assert sorted(r["path"] for r in side) == sorted(r["path"] for r in s["rejects"])
+
+
+# ---------------------------------------------------------------- the row schema (no Ray)
+def test_latent_rows_round_trip_through_arrow(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = {
+        "latents": rng.standard_normal((3, 4, 2, 3, 5)).astype(np.float32),  # (B, C, T, h, w)
+        "text": rng.standard_normal((3, 6, 7)).astype(np.float32),  # (B, L, D)
+        "text_mask": (rng.random((3, 6)) > 0.5).astype(np.int8),  # (B, L)
+        "caption": np.asarray(["a", "b", "c"], dtype=object),
+        "source": np.asarray(["s3://x/1.mp4", "/y/2.mp4", "/y/2.mp4"], dtype=object),
+        "clip": np.asarray([0, 0, 1], dtype=np.int32),
+    }
+    table = lt.rows_to_table(rows)
+    pq.write_table(table, tmp_path / "shard.parquet")
+    back = lt.table_to_rows(pq.read_table(tmp_path / "shard.parquet"), (4, 2, 3, 5), (6, 7))
+    for key, value in rows.items():
+        np.testing.assert_array_equal(back[key], value)
+        assert back[key].dtype == value.dtype
+    with pytest.raises(lt.LatentsError, match="mixes runs"):
+        lt.table_to_rows(table, (4, 2, 3, 6), (6, 7))
+    with pytest.raises(lt.LatentsError, match="lack the columns"):
+        lt.rows_to_table({k: v for k, v in rows.items() if k != "text"})
+
+
+def test_manifest_errors_name_the_folder(tmp_path):
+    with pytest.raises(lt.LatentsError, match="has no manifest.json"):
+        lt.read_manifest(tmp_path)
+    m = lt.LatentManifest(
+        encoder={"model": "m"}, normalisation={"kind": "scale", "scaling_factor": 0.5},
+        latent_shape=(16, 21, 60, 104), text_shape=(512, 4096), video={"num_frames": 81},
+        counts={"inputs": 1}, shards=[{"file": "shard-00000.parquet", "rows": 1}],
+    )  # fmt: skip
+    lt.write_manifest(tmp_path, m)
+    again = lt.read_manifest(tmp_path)
+    assert again.latent_shape == (16, 21, 60, 104) and again.shards == m.shards
+    assert lt.shard_paths(tmp_path) == [f"{tmp_path}/shard-00000.parquet"]
+    data = json.loads((tmp_path / lt.MANIFEST).read_text())
+    (tmp_path / lt.MANIFEST).write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(lt.LatentsError, match="schema_version 99"):
+        lt.read_manifest(tmp_path)
+    (tmp_path / lt.MANIFEST).write_text("{")
+    with pytest.raises(lt.LatentsError, match="not valid JSON"):
+        lt.read_manifest(tmp_path)

@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from dcm.config import ConfigError, load_config
-from pipelines.pretrain import PretrainSettings, encode_text_train, run_pretrain
+from pipelines.pretrain import (
+    PretrainSettings,
+    encode_text_train,
+    evaluate_teacher,
+    main,
+    run_pretrain,
+)
 
 TINY = dict(
     vae_steps=2, vae_frames=5, vae_batch=2, clips=4, steps=3, batch=2, log_every=1,
-    checkpoint_minutes=0.0, threads=1, layers=1, heads=2, head_dim=8, ffn_dim=32, z_dim=4,
+    checkpoint_minutes=0.0, threads=1, eval_prompts=0, layers=1, heads=2, head_dim=8, ffn_dim=32, z_dim=4,
     vae_base_dim=4, text_dim=16, text_layers=1, text_ff=32,
 )  # fmt: skip
 
@@ -45,6 +51,26 @@ def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_p
     assert z.shape == (1, 4, 5, 8, 8)
     assert b.decode(b.normalize(z)).shape == (1, 3, 17, 64, 64)
 
+    # the held-out teacher evaluation, per CFG scale, and the --evaluate-only path
+    quick = cfg.replace(**{"sample.teacher_steps": 2})
+    res = evaluate_teacher(
+        quick, PretrainSettings(**{**TINY, "eval_prompts": 1, "eval_cfg": "5,0"}), out
+    )
+    assert res["prompts"] == 1 and set(res) >= {"cfg_5", "cfg_0"}
+    assert res["cfg_5"]["nfe"] == 4 and 0.0 <= res["cfg_5"]["summary"] <= 1.0
+    argv = [
+        "--evaluate-only",
+        "--out",
+        str(out),
+        "--eval-prompts",
+        "1",
+        "--set",
+        "sample.teacher_steps=2",
+    ]
+    assert main(argv) == 0
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["heldout_eval"]["cfg_5"]["steps"] == 2 and info["steps"] == 3
+
 
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="vae-frames"):
@@ -53,3 +79,5 @@ def test_settings_are_validated():
         PretrainSettings(steps=0)
     with pytest.raises(ConfigError, match="ema"):
         PretrainSettings(ema=1.0)
+    with pytest.raises(ConfigError, match="eval-cfg"):
+        PretrainSettings(eval_cfg="high")

@@ -47,6 +47,18 @@ def test_space_parses_every_kind_and_variants():
         assert list(space["method.split"].categories) == [10, 30]  # grids become choices
 
 
+def test_optuna_searcher_draws_valid_trials_from_the_shipped_space():
+    cfg = load_config(CONFIGS / "sweep-shapes.yaml")
+    dims = sw.check_sweep(cfg)
+    searcher = sw._searcher(cfg)  # Optuna TPE behind a ConcurrencyLimiter
+    assert searcher.set_search_properties("val/score", "max", sw.tune_space(dims, "optuna"))
+    drawn = searcher.suggest("trial_0")
+    assert drawn.keys() == {d.key for d in dims}
+    assert drawn["method.split"] in (14, 24, 34, 40) and 0.1 <= drawn["method.tc_weight"] <= 3.0
+    trial = sw.trial_config(cfg, drawn, "t0")  # a drawn point is a valid config
+    assert trial.lora.rank == drawn["lora.rank"] and trial.train.run_name == "t0"
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [
