@@ -126,14 +126,15 @@ def tune_space(dims: list[Dimension], searcher: str) -> dict[str, Any]:
     return space
 
 
-def trial_config(base: Config, params: dict[str, Any], run_name: str, **dotted: Any) -> Config:
+def trial_config(base: Config, params: dict[str, Any], run_name: str) -> Config:
     """The config of one trial: base <- its variant's overrides <- its sampled params."""
     params = dict(params)
     overrides: dict[str, Any] = {}
     if VARIANT in params:
         overrides.update(base.sweep.variants[params.pop(VARIANT)])
     overrides.update(params)
-    return base.replace(**overrides, **{"train.run_name": run_name}, **dotted)
+    overrides["train.run_name"] = run_name
+    return base.replace(**overrides)
 
 
 def best_config(base: Config, params: dict[str, Any]) -> Config:
@@ -284,8 +285,9 @@ def _scheduler(cfg: Config) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # Time unit = validation reports; no trial reports more often than once per step.
-    max_t = cfg.train.steps_semantic + cfg.train.steps_detail
+    # Time unit = validation reports, at most one per step. ASHA stops a trial that reaches
+    # max_t, so max_t lies beyond the last report: a trial always ends by itself.
+    max_t = cfg.train.steps_semantic + cfg.train.steps_detail + 1
     return ASHAScheduler(
         time_attr="training_iteration", max_t=max_t,
         grace_period=min(cfg.sweep.grace_period, max_t),

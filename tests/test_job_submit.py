@@ -91,9 +91,9 @@ def head():
 
 
 @pytest.mark.timeout(540)
-def test_distill_runs_unchanged_through_ray_job_submit(head, tmp_path_factory):
+def test_distill_runs_unchanged_through_ray_job_submit(head, ray_cluster, tmp_path_factory):
     address, env = head
-    bundle, latents = shapes_latents(tmp_path_factory)
+    bundle, latents = shapes_latents(tmp_path_factory)  # ingest runs on the session cluster
     videos = latents.parent / "videos" / "captions.jsonl"  # raw clips: the online stream
     out = tmp_path_factory.mktemp("job_runs")
     entrypoint = [

@@ -220,6 +220,7 @@ def test_shortened_ablation_runs_as_a_two_trial_asha_sweep(shapes_latents, tmp_p
     # Tune ran one trial per variant through ASHA; each reported the validation metric.
     assert sorted(t["params"]["variant"] for t in result.trials) == ["dcm", "single-cm"]
     assert all(t["status"] in ("finished", "stopped") and t["history"] for t in result.trials)
+    assert any(t["status"] == "finished" for t in result.trials)  # ASHA keeps the first
 
     # MLflow: the parent, one child per trial with metrics, each stage nested below it.
     info = json.loads((result.run_dir / "sweep.json").read_text())
