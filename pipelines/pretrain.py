@@ -267,7 +267,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     vae.register_to_config(latents_mean=ch_mean.tolist(), latents_std=ch_std.tolist())
     info["encode_minutes"] = (time.time() - started) / 60
     print(
-        f"[pretrain] vae psnr {info['vae_psnr']:.2f} dB; {len(captions)} clips encoded", flush=True
+        f"[pretrain] vae psnr {info['vae_psnr']:.2f} dB, posterior std ratio "
+        f"{info['posterior_std_ratio']:.3f}; {len(captions)} clips encoded",
+        flush=True,
     )
     shape = (1, -1, 1, 1, 1)
     norm_mean, norm_std = ch_mean.view(shape).to(dev), ch_std.view(shape).to(dev)

@@ -21,7 +21,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 
 from dcm.bundle import is_hub_id, resolve_model_path
@@ -159,6 +163,11 @@ class Generator:
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
         from dcm.generate import VideoGenerator
 
+        # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, which forces a fork()
+        # that runs Python in the child of this multi-threaded (gRPC) process; that child
+        # can abort ("epoll_wait error: Bad file descriptor"). Without preexec_fn Python
+        # uses vfork + exec, which is safe (the abort was seen here in a benchmark run).
+        os.environ["IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"] = "1"
         self._cfg = cfg = from_dict(cfg_dict)
         self._device = _device(cfg.serve)
         self._models = {DEFAULT_MODEL: VideoGenerator.load(cfg.model.path, self._device, cfg)}
@@ -269,37 +278,7 @@ class Ingress:
         return create_api(self._settings, self._generate, self._ready)
 
     async def _generate(self, params: dict[str, Any]) -> dict[str, Any]:
-        handle = self._generator
-        if params["model"] != DEFAULT_MODEL:
-            handle = handle.options(multiplexed_model_id=params["model"])
-        response = handle.generate.remote(params)
-        try:
-            result = await asyncio.wait_for(_wait(response), timeout=self._timeout)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise RequestError(
-                None,
-                f"generation took longer than serve.request_timeout_s={self._timeout:g} s",
-                504,
-                "timeout",
-            ) from None
-        except BackPressureError:
-            raise RequestError(
-                None,
-                "the generation queue is full: retry after the Retry-After delay",
-                503,
-                "overloaded",
-            ) from None
-        except (RayActorError, DeploymentUnavailableError):
-            raise RequestError(
-                None,
-                "no generator replica is available right now: retry shortly",
-                503,
-                "unavailable",
-            ) from None
-        if "error" in result:
-            raise RequestError(result["error"]["field"], result["error"]["message"])
-        return result
+        return await call_generator(self._generator, params, self._timeout)
 
     async def _ready(self) -> bool:
         try:
@@ -310,3 +289,39 @@ class Ingress:
 
 async def _wait(response: Any) -> Any:
     return await response
+
+
+async def call_generator(handle: Any, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Send validated params to a generator replica; map Serve's failures onto HTTP errors.
+
+    The variant goes by multiplexed model id (Serve routes to replicas that hold it). A
+    full queue is 503 (BackPressureError: max_queued_requests reached), a dead or missing
+    replica 503, a slow one 504 after ``timeout_s`` (and the request is cancelled).
+    """
+    if params["model"] != DEFAULT_MODEL:
+        handle = handle.options(multiplexed_model_id=params["model"])
+    response = handle.generate.remote(params)
+    try:
+        result = await asyncio.wait_for(_wait(response), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise RequestError(
+            None,
+            f"generation took longer than serve.request_timeout_s={timeout_s:g} s",
+            504,
+            "timeout",
+        ) from None
+    except BackPressureError:
+        raise RequestError(
+            None,
+            "the generation queue is full: retry after the Retry-After delay",
+            503,
+            "overloaded",
+        ) from None
+    except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
+        raise RequestError(
+            None, "no generator replica is available right now: retry shortly", 503, "unavailable"
+        ) from None
+    if "error" in result:
+        raise RequestError(result["error"]["field"], result["error"]["message"])
+    return result

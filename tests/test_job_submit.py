@@ -4,8 +4,9 @@ The head is a separate local cluster bound to 127.0.0.1 with auth disabled on se
 client (RUNTIME.md), every port chosen free, and its own temp dir; the finalizer ends
 exactly the processes of that temp dir, by pid (never `ray stop`, which would also stop
 other clusters on the machine). The job runs the semantic stage for one step with
-tracking disabled, reading the raw shapes clips through ingest's online stream (no
-parquet), and must leave an artifact and no MLflow store.
+tracking disabled, ZeRO-3 and gradient accumulation, reading the raw shapes clips
+through ingest's online stream (no parquet); it must leave a complete artifact and no
+MLflow store.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def test_distill_runs_unchanged_through_ray_job_submit(head, ray_cluster, tmp_pa
         "--set", f"model.path={bundle}", "--set", "train.steps_semantic=1",
         "--set", "train.run_name=job1", "--set", "tracking.enabled=false",
         "--set", "sample.steps=2", "--set", "sample.eval_steps=[2]",
+        # ZeRO-3 (artifact gathered from 2 ranks) and accumulation, at no extra fit
+        "--set", "train.zero_stage=3", "--set", "train.grad_accum=2",
     ]  # fmt: skip
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
@@ -118,5 +121,11 @@ def test_distill_runs_unchanged_through_ray_job_submit(head, ray_cluster, tmp_pa
     assert (artifact / "experts.safetensors").is_file()
     assert (artifact / "dcm_artifact.json").is_file()
     assert artifact.is_relative_to(out / "job1" / "semantic")
+    shards = sorted(p.name for p in (artifact.parent / "ds").glob("zero_pp_rank_*_model_states.pt"))
+    assert len(shards) == 2  # ZeRO-3: each rank saved its parameter partition
+    from dcm.experts import DualExpert
+
+    model = DualExpert.load_artifact(artifact)  # strict: every weight whole, none partitioned
+    assert not model.has_detail and min(p.numel() for p in model.parameters()) > 0
     assert "[dcm distill semantic] step 1/1" in log  # the progress line reached the client
     assert not (out / "job1" / "mlflow.db").exists()  # tracking.enabled=false

@@ -8,6 +8,7 @@ replicas, batching, the full queue), then killing the replicas.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -134,6 +135,64 @@ def test_batched_rows_match_solo_generation(tmp_path):
         {"model": "default", "steps": 4, "num_frames": 5, "height": 32, "width": 32},
     ]
     assert group_by_shape(items) == [[0, 2], [1], [3]]
+
+
+class _Response:
+    """A stand-in DeploymentResponse: awaitable after `delay`, records cancel()."""
+
+    def __init__(self, result=None, exc=None, delay=0.0):
+        self.result, self.exc, self.delay, self.cancelled = result, exc, delay, False
+
+    def __await__(self):
+        return self._run().__await__()
+
+    async def _run(self):
+        await asyncio.sleep(self.delay)
+        if self.exc is not None:
+            raise self.exc
+        return self.result
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    def __init__(self, response):
+        self.response, self.model_id, self.generate = response, None, self
+
+    def options(self, multiplexed_model_id):
+        self.model_id = multiplexed_model_id
+        return self
+
+    def remote(self, params):
+        return self.response
+
+
+def test_generator_failures_map_to_http_errors():
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.app import call_generator
+    from serve.limits import RequestError
+
+    params = {"model": "default"}
+    ok = _Handle(_Response({"video": b"v"}))
+    assert asyncio.run(call_generator(ok, params, 5.0)) == {"video": b"v"}
+    assert ok.model_id is None  # the default model is not multiplexed
+    asyncio.run(call_generator(ok, {"model": "a"}, 5.0))
+    assert ok.model_id == "a"
+
+    cases = [
+        (_Response(delay=5.0), 504, "timeout"),
+        (_Response(exc=BackPressureError(4, 4)), 503, "overloaded"),
+        (_Response(exc=ActorDiedError()), 503, "unavailable"),
+        (_Response({"error": {"field": None, "message": "bad size"}}), 422, "invalid_request"),
+    ]
+    for response, status, kind in cases:
+        with pytest.raises(RequestError) as err:
+            asyncio.run(call_generator(_Handle(response), params, 0.2))
+        assert (err.value.status, err.value.kind) == (status, kind)
+    assert cases[0][0].cancelled  # a timed-out request is cancelled on the replica
 
 
 def test_serve_config_yaml_is_valid_and_dcm_serve_reads_it(capsys):

@@ -7,6 +7,7 @@ Python package; no browser is downloaded.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,7 @@ def url(ray_cluster, tmp_path_factory):
 def page():
     from playwright.sync_api import sync_playwright
 
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser.new_page()
