@@ -131,7 +131,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         _range("shift", self.shift, 1e-3, 1e3)
         _range("grid_points", self.grid_points, 2, 10000)
-        _range("split", self.split, 0, self.grid_points - 2)
+        _range("split", self.split, -1, self.grid_points - 2)
         _choice("guidance", self.guidance, ("cfg", "embedded"))
         _range("cfg_scale", self.cfg_scale, 0.0, 100.0)
         _range("embedded_guidance", self.embedded_guidance, 0.0, 1e5)
@@ -270,7 +270,9 @@ class TrainConfig:
         "val/score", "Validation metric that ranks checkpoints (higher is better)."
     )
     val_every: int = doc(0, "Steps between validations (0 = only at the end).")
-    val_prompts: int = doc(2, "Validation prompts taken from the data's captions when sample.prompts is empty.")
+    val_prompts: int = doc(
+        2, "Validation prompts taken from the data's captions when sample.prompts is empty."
+    )
     log_every: int = doc(10, "Steps between metric logs.")
     seed: int = doc(0, "Seed of every random draw of the run.")
     max_failures: int = doc(0, "Worker-group restarts allowed (Ray Train FailureConfig).")
@@ -375,7 +377,10 @@ class SweepConfig:
     asha: bool = doc(True, "Early-stop weak trials with ASHA.")
     grace_period: int = doc(1, "ASHA grace period in reports.")
     reduction_factor: int = doc(2, "ASHA reduction factor (keep the top 1/rf at each rung).")
-    teacher_baseline: bool = doc(False, "Also score the teacher at sample.teacher_steps on the validation prompts and seeds (shapes world), as the reference line of the report.")
+    teacher_baseline: bool = doc(
+        False,
+        "Also score the teacher at sample.teacher_steps on the validation prompts and seeds (shapes world), as the reference line of the report.",
+    )
     max_concurrent: int = doc(1, "Trials running at once.")
     trial_cpus: float = doc(1.0, "CPUs per trial worker.")
     trial_gpus: float = doc(0.0, "GPUs per trial worker.")
@@ -415,16 +420,38 @@ class ServeConfig:
     target_ongoing_requests: float = doc(1.0, "Autoscaling target of ongoing requests per replica.")
     replica_cpus: float = doc(0.5, "CPUs per generator replica.")
     replica_gpus: float = doc(0.0, "GPU fraction per generator replica.")
-    device: str = doc("auto", "Generator device: 'auto' (cuda when Ray gave the replica a GPU, else cpu), 'cpu', 'cuda'.")
-    variants: dict[str, str] = doc({}, "Extra models served by multiplexing: name -> distilled artifact or bundle folder; a request picks one with its 'model' field.")
-    max_models_per_replica: int = doc(3, "Variants kept loaded per replica (least recently used are unloaded).")
+    device: str = doc(
+        "auto",
+        "Generator device: 'auto' (cuda when Ray gave the replica a GPU, else cpu), 'cpu', 'cuda'.",
+    )
+    variants: dict[str, str] = doc(
+        {},
+        "Extra models served by multiplexing: name -> distilled artifact or bundle folder; a request picks one with its 'model' field.",
+    )
+    max_models_per_replica: int = doc(
+        3, "Variants kept loaded per replica (least recently used are unloaded)."
+    )
     max_batch_size: int = doc(4, "Concurrent same-shape requests generated as one batch.")
-    batch_wait_timeout_s: float = doc(0.0, "How long a batch waits for more requests after its first; 0 = take those already waiting (they pile up while a batch runs), so a lone request never waits.")
-    max_ongoing_requests: int = doc(4, "Requests a generator replica holds at once (>= max_batch_size so batches can form).")
-    upscale_delay_s: float = doc(5.0, "Autoscaling: load must stay above target this long before adding a replica.")
-    downscale_delay_s: float = doc(60.0, "Autoscaling: load must stay below target this long before removing a replica.")
-    look_back_period_s: float = doc(30.0, "Autoscaling: window over which ongoing requests are averaged.")
-    metrics_interval_s: float = doc(10.0, "Autoscaling: how often handles and replicas report load (Serve's default 10 s; lower reacts faster).")
+    batch_wait_timeout_s: float = doc(
+        0.0,
+        "How long a batch waits for more requests after its first; 0 = take those already waiting (they pile up while a batch runs), so a lone request never waits.",
+    )
+    max_ongoing_requests: int = doc(
+        4, "Requests a generator replica holds at once (>= max_batch_size so batches can form)."
+    )
+    upscale_delay_s: float = doc(
+        5.0, "Autoscaling: load must stay above target this long before adding a replica."
+    )
+    downscale_delay_s: float = doc(
+        60.0, "Autoscaling: load must stay below target this long before removing a replica."
+    )
+    look_back_period_s: float = doc(
+        30.0, "Autoscaling: window over which ongoing requests are averaged."
+    )
+    metrics_interval_s: float = doc(
+        10.0,
+        "Autoscaling: how often handles and replicas report load (Serve's default 10 s; lower reacts faster).",
+    )
     retry_after_s: int = doc(5, "Retry-After seconds sent with a 503 when the queue is full.")
 
     def __post_init__(self) -> None:
@@ -443,8 +470,15 @@ class ServeConfig:
         _range("replica_gpus", self.replica_gpus, 0.0, 64)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for name, path in self.variants.items():
-            if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path:
-                raise ConfigError(f"variants entry {name!r}: {path!r} must map a name to a model folder")
+            if (
+                not isinstance(name, str)
+                or not name.strip()
+                or not isinstance(path, str)
+                or not path
+            ):
+                raise ConfigError(
+                    f"variants entry {name!r}: {path!r} must map a name to a model folder"
+                )
         _range("max_models_per_replica", self.max_models_per_replica, 1, 1000)
         _range("max_batch_size", self.max_batch_size, 1, 1024)
         _range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 60.0)
@@ -502,6 +536,11 @@ class Config:
                     f"data.{axis}={size} must be divisible by {unit} "
                     f"(VAE factor {m.vae_spatial_factor} x patch {p})"
                 )
+        if self.method.split < 0 and self.train.stage != "semantic":
+            raise ConfigError(
+                "method.split=-1 is one consistency model with no detail expert: "
+                f"set train.stage=semantic (got '{self.train.stage}')"
+            )
         if m.backbone == "hunyuanvideo" and self.method.guidance != "embedded":
             raise ConfigError(
                 "method.guidance must be 'embedded' for model.backbone='hunyuanvideo'"
@@ -625,7 +664,11 @@ def _plain(obj: Any) -> Any:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, val in over.items():
-        if isinstance(val, dict) and isinstance(out.get(key), dict) and key not in ("space", "variants"):
+        if (
+            isinstance(val, dict)
+            and isinstance(out.get(key), dict)
+            and key not in ("space", "variants")
+        ):
             out[key] = _merge(out[key], val)
         else:
             out[key] = copy.deepcopy(val)

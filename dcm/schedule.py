@@ -33,6 +33,10 @@ class Schedule:
 
     SemE owns start indices b+1..N-1 (endpoint sigma_b), DetE owns 0..b (endpoint
     sigma_min); at inference sigma > sigma_b goes to SemE, compared in float32.
+
+    b = -1 is the single consistency model of the paper's ablation: with sigma_{-1} =
+    sigma_min (the point below k = 0), one expert owns the whole grid 0..N-1, maps to
+    sigma_min and takes every sampling step; there is no detail expert.
     """
 
     shift: float
@@ -46,16 +50,23 @@ class Schedule:
         n, b = self.grid_points, self.split
         if n < 2:
             raise ConfigError(f"method.grid_points={n} must be at least 2")
-        if not 0 <= b <= n - 2:
+        if not -1 <= b <= n - 2:
             raise ConfigError(
-                f"method.split={b} must lie in 0..{n - 2} so both experts own grid points"
+                f"method.split={b} must lie in 0..{n - 2} so both experts own grid points "
+                "(or be -1 for a single consistency model)"
             )
         grid = torch.tensor(
             [shifted((k + 1) / n, self.shift) for k in range(n)], dtype=torch.float64
         )
         object.__setattr__(self, "sigmas", grid)
-        object.__setattr__(self, "sigma_min", shifted(1.0 / MIN_U, self.shift))
-        object.__setattr__(self, "sigma_split", float(grid[b]))
+        sigma_min = shifted(1.0 / MIN_U, self.shift)
+        object.__setattr__(self, "sigma_min", sigma_min)
+        object.__setattr__(self, "sigma_split", float(grid[b]) if b >= 0 else sigma_min)
+
+    @property
+    def single_expert(self) -> bool:
+        """b = -1: one consistency model over the whole trajectory (no detail expert)."""
+        return self.split < 0
 
     @classmethod
     def from_config(cls, method: MethodConfig) -> Schedule:
@@ -98,6 +109,8 @@ class Schedule:
         s_lo, s_hi = self.index_range(SEMANTIC)
         d_lo, d_hi = self.index_range(DETAIL)
         sem = expert == SEMANTIC
+        if self.single_expert and not bool(sem.all()):
+            raise ConfigError("method.split=-1 has no detail expert: train only the semantic stage")
         lo = torch.where(sem, s_lo, d_lo)  # (B,)
         count = torch.where(sem, s_hi - s_lo + 1, d_hi - d_lo + 1)
         dev = generator.device if generator is not None else torch.device("cpu")
@@ -153,11 +166,11 @@ class Schedule:
             return self._preset(n, preset)
         if n < 2:
             raise ConfigError(f"sample.steps={n} must be at least 2 (one step per expert)")
-        n_sem = (n + 1) // 2
+        n_sem = n if self.single_expert else (n + 1) // 2
         n_det = n - n_sem
         top = self.grid_points - 1
         sem = self._uniform(top, top - self.split, n_sem)
-        det = self._uniform(self.split, self.split + 1, n_det)
+        det = self._uniform(self.split, self.split + 1, n_det) if n_det else []
         return sem + det + [0.0]
 
     def _preset(self, n: int, preset: str) -> list[float]:

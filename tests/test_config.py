@@ -58,7 +58,7 @@ def _write(tmp_path, data) -> Path:
             "unknown config key 'method.splitt'; did you mean 'method.split'",
         ),
         ({"trian": {"seed": 1}}, "unknown config key 'trian'"),
-        ({"method": {"split": 60}}, "method.split=60 is out of range: allowed [0, 48]"),
+        ({"method": {"split": 60}}, "method.split=60 is out of range: allowed [-1, 48]"),
         ({"method": {"shift": "big"}}, "method.shift='big' must be a number"),
         ({"data": {"num_frames": 80}}, "data.num_frames=80 must be k*4+1"),
         ({"data": {"height": 100}}, "data.height=100 must be divisible by 8"),
@@ -126,3 +126,10 @@ def test_explain_documents_every_field():
 def test_flat_keys_are_dotted():
     flat = load_config().flat()
     assert flat["method.split"] == 34 and flat["name"] == "shapes-tiny"
+
+
+def test_single_consistency_model_needs_semantic_stage():
+    cfg = load_config(overrides=["method.split=-1", "train.stage=semantic"])
+    assert cfg.method.split == -1
+    with pytest.raises(ConfigError, match="set train.stage=semantic"):
+        load_config(overrides=["method.split=-1"])

@@ -173,3 +173,24 @@ def test_bad_split_is_a_config_error() -> None:
         Schedule(shift=17.0, grid_points=50, split=49)
     with pytest.raises(ConfigError, match="steps"):
         Schedule(shift=17.0, grid_points=50, split=34).sampling_sigmas(1)
+
+
+def test_single_expert_split_owns_the_whole_grid():
+    """b = -1: the ablation's single consistency model (sigma_{-1} = sigma_min)."""
+    sch = Schedule(shift=17.0, grid_points=50, split=-1)
+    assert sch.single_expert and sch.sigma_split == sch.sigma_min
+    assert sch.index_range(SEMANTIC) == (0, 49)
+    k = sch.sample_indices(torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert int(k.min()) == 0 and int(k.max()) == 49
+    # the consistency endpoint is sigma_min, which equals sigma_prev(0): x_tgt = x_prev there
+    assert float(sch.endpoint(torch.zeros(1, dtype=torch.long))) == float(
+        sch.sigma_prev(torch.zeros(1, dtype=torch.long))
+    )
+    for n in (2, 3, 4, 8):
+        sig = sch.sampling_sigmas(n)
+        assert len(sig) == n + 1 and sig[0] == 1.0 and sig[-1] == 0.0
+        assert sch.route(torch.tensor(sig[:-1])).tolist() == [SEMANTIC] * n
+    with pytest.raises(ConfigError, match="no detail expert"):
+        sch.sample_indices(torch.ones(2, dtype=torch.long), torch.Generator())
+    with pytest.raises(ConfigError, match="or be -1"):
+        Schedule(shift=17.0, grid_points=50, split=-2)

@@ -1,9 +1,9 @@
 """The Serve endpoint over real HTTP on 127.0.0.1: one app per module on the session cluster.
 
 Tiny random bundles (default + two variants built from other seeds); small clips (5-9 frames
-of 32-48 px) keep each request well under a second on two cores. The tests run in file
+of 32-64 px) keep each request well under a second on two cores. The tests run in file
 order: the sequential ones first (one replica), then the load tests (autoscaling to two
-replicas, batching, the full queue), then killing the replicas.
+replicas, batching, the full queue), then killing a replica.
 """
 
 from __future__ import annotations
@@ -516,15 +516,15 @@ def test_concurrent_same_shape_requests_are_batched(served, tmp_path):
 @pytest.mark.timeout(120)
 def test_full_queue_answers_503_with_retry_after(served):
     url, cfg = served
-    # capacity is max_ongoing x replicas + max_queued = 16; 40 at once must overflow it
-    barrier = threading.Barrier(40)
+    # capacity is max_ongoing x replicas + max_queued = 16; 32 at once must overflow it
+    barrier = threading.Barrier(32)
 
     def one(i: int) -> requests.Response:
         barrier.wait()
-        return generate(url, seed=i, num_frames=17, height=64, width=64, steps=8, timeout=120)
+        return generate(url, seed=i, num_frames=9, height=64, width=64, steps=4, timeout=120)
 
-    with ThreadPoolExecutor(40) as pool:
-        resps = list(pool.map(one, range(40)))
+    with ThreadPoolExecutor(32) as pool:
+        resps = list(pool.map(one, range(32)))
     codes = [r.status_code for r in resps]
     assert set(codes) <= {200, 503}, codes
     assert 503 in codes and 200 in codes, codes
@@ -534,27 +534,27 @@ def test_full_queue_answers_503_with_retry_after(served):
 
 
 @pytest.mark.timeout(150)
-def test_requests_succeed_again_after_replicas_are_killed(served):
+def test_requests_succeed_again_after_a_replica_is_killed(served):
     import ray
 
     url, _ = served
-    killed = replica_ids()
-    assert killed
-    before = generate(url)
-    assert before.status_code == 200
-    for rid in killed:
-        ray.kill(
-            ray.get_actor(f"SERVE_REPLICA::dcm#Generator#{rid}", namespace="serve"), no_restart=True
-        )
-    deadline = time.monotonic() + 100
-    codes = []
-    while time.monotonic() < deadline:
+    alive = replica_ids()
+    assert len(alive) == 2
+    dead = alive[0]
+    ray.kill(
+        ray.get_actor(f"SERVE_REPLICA::dcm#Generator#{dead}", namespace="serve"), no_restart=True
+    )
+    codes, served_by = [], []
+    deadline = time.monotonic() + 60
+    while codes[-3:] != [200, 200, 200] and time.monotonic() < deadline:
         resp = generate(url)
         codes.append(resp.status_code)
-        if resp.status_code == 200:
-            break
+        served_by.append(resp.headers.get("x-dcm-replica"))
+    assert codes[-3:] == [200, 200, 200], codes
+    assert set(codes) <= {200, 503}, codes  # a dead replica is "unavailable", never a crash
+    assert dead not in served_by
+    # the controller replaces it: two replicas again, the dead one gone
+    while time.monotonic() < deadline and (dead in replica_ids() or len(replica_ids()) < 2):
         time.sleep(0.5)
-    assert codes[-1] == 200, codes
-    assert set(codes) <= {200, 503}, codes  # a dead replica is "unavailable", not a crash
-    assert resp.headers["x-dcm-replica"] not in killed
+    assert dead not in replica_ids() and len(replica_ids()) == 2
     assert json.loads(requests.get(f"{url}/readyz", timeout=10).text) == {"ready": True}
