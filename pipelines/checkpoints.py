@@ -166,16 +166,6 @@ def restore(
     return state
 
 
-@contextlib.contextmanager
-def artifact_dir(checkpoint: Any) -> Iterator[Path]:
-    """The artifact folder inside a (possibly remote) checkpoint, as a local path."""
-    with checkpoint.as_directory() as folder:
-        path = Path(folder) / ARTIFACT
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint '{checkpoint.path}' holds no {ARTIFACT}/ folder")
-        yield path
-
-
 def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     """The best (highest ``metric``) of a Ray Train result's kept checkpoints, else the latest."""
     ranked = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(metric) is not None]

@@ -103,7 +103,9 @@ def stop() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dcm serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dcm serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--model", metavar="PATH", help="bundle folder, distilled artifact or bundled:shapes"
     )

@@ -110,7 +110,11 @@ def test_checkpoints_hold_deepspeed_state_artifact_and_best_k(both_run):
         assert len(list((folder / "ds").glob("zero_pp_rank_*_optim_states.pt"))) == 2
         assert sorted(p.name for p in (folder / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
         assert (folder / "artifact" / "experts.safetensors").is_file()
-        assert (folder / "disc.pt").is_file() == (stage == "detail")
+        # the discriminator and its AdamW, saved once (identical on every rank), stage 2 only
+        replicated = folder / "replicated.pt"
+        assert replicated.is_file() == (stage == "detail")
+        if stage == "detail":
+            assert set(torch.load(replicated, weights_only=False)) == {"disc", "disc_opt"}
         # keep_checkpoints=1: the best one plus, if different, the latest one remain
         kept = sorted(folder.parent.glob("checkpoint_*"))
         assert 1 <= len(kept) <= 2

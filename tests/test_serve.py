@@ -47,9 +47,10 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
 
     root = tmp_path_factory.mktemp("serve")
     base = build_tiny_bundle(root / "base", seed=0)
+    # variants: another random bundle, and a detail-expert artifact on the base bundle
     variants = {
         "a": str(build_tiny_bundle(root / "a", seed=1)),
-        "b": str(build_tiny_bundle(root / "b", seed=2)),
+        "b": str(detail_artifact(base, root / "b")),
     }
     monkeypatch_module.setenv(KEY_ENV, KEY)
     cfg = load_config(preset="shapes-tiny").replace(
@@ -78,6 +79,22 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
     url = start(cfg)
     yield url, cfg
     stop()
+
+
+def detail_artifact(bundle, out):
+    """A distilled-style artifact: the bundle's model with a (perturbed) detail-expert LoRA."""
+    import torch
+
+    from dcm.generate import VideoGenerator
+
+    cfg = load_config(preset="shapes-tiny")
+    student = VideoGenerator.load(str(bundle), "cpu", cfg).student
+    student.enable_detail_expert(cfg.lora)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:  # LoRA B starts at 0: move it so the expert differs
+                param.add_(0.5)
+    return student.save_artifact(out, cfg, str(bundle))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,186 @@
+"""Ingest's resumable parquet folder: settings check, shard groups, done records, manifest.
+
+Inputs are cut, in listing order, into groups of ``group_size``; group g becomes
+``shard-<g>.parquet`` plus a done record ``_ingest/done-<g>.json`` (its counts and rejects),
+both written atomically. ``_ingest/state.json`` holds the settings that change what a shard
+holds; a re-run must match them and skips the groups already done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from dcm import latents as lt
+from dcm.config import Config, ConfigError
+from pipelines.ingest_ledger import reject_rows
+
+STATE_DIR = "_ingest"
+
+
+def group_size(cfg: Config) -> int:
+    """Inputs per shard group: about ``ingest.rows_per_shard`` clips per shard."""
+    return max(1, cfg.ingest.rows_per_shard // cfg.data.clips_per_video)
+
+
+def fingerprint(cfg: Config, uri: str) -> dict[str, Any]:
+    """Settings that change what a shard holds; a resume must match them."""
+    d = cfg.data
+    return {
+        "data.input": uri,
+        "model.path": cfg.model.path,
+        "model.text_max_length": cfg.model.text_max_length,
+        "data.num_frames": d.num_frames,
+        "data.height": d.height,
+        "data.width": d.width,
+        "data.target_fps": d.target_fps,
+        "data.clips_per_video": d.clips_per_video,
+        "data.posterior": d.posterior,
+        "group_size": group_size(cfg),
+        "train.seed": cfg.train.seed,
+    }
+
+
+def prepare_out(fs: pafs.FileSystem, base: str, fingerprint: dict[str, Any]) -> dict[int, dict]:
+    """Create the folder, check a previous run's settings, load its done records."""
+    state_dir = lt.join(base, STATE_DIR)
+    fs.create_dir(state_dir, recursive=True)
+    state = lt.join(state_dir, "state.json")
+    if lt.exists(fs, state):
+        with fs.open_input_stream(state) as f:
+            old = json.loads(f.read().decode())
+        diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"ingest.out '{base}' holds latents made with {k}={old.get(k)!r}, not "
+                f"{fingerprint[k]!r}: use another --out or delete that folder"
+            )
+    else:
+        lt.write_atomic(fs, state, json.dumps(fingerprint, indent=2).encode())
+    done = {}
+    for info in fs.get_file_info(pafs.FileSelector(state_dir)):
+        if info.base_name.startswith("done-") and info.base_name.endswith(".json"):
+            with fs.open_input_stream(info.path) as f:
+                rec = json.loads(f.read().decode())
+            done[int(rec["group"])] = rec
+    return done
+
+
+@dataclass
+class IngestSummary:
+    """What ``run_ingest`` did; counts cover the whole folder (resumed groups included)."""
+
+    out: str
+    inputs: int
+    videos: int
+    clips: int
+    rejects: int
+    shards: int
+    resumed_groups: int
+    seconds: float
+    clips_per_s: float
+    decode_s: float
+    encode_s: float
+    reconciled: bool
+
+    def line(self) -> str:
+        return (
+            f"[dcm ingest] {self.videos} videos, {self.clips} clips, {self.rejects} rejects "
+            f"({self.inputs} inputs{', reconciled' if self.reconciled else ', NOT reconciled'}) in "
+            f"{self.seconds:.1f} s: {self.clips_per_s:.2f} clips/s (decode {self.decode_s:.1f} s, "
+            f"encode {self.encode_s:.1f} s of task time); {self.shards} shards in {self.out}"
+        )
+
+
+def flush_group(
+    fs: pafs.FileSystem,
+    base: str,
+    g: int,
+    rows: list[dict[str, np.ndarray]],
+    status: dict[str, Any],
+) -> dict[str, Any]:
+    """Write group g's shard (if it has clips) and then its done record."""
+    file = None
+    videos: set[int] = set()
+    n = 0
+    if rows:
+        cat = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        order = np.lexsort((cat["clip"], cat["index"]))  # deterministic row order
+        cat = {k: v[order] for k, v in cat.items()}
+        videos = {int(i) for i in cat["index"]}
+        n = len(order)
+        file = f"shard-{g:05d}.parquet"
+        lt.write_table(fs, lt.join(base, file), lt.rows_to_table(cat))
+    rejected = {r["index"] for r in status["rejects"]} - videos
+    rec = {
+        "group": g,
+        "file": file,
+        "rows": n,
+        "inputs": status["inputs"],
+        "videos": len(videos),
+        "rejected_inputs": len(rejected),
+        "rejects": reject_rows(status["rejects"]),
+    }
+    lt.write_atomic(fs, lt.join(base, STATE_DIR, f"done-{g:05d}.json"), json.dumps(rec).encode())
+    return rec
+
+
+def finish_folder(
+    cfg: Config,
+    out: str,
+    geo: Any,
+    latent_shape: Any,
+    done: dict[int, dict[str, Any]],
+    encoder: dict[str, Any] | None,
+) -> dict[str, int]:
+    """Write rejects.parquet, empty_prompt.parquet and manifest.json from every group's done
+    record (this run's and resumed ones); return the folder's counts."""
+    fs, base = lt.filesystem(out)
+    recs = [done[g] for g in sorted(done)]
+    rejects = [r for rec in recs for r in rec["rejects"]]
+    lt.write_table(fs, lt.join(base, lt.REJECTS), lt.rejects_table(rejects))
+    empty_path = lt.join(base, lt.EMPTY_PROMPT)
+    text_shape = [cfg.model.text_max_length, 0]
+    if encoder is not None:
+        text_shape = list(encoder["empty_text"].shape)
+        lt.write_table(
+            fs, empty_path, lt.empty_prompt_table(encoder["empty_text"], encoder["empty_mask"])
+        )
+    elif lt.exists(fs, lt.join(base, lt.MANIFEST)):
+        text_shape = list(lt.read_manifest(out).text_shape)
+    counts = {
+        "inputs": sum(r["inputs"] for r in recs),
+        "videos": sum(r["videos"] for r in recs),
+        "clips": sum(r["rows"] for r in recs),
+        "rejects": len(rejects),
+        "rejected_inputs": sum(r["rejected_inputs"] for r in recs),
+        "shards": sum(1 for r in recs if r["file"]),
+    }
+    enc_info = {k: v for k, v in (encoder or {}).items() if not k.startswith("empty_")}
+    manifest = lt.LatentManifest(
+        encoder={
+            "model": cfg.model.path,
+            "posterior": cfg.data.posterior,
+            "text_max_length": cfg.model.text_max_length,
+            **enc_info,
+        },
+        normalisation=lt.describe_normalisation(geo.backbone_kind, geo.vae_config),
+        latent_shape=tuple(latent_shape),
+        text_shape=tuple(text_shape),
+        video={
+            "num_frames": cfg.data.num_frames,
+            "height": cfg.data.height,
+            "width": cfg.data.width,
+            "target_fps": cfg.data.target_fps,
+            "clips_per_video": cfg.data.clips_per_video,
+        },
+        counts=counts,
+        shards=[{"file": r["file"], "rows": r["rows"]} for r in recs if r["file"]],
+    )
+    lt.write_manifest(out, manifest)
+    return counts
