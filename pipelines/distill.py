@@ -299,11 +299,11 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
         )
     ctx = init_ray(cfg.ray)
     try:
+        dataset = training_data(cfg) if dataset is None else dataset  # bad input fails first
+        val = validation_inputs(cfg, dataset)
         if "://" not in run_dir(cfg):
             Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
         tracker = Tracker(cfg, run_dir(cfg))
-        dataset = training_data(cfg) if dataset is None else dataset
-        val = validation_inputs(cfg, dataset)
         if stage != "both":
             return run_stage(cfg, stage, tracker, dataset=dataset, val=val)
         parent = tracker.open_run(PARENT)

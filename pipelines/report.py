@@ -61,6 +61,8 @@ def _rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt(val: Any) -> str:
     if isinstance(val, float):
+        if val.is_integer():
+            return str(int(val))
         return f"{val:.3f}" if abs(val) < 100 else f"{val:.0f}"
     return str(val)
 
@@ -82,11 +84,7 @@ def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def speed_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = _rows(results)
-    keys = [
-        k
-        for k in ("nfe", "seconds", "denoise_s", "decode_s", "total_s")
-        if any(k in r for r in rows)
-    ]
+    keys = [k for k in ("nfe", "denoise_s", "decode_s", "total_s") if any(k in r for r in rows)]
     head = ["method", *keys]
     teacher = next((r for r in rows if str(r["method"]).startswith("teacher")), None)
     if teacher and "total_s" in teacher:

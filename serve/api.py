@@ -4,7 +4,8 @@ Routes: ``POST /v1/generate`` (video bytes), ``GET /v1/models``, ``GET /healthz`
 ``GET /readyz``, ``GET /`` (the web page), ``/docs`` (OpenAPI). Errors are always
 ``{"error": {"type", "field", "message", "request_id"}}``: 400 malformed JSON, 401/403 API
 key, 404/405 unknown route, 422 an invalid field (named), 503 + Retry-After when the queue
-is full or no replica is up, 504 when generation exceeds ``serve.request_timeout_s``.
+is full or no replica is up, 504 when generation exceeds ``serve.request_timeout_s``, 500
+for a server fault (the traceback is logged).
 
 The video is returned as the raw body (``video/mp4`` or ``image/gif``), not base64 in JSON:
 a browser, ``curl -o`` or ``<video src>`` use it as is and nothing is inflated by a third;
@@ -136,6 +137,15 @@ def create_api(settings: ApiSettings, generate: GenerateFn, ready: ReadyFn) -> F
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         err = RequestError(None, str(exc.detail), status=exc.status_code, kind=kind)
+        return error_response(request, err)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        # A server fault, not the request's: same JSON shape; the traceback goes to the log.
+        rid = getattr(request.state, "request_id", None)
+        err = RequestError(
+            None, f"internal error (request id {rid}): see the server log", 500, "internal"
+        )
         return error_response(request, err)
 
     def authorize(key: str | None = Security(key_header)) -> None:

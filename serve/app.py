@@ -200,10 +200,16 @@ class Generator:
         for group in group_by_shape(items):
             first = items[group[0]]
             t0 = perf_counter()
-            if first["model"] == DEFAULT_MODEL:
-                model = self._models[DEFAULT_MODEL]
-            else:
-                model = await self._load_variant(first["model"])
+            try:
+                if first["model"] == DEFAULT_MODEL:
+                    model = self._models[DEFAULT_MODEL]
+                else:
+                    model = await self._load_variant(first["model"])
+            except ValueError as err:  # a broken variant folder: the server's fault, say which
+                msg = f"model '{first['model']}' could not be loaded: {err}"
+                for i in group:
+                    results[i] = {"error": {"field": None, "message": msg, "status": 500}}
+                continue
             load_s = perf_counter() - t0
             try:
                 outs = await asyncio.to_thread(self._run_group, model, [items[i] for i in group])
@@ -323,5 +329,9 @@ async def call_generator(handle: Any, params: dict[str, Any], timeout_s: float) 
             None, "no generator replica is available right now: retry shortly", 503, "unavailable"
         ) from None
     if "error" in result:
-        raise RequestError(result["error"]["field"], result["error"]["message"])
+        err = result["error"]
+        status = err.get("status", 422)
+        raise RequestError(
+            err["field"], err["message"], status, "invalid_request" if status < 500 else "internal"
+        )
     return result

@@ -51,7 +51,9 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
     variants = {
         "a": str(build_tiny_bundle(root / "a", seed=1)),
         "b": str(detail_artifact(base, root / "b")),
+        "broken": str(root / "empty"),  # exists but holds no model
     }
+    (root / "empty").mkdir()
     monkeypatch_module.setenv(KEY_ENV, KEY)
     cfg = load_config(preset="shapes-tiny").replace(
         **{
@@ -204,12 +206,44 @@ def test_generator_failures_map_to_http_errors():
         (_Response(exc=BackPressureError(4, 4)), 503, "overloaded"),
         (_Response(exc=ActorDiedError()), 503, "unavailable"),
         (_Response({"error": {"field": None, "message": "bad size"}}), 422, "invalid_request"),
+        (_Response({"error": {"field": None, "message": "x", "status": 500}}), 500, "internal"),
     ]
     for response, status, kind in cases:
         with pytest.raises(RequestError) as err:
             asyncio.run(call_generator(_Handle(response), params, 0.2))
         assert (err.value.status, err.value.kind) == (status, kind)
     assert cases[0][0].cancelled  # a timed-out request is cancelled on the replica
+
+
+def test_server_faults_are_json_500s_with_the_request_id():
+    from fastapi.testclient import TestClient
+
+    from serve.api import ApiSettings, create_api
+    from serve.limits import Limits
+    from serve.schemas import ModelCard
+
+    async def broken(params):
+        raise RuntimeError("replica fault")
+
+    async def ready():
+        return False
+
+    cfg = load_config(preset="shapes-tiny")
+    settings = ApiSettings(
+        Limits.from_config(cfg), (ModelCard(id="default", path="x", default=True),), "", 5
+    )
+    client = TestClient(create_api(settings, broken, ready), raise_server_exceptions=False)
+    resp = client.post(
+        "/v1/generate", json={"prompt": "a", **SMALL}, headers={"X-Request-Id": "r-1"}
+    )
+    assert resp.status_code == 500
+    assert resp.json()["error"] == {
+        "type": "internal",
+        "field": None,
+        "message": "internal error (request id r-1): see the server log",
+        "request_id": "r-1",
+    }
+    assert client.get("/readyz").status_code == 503
 
 
 def test_serve_config_yaml_is_valid_and_dcm_serve_reads_it(capsys):
@@ -278,8 +312,8 @@ def test_health_ready_docs_and_models(served):
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert "/v1/generate" in spec["paths"] and "/v1/models" in spec["paths"]
     models = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
-    assert [m["id"] for m in models["data"]] == ["default", "a", "b"]
-    assert [m["default"] for m in models["data"]] == [True, False, False]
+    assert [m["id"] for m in models["data"]] == ["default", "a", "b", "broken"]
+    assert [m["default"] for m in models["data"]] == [True, False, False, False]
 
 
 @pytest.mark.timeout(120)
@@ -332,6 +366,9 @@ def test_seeds_and_variants_change_the_video(served, tmp_path):
 
     unknown = generate(url, model="nope")
     assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
+    broken = generate(url, model="broken")  # a bad variant folder is the server's fault
+    assert broken.status_code == 500 and "model 'broken' could not be loaded" in broken.text
+    assert generate(url, model="a").status_code == 200  # and harms no other model
 
 
 @pytest.mark.timeout(60)
