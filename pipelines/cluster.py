@@ -21,6 +21,9 @@ LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # imageio-ffmpeg's preexec_fn forces fork() of a multi-threaded Ray worker, which can
+    # abort; without it Python spawns ffmpeg with vfork/posix_spawn.
+    "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT": "1",
 }
 
 
