@@ -23,7 +23,6 @@ LOSS_PREFIXES = ("loss", "train/loss", "semantic/", "detail/")
 def evaluate_models(cfg: Config, artifact: str, prompts: list[str], out: Path) -> dict[str, Any]:
     """metrics.json + side-by-side GIFs for the distilled artifact against its teacher."""
     from dcm.evaluation import evaluate
-
     from dcm.generate import VideoGenerator
     from dcm.video import write_video
 

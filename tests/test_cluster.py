@@ -1,4 +1,5 @@
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 def _listening_ports_non_loopback() -> list[str]:
     """Ray-owned TCP listeners bound to a non-loopback address (from /proc/net/tcp)."""
     bad = []
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         parts = line.split()
         local, state = parts[1], parts[3]
         if state != "0A":  # LISTEN
