@@ -85,8 +85,14 @@ class Demo:
             **{"data.input": manifest, "data.mode": "online", "train.out": str(self.out / "train")}
         )
         result = run_distill(cfg)
+        # a stable place for the final artifact (the checkpoint folder name has a timestamp)
+        artifact = self.out / "artifact"
+        if artifact.exists():
+            shutil.rmtree(artifact)
+        shutil.copytree(result.artifact_dir, artifact)
         return {
-            "artifact": str(result.artifact_dir),
+            "artifact": str(artifact),
+            "checkpoint_artifact": str(result.artifact_dir),
             "mlflow_run_id": result.mlflow_run_id,
             "tracking_uri": tracking_uri(cfg),
             "stages": {
