@@ -33,15 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import WAN_1_3B
 
 FORWARDS = {"semantic": 6, "detail": 8}
 # Dense bf16 peak of the GPUs this project is lent (vendor figures, TFLOP/s).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-)  # fmt: skip
 
 
 def _init_single_rank(backend: str) -> None:

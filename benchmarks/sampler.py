@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import WAN_1_3B, machine  # noqa: E402
+
 from dcm.backbones import make_backbone  # noqa: E402
 from dcm.bundle import load_bundle  # noqa: E402
 from dcm.config import Config, load_config  # noqa: E402
@@ -35,30 +35,7 @@ from dcm.experts import DualExpert  # noqa: E402
 from dcm.generate import VideoGenerator  # noqa: E402
 from dcm.tiny import build_tiny_bundle  # noqa: E402
 
-# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
 PROMPT = "a red circle moves left across a dark background"
-
-
-def machine(device: torch.device) -> str:
-    cpu = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({cpu})"
-    return f"CPU only ({cpu}, {torch.get_num_threads()} torch threads)"
 
 
 def half(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

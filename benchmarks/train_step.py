@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import WAN_1_3B, machine  # noqa: E402
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 from dcm.backbones import Cond, make_backbone  # noqa: E402
@@ -35,22 +36,6 @@ from dcm.experts import DualExpert  # noqa: E402
 from dcm.schedule import Schedule  # noqa: E402
 from dcm.steps import DetailStep, SemanticStep  # noqa: E402
 
-# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
 # shapes-tiny sizes (dcm/tiny.py defaults, 4 blocks so the discriminator has 2 taps)
 WAN_TINY = {
     "patch_size": (1, 1, 1),
@@ -211,9 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     for frames in args.frames:
         rows += bench(args, frames, method, lora)
 
-    card = torch.cuda.get_device_name() if args.gpu else f"CPU ({platform.processor() or 'x86_64'})"
-    print(f"machine: {platform.node()}  device: {card}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}")  # fmt: skip
+    card = machine(torch.device("cuda" if args.gpu else "cpu"))
+    print(f"machine: {platform.node()}  device: {card}")
     model = "Wan2.1-1.3B config, random weights" if args.gpu else "tiny Wan (shapes-tiny sizes)"
     prec = "bf16 autocast, checkpointing" if args.gpu else "float32"
     print(f"model: {model}; batch {args.batch}; {prec}; "

@@ -570,7 +570,7 @@ class Config:
         return (self.data.num_frames - 1) // self.model.vae_temporal_factor + 1
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain_data(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -653,11 +653,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------- loading
-def _plain(obj: Any) -> Any:
+def plain_data(obj: Any) -> Any:
+    """``obj`` with every tuple turned into a list, recursively: what YAML/JSON write back."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain_data(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain_data(v) for v in obj]
     return obj
 
 
@@ -790,6 +791,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_file(path: str | Path) -> Any:
+    """The parsed content of the YAML file ``path`` ({} when empty); ConfigError when the
+    file is missing or is not valid YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+
+
 def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
@@ -798,13 +811,7 @@ def load_config(
     """Preset <- YAML file <- `--set` overrides, validated into one Config."""
     data: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        data = read_yaml_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     name = preset or data.get("preset") or "shapes-tiny"

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dcm.backbones.base import Backbone, Cond, Variant, make_backbone
-from dcm.config import DETAIL, SEMANTIC, Config, LoraConfig
+from dcm.config import DETAIL, SEMANTIC, Config, LoraConfig, plain_data
 
 ARTIFACT_SCHEMA_VERSION = 1
 ARTIFACT_JSON = "dcm_artifact.json"
@@ -180,10 +180,10 @@ class DualExpert(nn.Module):
             "schema_version": ARTIFACT_SCHEMA_VERSION,
             "backbone": self.base.kind,
             "transformer_class": type(tr).__name__,
-            "transformer_config": _plain(
+            "transformer_config": plain_data(
                 {k: v for k, v in tr.config.items() if not k.startswith("_")}
             ),
-            "lora": _plain(dataclasses.asdict(self.lora_cfg)) if self.lora_cfg else None,
+            "lora": plain_data(dataclasses.asdict(self.lora_cfg)) if self.lora_cfg else None,
             "has_detail": self.has_detail,
             "method": {
                 "shift": cfg.method.shift,
@@ -279,14 +279,6 @@ def _atomic_write(target: Path, write: Any) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, target)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _created_by() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from dcm.config import Config, ConfigError, explain, load_config
@@ -34,6 +35,16 @@ def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--explain", action="store_true", help="with --dry-run: list every key with its doc"
     )
     return parser
+
+
+def data_keys(data: str | None) -> dict[str, Any]:
+    """Dotted keys for ``--data``: an ingest folder (has manifest.json) -> parquet latents,
+    anything else -> raw input streamed online."""
+    if data is None:
+        return {}
+    if "://" not in data and (Path(data) / "manifest.json").is_file():
+        return {"data.latents": data, "data.mode": "parquet"}
+    return {"data.input": data, "data.mode": "online"}
 
 
 def resolve(args: argparse.Namespace, **dotted: Any) -> Config:

@@ -327,15 +327,6 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
 
 
 # ---------------------------------------------------------------- command line
-def _data_keys(data: str | None) -> dict[str, Any]:
-    """--data: an ingest folder (has manifest.json) -> parquet mode, else raw input (online)."""
-    if data is None:
-        return {}
-    if "://" not in data and (Path(data) / "manifest.json").is_file():
-        return {"data.latents": data, "data.mode": "parquet"}
-    return {"data.input": data, "data.mode": "online"}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcm distill", description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="ingest folder (parquet) or raw videos (online stream)")
@@ -344,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     pipelines.args.add_common(parser)
     args = parser.parse_args(argv)
     cfg = pipelines.args.resolve(
-        args, **_data_keys(args.data), **{"train.stage": args.stage, "train.out": args.out}
+        args,
+        **pipelines.args.data_keys(args.data),
+        **{"train.stage": args.stage, "train.out": args.out},
     )
     result = run_distill(cfg)
     summary = {

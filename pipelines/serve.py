@@ -16,14 +16,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 import pipelines.args
-from dcm.config import Config, ConfigError
+from dcm.config import Config, ConfigError, read_yaml_file
 
 # Serve YAML deployment option -> dotted dcm config key (generator deployment only).
 DEPLOYMENT_KEYS = {
@@ -43,13 +41,7 @@ DEPLOYMENT_KEYS = {
 
 def read_serve_file(path: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(builder args, dotted overrides) from a Serve config file; None for an experiment YAML."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    data = read_yaml_file(path)
     if not isinstance(data, dict) or "applications" not in data:
         return None
     apps = data["applications"] or []

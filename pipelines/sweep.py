@@ -501,15 +501,6 @@ def _finish(
 
 
 # ---------------------------------------------------------------- command line
-def _data_keys(data: str | None) -> dict[str, Any]:
-    """--data: a folder with manifest.json -> parquet latents, else raw input (online)."""
-    if data is None:
-        return {}
-    if "://" not in data and (Path(data) / "manifest.json").is_file():
-        return {"data.latents": data, "data.mode": "parquet"}
-    return {"data.input": data, "data.mode": "online"}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
@@ -525,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     pipelines.args.add_common(parser)
     args = parser.parse_args(argv)
     dry_run, args.dry_run = args.dry_run, False
-    cfg = pipelines.args.resolve(args, **_data_keys(args.data), **{"train.out": args.out})
+    cfg = pipelines.args.resolve(
+        args, **pipelines.args.data_keys(args.data), **{"train.out": args.out}
+    )
     check_sweep(cfg)  # a bad space fails the dry run too
     if dry_run:
         print(explain() if args.explain else cfg.to_yaml(), end="")

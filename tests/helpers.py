@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny diffusers bundles and small real video files.
+"""Shared test helpers: tiny diffusers transformers and bundles, small real video files.
 
 ``tiny_bundle`` builds through ``dcm.tiny.build_tiny_bundle`` (the same code the shapes
 pretraining starts from) and caches one bundle per (factory, backbone, sizes), so a test
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from dcm.tiny import build_tiny_bundle
 
@@ -32,6 +33,47 @@ def tiny_bundle(
             _CACHE[key] = build_tiny_bundle(folder, backbone=backbone, seed=seed, **dims)
         return _CACHE[key]
     return build_tiny_bundle(Path(where), backbone=backbone, seed=seed, **dims)
+
+
+def tiny_wan(num_layers: int = 3, patch: tuple[int, int, int] = (1, 2, 2)) -> Any:
+    """A seeded tiny ``WanTransformer3DModel`` in eval mode: D = 32, text dim 24, 4 channels."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=patch,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=num_layers,
+        rope_max_seq_len=64,
+    ).eval()
+
+
+def tiny_hunyuan(num_layers: int = 2, single: int = 3) -> Any:
+    """A seeded tiny text-to-video ``HunyuanVideoTransformer3DModel`` in eval mode: D = 32,
+    text dim 24, pooled dim 12, 4 channels."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_single_layers=single,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        text_embed_dim=24,
+        pooled_projection_dim=12,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
 
 
 def moving_square_frames(

@@ -4,43 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+from helpers import tiny_hunyuan, tiny_wan
 
 from dcm.backbones import Cond, HunyuanVideoBackbone, WanBackbone, make_backbone
-
-
-def tiny_wan(num_layers: int = 3, patch=(1, 2, 2)) -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=patch,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=24,
-        freq_dim=32,
-        ffn_dim=48,
-        num_layers=num_layers,
-        rope_max_seq_len=64,
-    ).eval()
-
-
-def tiny_hunyuan(single: int = 3) -> HunyuanVideoTransformer3DModel:
-    torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=2,
-        num_single_layers=single,
-        num_refiner_layers=1,
-        patch_size=2,
-        patch_size_t=1,
-        text_embed_dim=24,
-        pooled_projection_dim=12,
-        rope_axes_dim=(4, 6, 6),
-    ).eval()
 
 
 def hunyuan_cond(b: int = 2, length: int = 7) -> Cond:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from helpers import tiny_wan
 
 from dcm.backbones import Cond, make_backbone
 from dcm.discriminator import Discriminator
@@ -12,19 +12,7 @@ from dcm.discriminator import Discriminator
 
 @pytest.fixture(scope="module")
 def teacher():
-    torch.manual_seed(0)
-    tr = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=24,
-        freq_dim=32,
-        ffn_dim=48,
-        num_layers=4,
-        rope_max_seq_len=64,
-    ).eval()
+    tr = tiny_wan(num_layers=4)
     return make_backbone(tr).requires_grad_(False)
 
 

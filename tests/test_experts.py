@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
@@ -18,37 +19,11 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 
 
 def tiny_wan() -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=24,
-        freq_dim=32,
-        ffn_dim=48,
-        num_layers=2,
-        rope_max_seq_len=64,
-    ).eval()
+    return helpers.tiny_wan(num_layers=2)
 
 
 def tiny_hunyuan() -> HunyuanVideoTransformer3DModel:
-    torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=1,
-        num_single_layers=2,
-        num_refiner_layers=1,
-        patch_size=2,
-        patch_size_t=1,
-        text_embed_dim=24,
-        pooled_projection_dim=12,
-        rope_axes_dim=(4, 6, 6),
-    ).eval()
+    return helpers.tiny_hunyuan(num_layers=1, single=2)
 
 
 def batch(kind: str, b: int = 4):

@@ -142,9 +142,10 @@ class Backbone(nn.Module, abc.ABC):
         """(p_t, p_h, p_w) of the patch embedding."""
 
     @property
-    @abc.abstractmethod
     def dim(self) -> int:
-        """Width D of the image tokens."""
+        """Width D of the image tokens (heads x head dim of the diffusers config)."""
+        c = self.transformer.config
+        return int(c.num_attention_heads * c.attention_head_dim)
 
     @property
     @abc.abstractmethod
@@ -167,6 +168,16 @@ class Backbone(nn.Module, abc.ABC):
                     f"choose a frame count / resolution whose latent {axis} is a multiple of {p}"
                 )
         return tuple(s // p for s, p in zip(sizes, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    def _tokens_grid(self, tokens: Tensor, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """``token_grid(latent_shape)``, checked against the N of ``tokens`` (B, N, D)."""
+        f, hh, ww = self.token_grid(latent_shape)
+        if tokens.shape[1] != f * hh * ww:
+            raise ValueError(
+                f"project: {tokens.shape[1]} tokens do not match the latent shape "
+                f"{tuple(latent_shape)} (token grid {f}x{hh}x{ww})"
+            )
+        return f, hh, ww
 
     def set_checkpointing(self, enabled: bool) -> None:
         """Recompute every block in backward (only while grad is enabled)."""

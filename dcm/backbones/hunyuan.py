@@ -41,11 +41,6 @@ class HunyuanVideoBackbone(Backbone):
         return (int(c.patch_size_t), int(c.patch_size), int(c.patch_size))
 
     @property
-    def dim(self) -> int:
-        c = self.transformer.config
-        return int(c.num_attention_heads * c.attention_head_dim)
-
-    @property
     def tap_blocks(self) -> int:
         return len(self.transformer.single_transformer_blocks)
 
@@ -115,12 +110,7 @@ class HunyuanVideoBackbone(Backbone):
     ) -> Tensor:
         """norm_out (adaLN at temb) + proj_out + unpatchify: (B, N, D) -> (B, C, T, H, W)."""
         b = h.shape[0]
-        f, hh, ww = self.token_grid(latent_shape)
-        if h.shape[1] != f * hh * ww:
-            raise ValueError(
-                f"project: {h.shape[1]} tokens do not match the latent shape "
-                f"{tuple(latent_shape)} (token grid {f}x{hh}x{ww})"
-            )
+        f, hh, ww = self._tokens_grid(h, latent_shape)
         h = self._part("norm_out", variant)(h, temb)
         h = self._part("proj_out", variant)(h)  # (B, N, C * p_t * p * p)
         p_t, p, _ = self.patch_size

@@ -36,11 +36,6 @@ class WanBackbone(Backbone):
         return tuple(int(p) for p in self.transformer.config.patch_size)  # type: ignore[return-value]
 
     @property
-    def dim(self) -> int:
-        c = self.transformer.config
-        return int(c.num_attention_heads * c.attention_head_dim)
-
-    @property
     def tap_blocks(self) -> int:
         return len(self.transformer.blocks)
 
@@ -85,12 +80,7 @@ class WanBackbone(Backbone):
     ) -> Tensor:
         """adaLN (shift, scale) + norm_out + proj_out + unpatchify: (B, N, D) -> (B, C, T, H, W)."""
         b = h.shape[0]
-        f, hh, ww = self.token_grid(latent_shape)
-        if h.shape[1] != f * hh * ww:
-            raise ValueError(
-                f"project: {h.shape[1]} tokens do not match the latent shape "
-                f"{tuple(latent_shape)} (token grid {f}x{hh}x{ww})"
-            )
+        f, hh, ww = self._tokens_grid(h, latent_shape)
         table = self._part("scale_shift_table", variant)  # (1, 2, D)
         shift, scale = (table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D)
         norm_out = self._part("norm_out", variant)

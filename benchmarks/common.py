@@ -1,0 +1,38 @@
+"""What several benchmarks share: the full-size Wan2.1-1.3B transformer config and a one-line
+description of the machine a table was measured on.
+
+The benchmarks run as scripts (``python benchmarks/<name>.py``), so their own folder is on
+``sys.path`` and they import this file as ``common``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+
+def machine(device: torch.device) -> str:
+    """The card (CUDA) or the CPU, its core count and torch version, for a table's header."""
+    cpu = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({cpu})"
+    return f"CPU only ({cpu}, {torch.get_num_threads()} torch threads)"
