@@ -76,7 +76,11 @@ def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells = [str(r["method"])]
         for k in keys:
             std = r.get(f"{k}_std")
-            cells.append(_fmt(r.get(k, "")) + (f" ± {std:.3f}" if isinstance(std, float) else ""))
+            val = r.get(k, "")
+            cells.append(
+                (f"{val:.3f}" if isinstance(val, float) else str(val))
+                + (f" ± {std:.3f}" if isinstance(std, float) else "")
+            )
         body.append(cells)
     return head, body
 

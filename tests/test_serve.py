@@ -550,13 +550,22 @@ def replica_ids() -> list[str]:
     return [n[len(prefix) :] for n in names if n.startswith(prefix)]
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_concurrent_same_shape_requests_are_batched(served, tmp_path):
     url, _ = served
-    with ThreadPoolExecutor(6) as pool:
-        resps = list(pool.map(lambda i: generate(url, seed=100 + i, prompt=f"shape {i}"), range(6)))
-    assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200]
-    sizes = [int(r.headers["x-dcm-batch-size"]) for r in resps]
+    sizes: list[int] = []
+    # Requests that arrive while a batch runs are batched together; on a loaded 2-core
+    # machine one burst may still trickle in one by one, so try a few bursts.
+    for _ in range(4):
+        with ThreadPoolExecutor(8) as pool:
+            resps = list(
+                pool.map(lambda i: generate(url, seed=100 + i, prompt=f"shape {i}"), range(8))
+            )
+        bad = [r.text for r in resps if r.status_code != 200]
+        assert not bad, bad
+        sizes += [int(r.headers["x-dcm-batch-size"]) for r in resps]
+        if max(sizes) > 1:
+            break
     assert max(sizes) > 1, sizes
     # a batched request gives the video it would alone (per-sample noise from its seed)
     batched = next(r for r in resps if int(r.headers["x-dcm-batch-size"]) > 1)
