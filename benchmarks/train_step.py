@@ -38,7 +38,7 @@ from dcm.steps import DetailStep, SemanticStep  # noqa: E402
 
 # shapes-tiny sizes (dcm/tiny.py defaults, 4 blocks so the discriminator has 2 taps)
 WAN_TINY = {
-    "patch_size": (1, 1, 1),
+    "patch_size": (1, 2, 2),
     "num_attention_heads": 2,
     "attention_head_dim": 16,
     "in_channels": 8,
@@ -114,7 +114,7 @@ def bench(args: argparse.Namespace, frames: int, method: MethodConfig, lora: Lor
         latent = (args.batch, 16, t_lat, args.height // 8, args.width // 8)
         text_len = 512
     else:
-        latent = (args.batch, 8, t_lat, 8, 8)  # 17 frames of 64x64 in shapes-tiny
+        latent = (args.batch, 8, t_lat, 16, 16)  # 17 frames of 64x64 in shapes-tiny (VAE x4)
         text_len = 24
     torch.manual_seed(0)
     tr = WanTransformer3DModel(**cfg)

@@ -619,14 +619,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"global_batch": 6},
         "serve": {"max_frames": 129, "max_height": 720, "max_width": 1280},
     },
-    # The synthetic shapes world (dcm/shapes): 17 frames of 64x64 -> 5 x 8 x 8 latents,
-    # patch 1 -> 320 tokens: small enough to train and distil on two CPU cores.
+    # The synthetic shapes world (dcm/shapes): 17 frames of 64x64 -> 5 x 16 x 16 latents
+    # (VAE factor 4), patch 1x2x2 -> 320 tokens: small enough to distil on two CPU cores.
     "shapes-tiny": {
         "model": {
             "path": "bundled:shapes",
             "backbone": "wan",
             "text_max_length": 24,
-            "patch_size": (1, 1, 1),
+            "vae_spatial_factor": 4,
+            "patch_size": (1, 2, 2),
             "fps": 8,
         },
         "method": {"shift": 3.0, "disc_hidden": 64},

@@ -2,8 +2,8 @@
 
 A bundle is the folder layout every real model uses (DESIGN.md point 10): ``model_index.json``
 plus ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``. The tiny
-one is sized for the ``shapes-tiny`` preset: 17 frames of 64x64 -> latents (C, 5, 8, 8) with
-a VAE of spatial factor 8 and temporal factor 4, and a patch-1 transformer (320 tokens).
+one is sized for the ``shapes-tiny`` preset: 17 frames of 64x64 -> latents (C, 5, 16, 16) with
+a VAE of spatial factor 4 and temporal factor 4, and a 1x2x2-patch transformer (320 tokens).
 Everything is built from a seed and offline (the tokenizer is a word-level vocabulary).
 """
 
@@ -37,9 +37,10 @@ WAN_DIMS: dict[str, Any] = {
     "head_dim": 16,
     "ffn_dim": 64,
     "freq_dim": 32,
-    "patch_size": (1, 1, 1),
+    "patch_size": (1, 2, 2),
     "z_dim": 8,
     "vae_base_dim": 8,
+    "vae_spatial_factor": 4,
     "text_dim": 32,
     "text_layers": 2,
     "text_heads": 2,
@@ -128,15 +129,20 @@ def _build_wan(out: Path, vocab: Any, d: dict[str, Any]) -> None:
         eos_token_id=1,
     )
     UMT5EncoderModel(text_cfg).save_pretrained(out / "text_encoder")
-    # Three spatial downsamples (factor 8), two temporal ones (factor 4); the config carries
+    # log2(spatial factor) downsamples, the last two also temporal (factor 4), as in Wan's
+    # [1, 2, 4, 4] / [False, True, True]. Factor 4 keeps 16x16 latents of a 64x64 frame: an
+    # 8x-compressing tiny VAE stalled near 18 dB on the shapes world. The config carries
     # per-channel latent statistics (METHOD.md section 1), identity for a random VAE.
-    z = d["z_dim"]
+    z, stages = d["z_dim"], {4: 2, 8: 3}.get(d["vae_spatial_factor"])
+    if stages is None:
+        raise ConfigError(f"vae_spatial_factor={d['vae_spatial_factor']} must be 4 or 8")
     AutoencoderKLWan(
         base_dim=d["vae_base_dim"],
         z_dim=z,
-        dim_mult=[1, 2, 4, 4],
+        dim_mult=[1, 2, 4, 4][: stages + 1],
         num_res_blocks=1,
-        temperal_downsample=[False, True, True],
+        temperal_downsample=[False, True, True][-stages:],
+        scale_factor_spatial=d["vae_spatial_factor"],
         latents_mean=[0.0] * z,
         latents_std=[1.0] * z,
     ).save_pretrained(out / "vae")

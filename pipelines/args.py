@@ -47,6 +47,24 @@ def data_keys(data: str | None) -> dict[str, Any]:
     return {"data.input": data, "data.mode": "online"}
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with relative local paths (data, model folder, output) made absolute.
+
+    Ray Tune runs each trial in a working directory of its own, where a path relative to
+    the caller's directory names nothing. URIs, ``bundled:`` names and hub ids (no such
+    local path) are kept as they are.
+    """
+    changes = {}
+    for key in ("data.latents", "data.input", "model.path", "train.out"):
+        section, name = key.split(".")
+        val = getattr(getattr(cfg, section), name)
+        if not val or "://" in val or ":" in val.split("/")[0] or Path(val).is_absolute():
+            continue
+        if key == "train.out" or Path(val).exists():
+            changes[key] = str(Path(val).resolve())
+    return cfg.replace(**changes) if changes else cfg
+
+
 def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
     """Load the config from the common flags plus stage flags given as dotted keys.
 

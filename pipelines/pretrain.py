@@ -52,6 +52,10 @@ class PretrainSettings:
     vae_frames: int = 5  # frames per VAE training clip (1 + 4k; the causal VAE runs any length)
     vae_batch: int = 4
     vae_lr: float = 1e-3
+    vae_minutes: float = 0.0  # wall-clock cap of the VAE phase (0 = none)
+    vae_pool: int = 0  # clips rendered once and sampled by the VAE phase (0 = fresh each step)
+    decoder_steps: int = 0  # then the decoder alone on full-length clips (encoder frozen)
+    decoder_minutes: float = 0.0  # wall-clock cap of the decoder phase (0 = none)
     kl_weight: float = 1e-6
     init: str = ""  # start from this bundle instead of a random one (its VAE, text encoder, ...)
     clips: int = 1024  # training clips encoded once
@@ -81,7 +85,14 @@ class PretrainSettings:
     def __post_init__(self) -> None:
         if self.vae_steps < 0:
             raise ConfigError("pretrain --vae-steps must be >= 0")
-        for name in ("clips", "steps", "batch", "vae_batch", "threads", "log_every"):
+        for name in ("vae_pool", "decoder_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"pretrain --{name.replace('_', '-')} must be >= 0")
+        if self.steps == 0 and not self.init:
+            raise ConfigError("pretrain --steps 0 keeps a transformer: it needs --init BUNDLE")
+        if self.steps < 0:
+            raise ConfigError("pretrain --steps must be >= 0")
+        for name in ("clips", "batch", "vae_batch", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pretrain --{name.replace('_', '-')} must be at least 1")
         if (self.vae_frames - 1) % 4:
@@ -127,6 +138,18 @@ def encode_text_train(tokenizer: Any, text_encoder: Any, prompts: list[str], max
     return Cond(text=hidden * mask.unsqueeze(-1).to(hidden.dtype), mask=mask.long())
 
 
+def recon_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """VAE reconstruction loss: MSE + 0.1 L1, coloured (object) pixels weighted FG_WEIGHT x.
+
+    Objects cover ~6% of the pixels: unweighted, the VAE first learns backgrounds only and
+    stalls near 20 dB with the shapes missing.
+    """
+    chroma = x.max(dim=1, keepdim=True).values - x.min(dim=1, keepdim=True).values
+    weight = 1.0 + (FG_WEIGHT - 1.0) * (chroma > 0.2).float()  # (B, 1, F, H, W)
+    err = recon - x
+    return (weight * (err.pow(2) + 0.1 * err.abs())).mean() / weight.mean()
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two pixel tensors in [-1, 1] (peak-to-peak 2)."""
     mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().item()
@@ -145,8 +168,7 @@ class Ema:
     def update(self) -> None:
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1.0 - d)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -178,10 +200,11 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     st = PretrainSettings(**config["settings"])
     torch.set_num_threads(st.threads)
     torch.manual_seed(cfg.train.seed)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     use_cuda = torch.cuda.is_available() and cfg.train.use_gpu != "false"
     dev = torch.device("cuda" if use_cuda else "cpu")
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on a GPU (cuDNN convs default to it)
+    dgen = torch.Generator(device=dev).manual_seed(cfg.train.seed)  # noise drawn on `dev`
     d = cfg.data
     started = time.time()
     info: dict[str, Any] = {"settings": dataclasses.asdict(st), "device": str(dev)}
@@ -190,12 +213,16 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="dcm-pretrain-"))
     if st.init:
         base = Path(shutil.copytree(resolve_model_path(st.init), work / "init"))
+        if (base / "pretrain.json").is_file():  # the run this one continues
+            info["init_run"] = json.loads((base / "pretrain.json").read_text())
     else:
         base = build_tiny_bundle(
             work / "init",
             vocab=list(VOCAB),
             seed=cfg.train.seed,
             shift=cfg.method.shift,
+            vae_spatial_factor=cfg.model.vae_spatial_factor,
+            patch_size=tuple(cfg.model.patch_size),
             **st.dims(),
         )
     vae = AutoencoderKLWan.from_pretrained(base / "vae").to(dev)
@@ -218,53 +245,84 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             z = vae.config.z_dim
             vae.quant_conv.weight[z:].zero_()  # output channels z.. are the log-variance
             vae.quant_conv.bias[z:].fill_(LOGVAR_INIT)
-    opt = torch.optim.AdamW(vae.parameters(), lr=st.vae_lr, weight_decay=0.0)
-    vae.train()
-    for step in range(st.vae_steps):
-        _, x = render(st.vae_batch, 10_000 + step, st.vae_frames)
-        x = x.to(dev)  # (B, 3, F, H, W)
-        post = vae.encode(x).latent_dist
-        recon = vae.decode(post.sample(generator=None)).sample
-        # Objects cover ~6% of the pixels: unweighted, the VAE first learns backgrounds only
-        # and stalls near 20 dB with the shapes missing. Coloured pixels weigh FG_WEIGHT x.
-        chroma = x.max(dim=1, keepdim=True).values - x.min(dim=1, keepdim=True).values
-        weight = 1.0 + (FG_WEIGHT - 1.0) * (chroma > 0.2).float()  # (B, 1, F, H, W)
-        err = recon - x
-        rec = (weight * (err.pow(2) + 0.1 * err.abs())).mean() / weight.mean()
-        kl = post.kl().mean() / post.mean[0].numel()
-        loss = rec + st.kl_weight * kl
-        for g in opt.param_groups:
-            g["lr"] = st.vae_lr * _lr_factor(step, step / st.vae_steps, 50)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % st.log_every == 0 or step == st.vae_steps - 1:
-            metrics = {"phase": "vae", "step": step, "loss": rec.item(), "psnr": psnr(recon, x)}
-            ray.train.report(metrics)
-            print(f"[pretrain] vae {step}/{st.vae_steps} {metrics}", flush=True)
-    vae.eval().requires_grad_(False)
 
-    # 3. encode the training clips once; held-out renders measure the VAE's PSNR
+    def fit_vae(tag: str, steps: int, minutes: float, frames: int, decoder_only: bool) -> int:
+        """Train the VAE (or its decoder alone) for `steps` / `minutes`; return steps done."""
+        vae.train().requires_grad_(not decoder_only)
+        if decoder_only:
+            vae.decoder.requires_grad_(True)
+            vae.post_quant_conv.requires_grad_(True)
+        params = [p for p in vae.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=st.vae_lr, weight_decay=0.0)
+        # A GPU steps faster than one CPU thread renders: there, sample from a clip pool.
+        pool = render(st.vae_pool, 10_000, frames)[1] if steps and st.vae_pool else None
+        seed0 = 30_000_000 if decoder_only else 10_000
+        t0, step = time.time(), -1
+        for step in range(steps):
+            used = (time.time() - t0) / 60
+            if minutes and used >= minutes:
+                break
+            if pool is not None:
+                x = pool[torch.from_numpy(rng.integers(0, len(pool), st.vae_batch))]
+            else:
+                x = render(st.vae_batch, seed0 + step, frames)[1]
+            x = x.to(dev)  # (B, 3, F, H, W)
+            with torch.set_grad_enabled(not decoder_only):
+                post = vae.encode(x).latent_dist
+            recon = vae.decode(post.sample(generator=None)).sample
+            rec = recon_loss(recon, x)
+            loss = rec
+            if not decoder_only:
+                loss = loss + st.kl_weight * post.kl().mean() / post.mean[0].numel()
+            progress = max(step / steps, used / minutes if minutes else 0.0)
+            for g in opt.param_groups:
+                g["lr"] = st.vae_lr * _lr_factor(step, progress, 50)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if step % st.log_every == 0 or step == steps - 1:
+                metrics = {"phase": tag, "step": step, "loss": rec.item(), "psnr": psnr(recon, x)}
+                ray.train.report(metrics)
+                print(f"[pretrain] {tag} {step}/{steps} {metrics}", flush=True)
+        vae.eval().requires_grad_(False)
+        return step + 1
+
+    info["vae_steps_done"] = fit_vae("vae", st.vae_steps, st.vae_minutes, st.vae_frames, False)
+    # 2b. the decoder alone on clips of the preset's length. The causal VAE decodes a clip
+    # chunk by chunk with cached features; trained on short clips it has never seen a
+    # steady-state chunk and garbles later frames. The encoder stays frozen, so latents
+    # (and a transformer trained on them) stay valid.
+    info["decoder_steps_done"] = fit_vae(
+        "decoder", st.decoder_steps, st.decoder_minutes, d.num_frames, True
+    )
+
+    # 3. encode the training clips once; held-out renders measure the VAE's PSNR. With
+    # --steps 0 the transformer of --init is kept, and so are its latent statistics.
     with torch.no_grad():
         _, x_val = render(16, 999, d.num_frames, "heldout")
         x_val = x_val.to(dev)
         info["vae_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mode()).sample, x_val)
         captions, means, stds = [], [], []
-        for start in range(0, st.clips, 16):
+        for start in range(0, st.clips if st.steps else 16, 16):
             caps, x = render(min(16, st.clips - start), 20_000 + start, d.num_frames)
             post = vae.encode(x.to(dev)).latent_dist
             captions += caps
             means.append(post.mean.cpu())
             stds.append(post.std.cpu())
-    z_mean, z_std = torch.cat(means), torch.cat(stds)  # (N, C, T, h, w) raw latents
+    z_mean, z_std = torch.cat(means).to(dev), torch.cat(stds).to(dev)  # (N, C, T, h, w) raw
     ch_mean = z_mean.mean(dim=(0, 2, 3, 4))
     ch_std = z_mean.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
     # posterior noise relative to the latent spread: small means 'sample' ~ 'mean'
     info["posterior_std_ratio"] = float((z_std.mean(dim=(0, 2, 3, 4)) / ch_std).mean())
+    ch_mean, ch_std = ch_mean.cpu(), ch_std.cpu()
     if cfg.data.posterior == "mean":
         z_std = torch.zeros_like(z_std)
-    vae.register_to_config(latents_mean=ch_mean.tolist(), latents_std=ch_std.tolist())
+    if st.steps:
+        vae.register_to_config(latents_mean=ch_mean.tolist(), latents_std=ch_std.tolist())
+    else:
+        ch_mean = torch.tensor(vae.config.latents_mean)
+        ch_std = torch.tensor(vae.config.latents_std)
     info["encode_minutes"] = (time.time() - started) / 60
     print(
         f"[pretrain] vae psnr {info['vae_psnr']:.2f} dB, posterior std ratio "
@@ -295,7 +353,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             steps=step,
             flow_minutes=(time.time() - flow_start) / 60,
             total_minutes=(time.time() - started) / 60,
-            loss=float(np.mean(losses[-100:])) if losses else None,
+            loss=float(torch.stack(losses[-100:]).mean()) if losses else None,
         )
         (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
         metrics = {"phase": "flow", "step": step, "loss": info["loss"] or 0.0}
@@ -308,14 +366,15 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             break
         progress = max(step / st.steps, minutes / st.minutes if st.minutes else 0.0)
         idx = rng.integers(0, len(captions), st.batch)
+        rows = torch.from_numpy(idx).to(dev)
         # posterior sample of the cached clips, then normalised (Bundle.normalize)
-        z = z_mean[idx] + z_std[idx] * torch.randn(z_mean[idx].shape, generator=gen)
-        x0 = (z.to(dev) - norm_mean) / norm_std  # (B, C, T, h, w)
+        z = z_mean[rows] + z_std[rows] * torch.randn(z_std[rows].shape, generator=dgen, device=dev)
+        x0 = (z - norm_mean) / norm_std  # (B, C, T, h, w)
         prompts = ["" if rng.random() < drop else captions[i] for i in idx]
         cond = encode_text_train(tokenizer, text_encoder, prompts, cfg.model.text_max_length)
-        u = torch.rand(st.batch, generator=gen)
-        sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)  # METHOD.md section 2
-        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        u = torch.rand(st.batch, generator=dgen, device=dev)
+        sigma = shift * u / (1 + (shift - 1) * u)  # METHOD.md section 2
+        eps = torch.randn(x0.shape, generator=dgen, device=dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xs = (1 - s) * x0 + s * eps
         v = transformer(
@@ -329,11 +388,11 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update()
-        losses.append(float(loss))
+        losses.append(loss.detach())
         step += 1
         if step % st.log_every == 0:
             print(
-                f"[pretrain] flow {step} loss {np.mean(losses[-st.log_every :]):.4f} "
+                f"[pretrain] flow {step} loss {torch.stack(losses[-st.log_every :]).mean():.4f} "
                 f"{minutes:.1f} min",
                 flush=True,
             )
@@ -400,12 +459,13 @@ def evaluate_teacher(cfg: Config, settings: PretrainSettings, bundle: str | Path
     from dcm.shapes.grammar import all_captions
 
     torch.set_num_threads(settings.threads)
+    device = "cuda" if cfg.train.use_gpu != "false" and torch.cuda.is_available() else "cpu"
     prompts = all_captions("heldout")[: settings.eval_prompts]
     scales = [float(w) for w in settings.eval_cfg.split(",") if w.strip()]
     results: dict[str, Any] = {"prompts": len(prompts), "seeds": list(cfg.sample.seeds)}
     for w in scales or [cfg.method.cfg_scale]:
         c = cfg.replace(**{"method.cfg_scale": w})
-        gen = VideoGenerator.load(str(bundle), cfg=c)
+        gen = VideoGenerator.load(str(bundle), device=device, cfg=c)
         res = evaluate(gen, prompts, cfg.sample.seeds, [], c.sample.teacher_steps)
         row = res["methods"][f"teacher@{c.sample.teacher_steps}"]
         results[f"cfg_{w:g}"] = {k: v for k, v in row.items() if k != "samples"}

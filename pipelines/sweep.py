@@ -319,9 +319,11 @@ def run_sweep(cfg: Config) -> SweepResult:
     """Run the whole sweep, write trials.json, best.yaml and the report; return the summary."""
     from ray import tune
 
+    from pipelines.args import absolute_paths
     from pipelines.cluster import init_ray, shutdown
     from pipelines.tracking import Tracker
 
+    cfg = absolute_paths(cfg)  # trials run in their own working directories
     dims = check_sweep(cfg)
     out = sweep_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ def tiny_bundle(
 ) -> Path:
     """A tiny random bundle: built once per session for a ``tmp_path_factory``, else in ``where``.
 
-    Sized for the ``shapes-tiny`` preset: 17 x 64 x 64 videos -> latents (8, 5, 8, 8).
+    Sized for the ``shapes-tiny`` preset: 17 x 64 x 64 videos -> latents (8, 5, 16, 16)
+    (VAE spatial factor 4, patch 1x2x2: 320 tokens).
     """
     if isinstance(where, pytest.TempPathFactory):
         key = (id(where), backbone, seed, tuple(sorted(dims.items())))

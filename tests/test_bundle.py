@@ -61,7 +61,7 @@ def test_load_shapes_and_latent_convention(wan):
     )
     assert wan.patch_size == cfg.model.patch_size
     c, t, h, w = wan.latent_shape(d.num_frames, d.height, d.width)
-    assert (t, h, w) == (5, 8, 8) and c == wan.latent_channels
+    assert (t, h, w) == (5, 16, 16) and c == wan.latent_channels
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(2, 3, d.num_frames, d.height, d.width, generator=g) * 2 - 1
@@ -126,7 +126,7 @@ def test_encode_text_pads_zeroes_and_caches_null(wan):
 def test_components_subset_reads_configs_only(tmp_path_factory):
     b = load_bundle(tiny_bundle(tmp_path_factory), components=["transformer"])
     assert b.vae is None and b.text_encoder is None and b.transformer is not None
-    z = torch.randn(1, b.latent_channels, 5, 8, 8)
+    z = torch.randn(1, b.latent_channels, 5, 16, 16)
     assert torch.allclose(b.denormalize(b.normalize(z)), z, atol=1e-6)
     with pytest.raises(BundleError, match="without its VAE"):
         b.decode(z)

@@ -224,7 +224,7 @@ def test_parquet_mode_counts_reconcile(parquet_run):
     assert (summary.inputs, summary.videos, summary.clips, summary.rejects) == (15, 4, 5, 11)
     manifest = lt.read_manifest(out)
     assert manifest.counts["inputs"] == 15 and manifest.counts["clips"] == 5
-    assert manifest.latent_shape == (8, 5, 8, 8) and manifest.text_shape == (24, 32)
+    assert manifest.latent_shape == (8, 5, 16, 16) and manifest.text_shape == (24, 32)
     assert manifest.normalisation["kind"] == "per_channel"
     assert (
         manifest.encoder["model"] == str(cfg.model.path)
@@ -260,7 +260,7 @@ def test_parquet_rows_are_the_encoders_output(parquet_run, world):
         ("good3.mp4", 0),
     ]
     row = rows[("good0.mp4", 1)]
-    assert row["latents"].shape == (8, 5, 8, 8) and row["latents"].dtype == np.float32
+    assert row["latents"].shape == (8, 5, 16, 16) and row["latents"].dtype == np.float32
     assert row["text"].shape == (24, 32) and row["text_mask"].dtype == np.int8
     # The same clip encoded directly (mean posterior) gives the stored RAW latents.
     bundle = load_bundle(world["bundle"], text_max_length=cfg.model.text_max_length)
@@ -303,7 +303,7 @@ def test_online_stream_reconciles_and_logs_rejects(world, ray_cluster, tmp_path)
     n = 0
     for batch in ds.iter_batches(batch_size=2, batch_format="numpy"):
         assert set(batch) == set(lt.COLUMNS)
-        assert batch["latents"].shape[1:] == (8, 5, 8, 8) and batch["latents"].dtype == np.float32
+        assert batch["latents"].shape[1:] == (8, 5, 16, 16) and batch["latents"].dtype == np.float32
         assert batch["text"].shape[1:] == (24, 32) and batch["text_mask"].dtype == np.int8
         n += len(batch["clip"])
     s = ingest.stream_summary(ds)

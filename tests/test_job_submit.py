@@ -129,3 +129,68 @@ def test_distill_runs_unchanged_through_ray_job_submit(head, ray_cluster, tmp_pa
     assert not model.has_detail and min(p.numel() for p in model.parameters()) > 0
     assert "[dcm distill semantic] step 1/1" in log  # the progress line reached the client
     assert not (out / "job1" / "mlflow.db").exists()  # tracking.enabled=false
+
+
+@pytest.mark.timeout(540)
+def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_factory):
+    """Issue #7: `python -m pipelines.sweep` as a `ray job submit` entrypoint. The ablation
+    config cut to two variants (single-cm, dcm), one seed, a few steps, ASHA on, tracking
+    off; the job's driver joins the head through RAY_ADDRESS and the trials run there."""
+    address, env = head
+    bundle, latents = shapes_latents(tmp_path_factory)  # ingest folder: parquet latents
+    out = tmp_path_factory.mktemp("job_sweeps")
+    variants = (
+        "{single-cm: {train.stage: semantic, method.split: -1, method.tc_weight: 0.0}, dcm: {}}"
+    )
+    entrypoint = [
+        "python", "-m", "pipelines.sweep",
+        "--config", "pipelines/configs/ablation-shapes.yaml",
+        "--data", str(latents), "--out", str(out),
+        "--set", "name=ablation-job", "--set", f"model.path={bundle}",
+        "--set", "train.steps_semantic=2", "--set", "train.steps_detail=1",
+        "--set", "train.global_batch=2", "--set", "train.checkpoint_every=1",
+        "--set", "train.log_every=1", "--set", "train.val_prompts=1",
+        "--set", "sample.seeds=[0]", "--set", "sweep.space={train.seed: {grid: [0]}}",
+        "--set", f"sweep.variants={variants}", "--set", "sweep.asha=true",
+        "--set", "sweep.grace_period=1", "--set", "sweep.trial_cpus=0.5",
+        "--set", "tracking.enabled=false",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+         *entrypoint],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower(), log[-4000:]
+    summary = json.loads(next(ln for ln in reversed(log.splitlines()) if '"run_dir"' in ln))
+    run_dir = out / "ablation-job"
+    assert Path(summary["run_dir"]) == run_dir and summary["trials"] == 2
+    assert summary["mlflow_parent_run_id"] is None
+
+    # The sweep's run folder: sweep.json, one trial per variant, each a real distill run.
+    info = json.loads((run_dir / "sweep.json").read_text())
+    assert info["name"] == "ablation-job" and info["tracking_uri"] == ""
+    assert info["baseline"]["teacher_steps"] == 50
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert sorted(t["params"]["variant"] for t in trials) == ["dcm", "single-cm"]
+    assert all(t["status"] in ("finished", "stopped") and t["history"] for t in trials)
+    assert any(t["status"] == "finished" for t in trials)  # ASHA keeps the first
+    assert all(t["mlflow_run_id"] is None for t in trials)
+    assert (run_dir / "trials").is_dir()  # the trials' Ray Train runs, under the sweep's folder
+    assert "single-cm" in (run_dir / "report" / "variants.csv").read_text()
+    assert not (run_dir / "mlflow.db").exists()  # tracking.enabled=false
+
+    # best.yaml is a plain distill config that passes the distill dry run.
+    best = run_dir / "best.yaml"
+    assert Path(summary["best_config"]) == best
+    check = subprocess.run(
+        [sys.executable, "-m", "pipelines.distill", "--config", str(best), "--dry-run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr[-4000:]
+    from dcm.config import load_config
+
+    chosen = load_config(best)
+    assert chosen.sweep.variants == {} and chosen.train.run_name == "ablation-job-best"
+    assert chosen.data.latents == str(latents) and chosen.model.path == str(bundle)

@@ -17,7 +17,7 @@ from pipelines.pretrain import (
 )
 
 TINY = dict(
-    vae_steps=2, vae_frames=5, vae_batch=2, clips=4, steps=3, batch=2, log_every=1,
+    vae_steps=2, vae_frames=5, vae_batch=2, vae_pool=3, clips=4, steps=3, batch=2, log_every=1,
     checkpoint_minutes=0.0, threads=1, eval_prompts=0, layers=1, heads=2, head_dim=8, ffn_dim=32, z_dim=4,
     vae_base_dim=4, text_dim=16, text_layers=1, text_ff=32,
 )  # fmt: skip
@@ -48,7 +48,7 @@ def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_p
     ref = b.encode_text(prompts)
     assert torch.equal(train.mask, ref.mask) and torch.allclose(train.text, ref.text)
     z = b.encode_video(torch.zeros(1, 3, 17, 64, 64), posterior="mean")
-    assert z.shape == (1, 4, 5, 8, 8)
+    assert z.shape == (1, 4, 5, 16, 16)
     assert b.decode(b.normalize(z)).shape == (1, 3, 17, 64, 64)
 
     # the held-out teacher evaluation, per CFG scale, and the --evaluate-only path
@@ -71,12 +71,34 @@ def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_p
     info = json.loads((out / "pretrain.json").read_text())
     assert info["heldout_eval"]["cfg_5"]["steps"] == 2 and info["steps"] == 3
 
+    # continue from that bundle: the decoder alone on full-length clips; the encoder, the
+    # latent statistics and the transformer (--steps 0) are kept as they were
+    more = PretrainSettings(
+        **{**TINY, "init": str(out), "vae_steps": 0, "steps": 0, "decoder_steps": 2}
+    )
+    out2 = run_pretrain(cfg, more, tmp_path / "bundle2", tmp_path / "work")
+    info2 = json.loads((out2 / "pretrain.json").read_text())
+    assert info2["decoder_steps_done"] == 2 and info2["vae_steps_done"] == 0
+    assert info2["init_run"]["steps"] == 3  # the run it continued is recorded
+    b2 = load_bundle(out2, text_max_length=cfg.model.text_max_length)
+    assert b2.vae_config["latents_mean"] == b.vae_config["latents_mean"]
+    assert b2.vae_config["latents_std"] == b.vae_config["latents_std"]
+    for part, kept in (("encoder", True), ("quant_conv", True), ("decoder", False)):
+        old = getattr(b.vae, part).state_dict()
+        new = getattr(b2.vae, part).state_dict()
+        same = all(torch.equal(old[k], new[k]) for k in old)
+        assert same == kept, part
+    for k, v in b.transformer.state_dict().items():
+        assert torch.equal(v, b2.transformer.state_dict()[k]), k
+
 
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="vae-frames"):
         PretrainSettings(vae_frames=6)
-    with pytest.raises(ConfigError, match="--steps"):
+    with pytest.raises(ConfigError, match="--steps 0 keeps a transformer"):
         PretrainSettings(steps=0)
+    with pytest.raises(ConfigError, match="decoder-steps"):
+        PretrainSettings(decoder_steps=-1)
     with pytest.raises(ConfigError, match="ema"):
         PretrainSettings(ema=1.0)
     with pytest.raises(ConfigError, match="eval-cfg"):

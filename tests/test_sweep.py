@@ -261,3 +261,23 @@ def test_shortened_ablation_runs_as_a_two_trial_asha_sweep(shapes_latents, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", "--config", str(result.best_config), "--dry-run"])
     assert exit_info.value.code == 0
+
+
+def test_relative_paths_become_absolute_for_trials(tmp_path, monkeypatch):
+    """Tune runs trials in their own working directories: relative local paths must not
+    reach them, while bundled names, hub ids and URIs stay as written."""
+    from pipelines.args import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lat").mkdir()
+    cfg = load_config(preset="shapes-tiny").replace(
+        **{"data.latents": "lat", "train.out": "runs", "model.path": "bundled:shapes"}
+    )
+    got = absolute_paths(cfg)
+    assert got.data.latents == str(tmp_path / "lat") and got.train.out == str(tmp_path / "runs")
+    assert got.model.path == "bundled:shapes"
+    hub = cfg.replace(**{"model.path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "data.latents": ""})
+    hub = hub.replace(**{"data.input": "s3://bucket/videos"})
+    kept = absolute_paths(hub)
+    assert kept.model.path == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert kept.data.input == "s3://bucket/videos"
