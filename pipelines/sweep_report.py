@@ -52,24 +52,32 @@ def table_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict
     return sorted(rows, key=lambda r: -sign * r["best"] if r["best"] is not None else math.inf)
 
 
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    mean = sum(vals) / len(vals)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+
+
 def variant_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant (the ablation's rows): mean and std of the best metric over its trials
-    (seeds), plus the teacher baseline when the sweep scored one."""
+    """Per variant (the ablation's rows): mean and std over its trials (seeds) of the best
+    metric and of the final one (the finished model: the best favours trials that validate
+    more often), plus the teacher baseline when the sweep scored one."""
     if "variant" not in sweep["dimensions"]:
         return []
-    groups: dict[str, list[float]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for t in trials:
         if t["best"] is not None:
-            groups.setdefault(str(t["params"].get("variant")), []).append(float(t["best"]))
+            groups.setdefault(str(t["params"].get("variant")), []).append(t)
     rows = []
-    for name, vals in groups.items():
-        mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-        rows.append({"variant": name, "mean": mean, "std": std, "trials": len(vals)})
+    for name, group in groups.items():
+        mean, std = _mean_std([float(t["best"]) for t in group])
+        final, final_std = _mean_std([float(t.get("last", t["best"])) for t in group])
+        rows.append({"variant": name, "mean": mean, "std": std, "final_mean": final,
+                     "final_std": final_std, "trials": len(group)})  # fmt: skip
     baseline = sweep.get("baseline")
     if baseline:
         rows.append({"variant": f"teacher ({baseline['teacher_steps']} steps)",
-                     "mean": baseline["value"], "std": None, "trials": None})  # fmt: skip
+                     "mean": baseline["value"], "std": None, "final_mean": baseline["value"],
+                     "final_std": None, "trials": None})  # fmt: skip
     return rows
 
 

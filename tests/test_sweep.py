@@ -154,7 +154,7 @@ def _fake_sweep(root: Path) -> Path:
         for i, (b, v, st, h) in enumerate([
             (10, "a", "finished", [[1, 0.2], [2, 0.5]]),
             (30, "b", "stopped", [[1, 0.1]]),
-            (30, "a", "finished", [[1, 0.3], [2, 0.6]]),
+            (30, "a", "finished", [[1, 0.6], [2, 0.3]]),  # best 0.6, final 0.3
         ])
     ]  # fmt: skip
     (run / "sweep.json").write_text(json.dumps(sweep))
@@ -176,11 +176,13 @@ def test_report_writes_table_plots_and_html(tmp_path, capsys):
     assert "Teacher at 50 steps" in page
     assert (out / "trials.csv").read_text().splitlines()[0].startswith("trial,status,method.split")
     variants = (out / "variants.csv").read_text().splitlines()
-    assert variants[0] == "variant,mean,std,trials" and variants[1].startswith("a,0.55,0.0")
+    assert variants[0] == "variant,mean,std,final_mean,final_std,trials"
+    a_row = [float(v) for v in variants[1].split(",")[1:]]  # best over seeds, then final
+    assert variants[1].startswith("a,") and a_row == pytest.approx([0.55, 0.05, 0.4, 0.1, 2])
     assert variants[-1].startswith("teacher (50 steps),0.8")
     assert sw.main(["report", str(run), "--no-mlflow"]) == 0
     printed = capsys.readouterr().out
-    assert "| t2 | finished | 30 | a |" in printed and "| b | 0.1 | 0 | 1 |" in printed
+    assert "| t2 | finished | 30 | a |" in printed and "| b | 0.1 | 0 | 0.1 | 0 | 1 |" in printed
 
 
 def test_report_of_a_non_sweep_folder_is_a_clear_error(tmp_path):
