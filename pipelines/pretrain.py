@@ -41,6 +41,7 @@ from pipelines.args import add_common, resolve, run_main
 
 FG_WEIGHT = 10.0  # VAE loss weight of coloured (object) pixels against grey background
 LOGVAR_INIT = -8.0  # initial VAE posterior log-variance (std 0.018)
+SHARD = "4MB"  # weight files stay small: the bundle is committed to the repository
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dcm" / "shapes" / "bundle"
 
 
@@ -345,10 +346,10 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         out = work / tag
         shutil.copytree(base, out, dirs_exist_ok=True)
         ema.swap()
-        transformer.save_pretrained(out / "transformer")
+        transformer.save_pretrained(out / "transformer", max_shard_size=SHARD)
         text_encoder.save_pretrained(out / "text_encoder")
         ema.swap()
-        vae.save_pretrained(out / "vae")
+        vae.save_pretrained(out / "vae", max_shard_size=SHARD)
         info.update(
             steps=step,
             flow_minutes=(time.time() - flow_start) / 60,
@@ -368,7 +369,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         idx = rng.integers(0, len(captions), st.batch)
         rows = torch.from_numpy(idx).to(dev)
         # posterior sample of the cached clips, then normalised (Bundle.normalize)
-        z = z_mean[rows] + z_std[rows] * torch.randn(z_std[rows].shape, generator=dgen, device=dev)
+        std = z_std[rows]
+        z = z_mean[rows] + std * torch.randn(std.shape, generator=dgen, device=dev)
         x0 = (z - norm_mean) / norm_std  # (B, C, T, h, w)
         prompts = ["" if rng.random() < drop else captions[i] for i in idx]
         cond = encode_text_train(tokenizer, text_encoder, prompts, cfg.model.text_max_length)

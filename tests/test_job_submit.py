@@ -61,6 +61,20 @@ def _end(pids: list[int]) -> None:
         time.sleep(1.0)
 
 
+def _submit(address: str, env: dict[str, str], entrypoint: list[str], key: str) -> tuple[dict, str]:
+    """`ray job submit --working-dir .` the entrypoint; it must succeed. Returns the last JSON
+    line of its log that holds ``key`` (the stage's printed summary) and the log."""
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+         *entrypoint],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower(), log[-4000:]
+    return json.loads(next(ln for ln in reversed(log.splitlines()) if key in ln)), log
+
+
 @pytest.fixture(scope="module")
 def head():
     """A `ray start --head` cluster on loopback; yields (dashboard address, client env)."""
@@ -107,15 +121,7 @@ def test_distill_runs_unchanged_through_ray_job_submit(head, ray_cluster, tmp_pa
         # ZeRO-3 (artifact gathered from 2 ranks) and accumulation, at no extra fit
         "--set", "train.zero_stage=3", "--set", "train.grad_accum=2",
     ]  # fmt: skip
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-         *entrypoint],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=480,
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "succeeded" in log.lower(), log[-4000:]
-    summary = json.loads(next(ln for ln in reversed(log.splitlines()) if '"artifact"' in ln))
+    summary, log = _submit(address, env, entrypoint, '"artifact"')
     assert summary["stage"] == "semantic" and summary["mlflow_run_id"] is None
     artifact = Path(summary["artifact"])
     assert (artifact / "experts.safetensors").is_file()
@@ -155,15 +161,7 @@ def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_
         "--set", "sweep.grace_period=1", "--set", "sweep.trial_cpus=0.5",
         "--set", "tracking.enabled=false",
     ]  # fmt: skip
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-         *entrypoint],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=480,
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "succeeded" in log.lower(), log[-4000:]
-    summary = json.loads(next(ln for ln in reversed(log.splitlines()) if '"run_dir"' in ln))
+    summary, _ = _submit(address, env, entrypoint, '"run_dir"')
     run_dir = out / "ablation-job"
     assert Path(summary["run_dir"]) == run_dir and summary["trials"] == 2
     assert summary["mlflow_parent_run_id"] is None
