@@ -2,6 +2,9 @@
 #   make demo   the whole platform end to end on this machine (local Ray, bundled tiny model)
 #   make test   ruff check + ruff format --check + pytest
 # Both create .venv and install the pinned stack once; a second run installs nothing.
+# `make test` also needs Chromium for the Serve page tests: it installs the Debian package
+# when it is missing and the user may install (root, or password-less sudo), else says what
+# to install and stops.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,8 +15,10 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+CHROMIUM := /usr/bin/chromium
+APT_LOG := $(CURDIR)/.cache/apt-chromium.log
 
-.PHONY: install test lint format demo clean-runs
+.PHONY: install test lint format demo clean-runs browser
 
 install: $(STAMP)
 
@@ -33,7 +38,23 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+# Headless Chromium drives the Serve page in tests/test_serve_ui.py (no browser download).
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else SUDO=none; fi; \
+	if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null; then \
+	  echo "make test needs Chromium at $(CHROMIUM) for the Serve page tests: install the Debian package 'chromium' (sudo apt-get install chromium), then run make test again."; \
+	  exit 1; \
+	fi; \
+	echo "Installing Chromium for the Serve page tests (Debian packages; log in $(APT_LOG))"; \
+	mkdir -p $(dir $(APT_LOG)); \
+	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver; } \
+	  >$(APT_LOG) 2>&1 && [ -x $(CHROMIUM) ] || \
+	  { echo "Installing Chromium failed; see $(APT_LOG)."; exit 1; }
+
+test: lint browser
 	$(PY) -m pipelines.prebuild
 	$(VENV)/bin/pytest -q
 

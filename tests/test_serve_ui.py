@@ -1,6 +1,6 @@
 """The web page at / driven by headless Chromium against the real Serve app on 127.0.0.1.
 
-Needs /usr/bin/chromium (Debian package `chromium`; CI installs it) and the playwright
+Needs /usr/bin/chromium (Debian package `chromium`; `make test` installs it) and the playwright
 Python package; no browser is downloaded.
 """
 
