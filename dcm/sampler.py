@@ -3,11 +3,14 @@
 Pure functions of model, noise, conditioning and a descending sigma list that ends at 0;
 training validation, evaluation and Serve all call these. Plain Euler:
 x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, 1000 sigma_i).
+
+An optional ``callback(k, n)`` runs after step k of n (1-based): Serve reports job progress
+with it, and an exception it raises stops sampling there (how a job is cancelled).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +19,8 @@ from torch import Tensor
 from dcm.config import ConfigError, MethodConfig
 from dcm.guidance import teacher_velocity
 from dcm.schedule import Schedule
+
+StepCallback = Callable[[int, int], None]  # (step k done, of n steps)
 
 
 def _check_sigmas(sigmas: Sequence[float]) -> list[float]:
@@ -31,7 +36,12 @@ def _check_sigmas(sigmas: Sequence[float]) -> list[float]:
 
 @torch.no_grad()
 def sample(
-    model: Any, noise: Tensor, cond: Any, sigmas: Sequence[float], schedule: Schedule
+    model: Any,
+    noise: Tensor,
+    cond: Any,
+    sigmas: Sequence[float],
+    schedule: Schedule,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """DCM sample from ``noise`` (B, C, T, H, W) at sigmas[0]: one model call per step.
 
@@ -43,11 +53,13 @@ def sample(
     s = _check_sigmas(sigmas)
     x = noise.float()
     bsz = x.shape[0]
-    for cur, nxt in zip(s, s[1:], strict=False):
+    for k, (cur, nxt) in enumerate(zip(s, s[1:], strict=False), start=1):
         sig = torch.full((bsz,), cur, dtype=torch.float32, device=x.device)
         expert = schedule.route(sig)  # (B,)
         v = model(x, 1000.0 * sig, cond, expert).float()
         x = x + (nxt - cur) * v
+        if callback is not None:
+            callback(k, len(s) - 1)
     return x
 
 
@@ -59,13 +71,16 @@ def teacher_sample(
     null_cond: Any,
     sigmas: Sequence[float],
     method: MethodConfig,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Teacher Euler sample with guidance (CFG: 2 calls per step; embedded: 1)."""
     s = _check_sigmas(sigmas)
     x = noise.float()
     bsz = x.shape[0]
-    for cur, nxt in zip(s, s[1:], strict=False):
+    for k, (cur, nxt) in enumerate(zip(s, s[1:], strict=False), start=1):
         sig = torch.full((bsz,), cur, dtype=torch.float32, device=x.device)
         v = teacher_velocity(teacher, x, 1000.0 * sig, cond, null_cond, method).float()
         x = x + (nxt - cur) * v
+        if callback is not None:
+            callback(k, len(s) - 1)
     return x
