@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +209,12 @@ class VideoGenerator:
         split: int | None = None,
         teacher: bool = False,
         teacher_steps: int = 50,
+        callback: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """uint8 videos (B, F, H, W, 3), one per prompt; timings in ``last_timings``.
+
+        ``callback(k, n)`` runs after each student sampling step (Serve's job progress; an
+        exception it raises aborts the generation).
 
         ``seed``: one int draws the whole batch's noise from one generator; a list gives row
         i its own seed, so row i equals ``generate([prompts[i]], seed=seed[i])`` whatever the
@@ -233,7 +237,7 @@ class VideoGenerator:
         # 2. denoise: teacher (guided, METHOD.md section 7) or the experts. The sampler keeps
         # x in float32; half-precision weights run under autocast (the runner's policy).
         with self._precision():
-            z, nfe = self._denoise(noise, cond, steps, split, teacher, teacher_steps)
+            z, nfe = self._denoise(noise, cond, steps, split, teacher, teacher_steps, callback)
         _sync(dev)
         t_denoise = time.perf_counter()
 
@@ -276,6 +280,7 @@ class VideoGenerator:
         split: int | None,
         teacher: bool,
         teacher_steps: int,
+        callback: Callable[[int, int], None] | None = None,
     ) -> tuple[Tensor, int]:
         """Normalised latents at sigma 0 and the number of network evaluations used."""
         batch = noise.shape[0]
@@ -287,7 +292,8 @@ class VideoGenerator:
             return z, (len(sig) - 1) * (2 if method.guidance == "cfg" else 1)
         sig = self.sigmas(steps, split)
         cond = with_embedded_guidance(cond, self.method, batch)
-        return sample(self.student, noise, cond, sig, self.schedule(split)), len(sig) - 1
+        z = sample(self.student, noise, cond, sig, self.schedule(split), callback)
+        return z, len(sig) - 1
 
     def describe(self) -> dict[str, Any]:
         """What is loaded (for logs, Serve health and the CLI)."""
