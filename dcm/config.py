@@ -419,7 +419,10 @@ class ServeConfig:
     max_replicas: int = doc(2, "Autoscaling maximum replicas.")
     target_ongoing_requests: float = doc(1.0, "Autoscaling target of ongoing requests per replica.")
     replica_cpus: float = doc(0.5, "CPUs per generator replica.")
-    replica_gpus: float = doc(0.0, "GPU fraction per generator replica.")
+    replica_gpus: float | str = doc(
+        "auto",
+        "GPUs per generator replica: 'auto' (1 when the cluster has GPUs, else 0) or a number (0.5 packs two replicas per GPU).",
+    )
     device: str = doc(
         "auto",
         "Generator device: 'auto' (cuda when Ray gave the replica a GPU, else cpu), 'cpu', 'cuda'.",
@@ -453,6 +456,16 @@ class ServeConfig:
         "Autoscaling: how often handles and replicas report load (Serve's default 10 s; lower reacts faster).",
     )
     retry_after_s: int = doc(5, "Retry-After seconds sent with a 503 when the queue is full.")
+    job_store: str = doc(
+        "",
+        "Where /v1/videos jobs keep their JSON records and videos: a folder or a pyarrow/fsspec URI (s3://bucket/prefix); empty = ~/.cache/dcm/serve-jobs. Replicas on several nodes need a shared one.",
+    )
+    job_ttl_s: float = doc(86400.0, "Seconds a finished job and its video are kept.")
+    max_queued_jobs: int = doc(64, "Jobs waiting for a generator before POST /v1/videos gets 503.")
+    job_lease_s: float = doc(
+        60.0,
+        "A running job whose replica has not written a heartbeat for this long is retried once, then failed.",
+    )
 
     def __post_init__(self) -> None:
         _range("port", self.port, 1, 65535)
@@ -467,7 +480,10 @@ class ServeConfig:
         _range("max_replicas", self.max_replicas, max(1, self.min_replicas), 10**4)
         _range("target_ongoing_requests", self.target_ongoing_requests, 0.01, 10**4)
         _range("replica_cpus", self.replica_cpus, 0.0, 256)
-        _range("replica_gpus", self.replica_gpus, 0.0, 64)
+        if isinstance(self.replica_gpus, str):
+            _choice("replica_gpus", self.replica_gpus, ("auto",))
+        else:
+            _range("replica_gpus", self.replica_gpus, 0.0, 64)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for name, path in self.variants.items():
             if (
@@ -488,6 +504,9 @@ class ServeConfig:
         _range("look_back_period_s", self.look_back_period_s, 0.1, 86400)
         _range("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
         _range("retry_after_s", self.retry_after_s, 0, 3600)
+        _range("job_ttl_s", self.job_ttl_s, 1.0, 10**8)
+        _range("max_queued_jobs", self.max_queued_jobs, 0, 10**6)
+        _range("job_lease_s", self.job_lease_s, 1.0, 86400)
 
 
 SECTIONS: dict[str, type] = {
