@@ -1,6 +1,6 @@
 """One script for a lent GPU machine: GPU tests, then every benchmark's `--gpu` mode.
 
-Usage on the device (after the install line of ../shared/tools/gpu-wheels.sh's header):
+Usage on the device (after the install line in benchmarks/gpu_wheels.sh's header):
 
     python benchmarks/gpu_check.py [--budget 480] [--only sampler,train_step]
 
