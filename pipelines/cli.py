@@ -2,13 +2,12 @@
 
 `dcm <stage> ARGS` is exactly `python -m pipelines.<stage> ARGS`; the stage module owns its
 flags (so `--help` shows the real ones). Modules are imported only when their subcommand
-runs, so `dcm --help` is instant and a stage that has not landed fails with one sentence.
+runs, so `dcm --help` is instant.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipelines.serve", "serve the model over HTTP (Ray Serve, autoscaling)"),
     "demo": ("pipelines.demo", "the whole platform end to end on this machine"),
     "pretrain": ("pipelines.pretrain", "train the tiny shapes teacher bundle"),
+    "tiny-model": (
+        "pipelines.tiny_model",
+        "write a random tiny Wan2.1 / HunyuanVideo folder + smoke config",
+    ),
 }
 
 
@@ -45,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name = COMMANDS[name][0]
-    if importlib.util.find_spec(module_name) is None:
-        print(
-            f"error: 'dcm {name}' is not available in this version yet ({module_name} has not landed).",
-            file=sys.stderr,
-        )
-        return 3
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(COMMANDS[name][0])
     from pipelines.args import run_main
 
     return run_main(module.main, rest)

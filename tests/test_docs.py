@@ -65,3 +65,14 @@ def test_every_cited_document_exists_in_the_repository():
         if doc not in names and Path(doc).name not in names
     )
     assert not missing, "documents cited but not in the repository:\n" + "\n".join(missing)
+
+
+def test_every_cited_experiment_config_exists():
+    texts = _tracked_text_files()
+    missing = sorted(
+        f"{rel}: {ref}"
+        for rel, text in texts.items()
+        for ref in re.findall(r"pipelines/configs/[\w.-]+\.yaml", text)
+        if not (ROOT / ref).is_file()
+    )
+    assert not missing, "configs cited but not in pipelines/configs/:\n" + "\n".join(missing)

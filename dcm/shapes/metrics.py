@@ -184,7 +184,7 @@ def _edge_energy(frames: np.ndarray) -> float:
     return float(np.sqrt(gx + gy))
 
 
-def _flicker_score(frames: np.ndarray, object_masks: np.ndarray, radius: float) -> float:
+def _flicker_score(frames: np.ndarray, object_masks: np.ndarray) -> float:
     if len(frames) < 2:
         return 1.0
     diff = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(-1)  # (F-1, H, W)
@@ -219,7 +219,7 @@ def score_video(
     object_masks = _dilate(object_masks, 2)
     out = {k: float(np.mean([s[k] for s in per_obj])) for k in per_obj[0]}
     out["smoothness"] = float(np.mean([_jerk_score(t, travel) for t in tracks]))
-    out["flicker"] = _flicker_score(frames, object_masks, radius)
+    out["flicker"] = _flicker_score(frames, object_masks)
     ratio = _edge_energy(frames) / max(
         _reference_energy(scene.caption(), reference_seed, f, h, w), 1e-6
     )
