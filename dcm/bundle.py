@@ -131,6 +131,9 @@ class Bundle:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     text_max_length: int = ModelConfig.text_max_length
+    # HunyuanVideo only: CLIP text encoder + tokenizer (the pooled text)
+    text_encoder_2: Any | None = None
+    tokenizer_2: Any | None = None
     _null: Cond | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------ geometry
@@ -170,21 +173,31 @@ class Bundle:
         return (self.latent_channels, (num_frames - 1) // tf + 1, height // sf, width // sf)
 
     # ------------------------------------------------------------ text
+    @property
+    def pooled_dim(self) -> int:
+        """Width P of the pooled text (HunyuanVideo's CLIP), 0 for Wan."""
+        if self.backbone_kind == "wan":
+            return 0
+        return int(self.transformer_config.get("pooled_projection_dim", 768))
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Cond:
-        """Prompts -> Cond(text (B, L, D), mask (B, L)), padded/truncated to text_max_length."""
+        """Prompts -> Cond(text (B, L, D), mask (B, L)[, pooled (B, P)]), L = text_max_length.
+
+        Wan: UMT5 states, zero past each prompt (as ``WanPipeline``). HunyuanVideo: exactly
+        ``HunyuanVideoPipeline.encode_prompt``: the Llama states of the third-last layer for
+        the prompt inside diffusers' prompt template, the template tokens cropped off, plus
+        CLIP's pooled output.
+        """
         if self.text_encoder is None or self.tokenizer is None:
             raise BundleError(
                 f"bundle '{self.path}' was loaded without a text encoder/tokenizer: load it with "
                 "components including 'text_encoder'"
             )
-        if self.backbone_kind != "wan":
-            raise BundleError(
-                f"text encoding for backbone '{self.backbone_kind}' is not supported by "
-                "Bundle.encode_text: pass pre-encoded conditioning (latent rows carry it)"
-            )
         if isinstance(prompts, str):
             prompts = [prompts]
+        if self.backbone_kind == "hunyuanvideo":
+            return self._encode_hunyuan(list(prompts))
         tok = self.tokenizer(
             [p.strip() for p in prompts],
             padding="max_length",
@@ -200,6 +213,37 @@ class Bundle:
         # As the Wan pipeline does: states past each prompt's length are exactly zero.
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         return Cond(text=hidden.to(self.dtype), mask=mask.long())
+
+    def _encode_hunyuan(self, prompts: list[str]) -> Cond:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+            DEFAULT_PROMPT_TEMPLATE,
+        )
+
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            raise BundleError(
+                f"bundle '{self.path}' has no text_encoder_2/tokenizer_2 (CLIP): a HunyuanVideo "
+                "bundle needs both for the pooled text"
+            )
+        template = DEFAULT_PROMPT_TEMPLATE["template"]
+        crop = int(DEFAULT_PROMPT_TEMPLATE["crop_start"])  # template tokens before the prompt
+        tok = self.tokenizer(
+            [template.format(p) for p in prompts],
+            padding="max_length",
+            max_length=self.text_max_length + crop,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        out = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-3][:, crop:]  # (B, L, D): skip the last two layers
+        clip_ids = self.tokenizer_2(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        pooled = self.text_encoder_2(clip_ids, output_hidden_states=False).pooler_output  # (B, P)
+        return Cond(
+            text=hidden.to(self.dtype), mask=mask[:, crop:].long(), pooled=pooled.to(self.dtype)
+        )
 
     def null_cond(self, batch: int = 1) -> Cond:
         """The empty prompt's conditioning (computed once, cached), repeated to ``batch`` rows."""
@@ -289,6 +333,19 @@ def _component_class(index: dict[str, Any], name: str, file: str) -> type:
     return cls
 
 
+def _load_tokenizer(root: Path, name: str, local: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    if local and not (root / name).is_dir():
+        raise BundleError(f"'{root / name}' is missing: the bundle folder is incomplete")
+    try:
+        return AutoTokenizer.from_pretrained(str(root), subfolder=name)
+    except Exception as err:  # noqa: BLE001
+        raise BundleError(
+            f"could not load the tokenizer in '{root / name}': {_first_line(err)}"
+        ) from None
+
+
 def load_bundle(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -320,7 +377,11 @@ def load_bundle(
         )
     device = torch.device(device)
     loaded: dict[str, Any] = {}
-    for name in ("transformer", "vae", "text_encoder"):
+    names = ["transformer", "vae", "text_encoder"]
+    if kind == "hunyuanvideo" and "text_encoder" in wanted:
+        names.append("text_encoder_2")  # CLIP: the pooled text comes with the text encoder
+        wanted.add("text_encoder_2")
+    for name in names:
         if name not in wanted:
             continue
         cls = _component_class(index, name, index_file)
@@ -337,17 +398,11 @@ def load_bundle(
         if name != "transformer":
             model.eval().requires_grad_(False)
         loaded[name] = model
-    if "tokenizer" in wanted and "tokenizer" in index:
-        from transformers import AutoTokenizer
-
-        if local and not (root / "tokenizer").is_dir():
-            raise BundleError(f"'{root / 'tokenizer'}' is missing: the bundle folder is incomplete")
-        try:
-            loaded["tokenizer"] = AutoTokenizer.from_pretrained(str(root), subfolder="tokenizer")
-        except Exception as err:  # noqa: BLE001
-            raise BundleError(
-                f"could not load the tokenizer in '{root / 'tokenizer'}': {_first_line(err)}"
-            ) from None
+    for tok_name in ("tokenizer", "tokenizer_2"):
+        if tok_name == "tokenizer_2" and "text_encoder_2" not in wanted:
+            continue
+        if "tokenizer" in wanted and tok_name in index:
+            loaded[tok_name] = _load_tokenizer(root, tok_name, local)
     vae = loaded.get("vae")
     if vae is not None and hasattr(vae, "enable_tiling"):
         vae.enable_tiling()
@@ -371,6 +426,8 @@ def load_bundle(
         vae=vae,
         text_encoder=loaded.get("text_encoder"),
         tokenizer=loaded.get("tokenizer"),
+        text_encoder_2=loaded.get("text_encoder_2"),
+        tokenizer_2=loaded.get("tokenizer_2"),
         vae_config=vae_config,
         transformer_config=tr_config,
         device=device,

@@ -634,7 +634,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "fps": 24,
         },
         "method": {"split": 37, "guidance": "embedded", "fm_weight": 1.0},
-        "data": {"num_frames": 129, "height": 720, "width": 1280},
+        # no prompt dropout: HunyuanVideo has no CFG pass to learn the empty prompt for
+        "data": {"num_frames": 129, "height": 720, "width": 1280, "empty_prompt_prob": 0.0},
         "train": {"global_batch": 6},
         "serve": {"max_frames": 129, "max_height": 720, "max_width": 1280},
     },

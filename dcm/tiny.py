@@ -54,12 +54,19 @@ HUNYUAN_DIMS: dict[str, Any] = {
     "heads": 2,
     "head_dim": 16,
     "rope_axes_dim": (4, 6, 6),
-    "patch_size": (1, 1, 1),
+    "patch_size": (1, 2, 2),
     "z_dim": 8,
     "vae_channels": (8, 16, 32, 32),
     "text_dim": 32,
+    "text_layers": 3,
+    "text_heads": 2,
+    "text_ff": 64,
     "pooled_dim": 16,
-    "shift": 3.0,
+    "clip_layers": 1,
+    "clip_heads": 2,
+    "clip_ff": 32,
+    # FlowMatchEulerDiscreteScheduler shift of the released HunyuanVideo scheduler config
+    "shift": 7.0,
 }
 
 
@@ -172,8 +179,74 @@ def _build_wan(out: Path, vocab: Any, d: dict[str, Any]) -> None:
     )
 
 
-def _build_hunyuan(out: Path, d: dict[str, Any]) -> None:
+def _word_tokenizer(
+    out_dir: Path,
+    words: list[str],
+    specials: dict[str, int],
+    split: str,
+    template: str | None,
+    **tokens: str,
+) -> Any:
+    """A lower-cased word-level ``PreTrainedTokenizerFast`` saved to ``out_dir``.
+
+    ``specials``: special token -> id (ids 0..k-1); ``split``: regex of the pieces a text is
+    cut into (after dropping spaces); ``template``: the post-processor's single-sequence
+    template (None: no tokens added); ``tokens``: pad_token, eos_token, ... for transformers.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    table = dict(specials)
+    for w in dict.fromkeys(w.lower() for w in words):
+        table.setdefault(w, len(table))
+    tok = Tokenizer(models.WordLevel(vocab=table, unk_token=tokens["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        ]
+    )
+    if template is not None:
+        used = sorted({t for t in template.split() if t in specials})
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, specials[t]) for t in used]
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **tokens)
+    fast.add_special_tokens(
+        {"additional_special_tokens": [t for t in specials if t not in tokens.values()]}
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def hunyuan_template() -> dict[str, Any]:
+    """diffusers' HunyuanVideo prompt template (its ``crop_start`` is 95 template tokens)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    return dict(DEFAULT_PROMPT_TEMPLATE)
+
+
+# Llama-3 header tokens of the HunyuanVideo prompt template; the tiny Llama tokenizer cuts
+# words, single punctuation marks and single newlines, so the template before the prompt
+# is 95 tokens, the crop_start diffusers uses for the real tokenizer.
+LLAMA_SPECIALS = ("<pad>", "<unk>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA_SPLIT = r"\w+|[^\w\s]|\n"
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
+
+
+def _template_words() -> list[str]:
+    import re
+
+    text = hunyuan_template()["template"].replace("{}", " ")
+    for special in LLAMA_SPECIALS:
+        text = text.replace(special, " ")
+    return re.findall(LLAMA_SPLIT, text)
+
+
+def _build_hunyuan(out: Path, vocab: Any, d: dict[str, Any]) -> None:
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     z = d["z_dim"]
     pt, ph, pw = d["patch_size"]
@@ -181,6 +254,60 @@ def _build_hunyuan(out: Path, d: dict[str, Any]) -> None:
         raise ConfigError(
             f"HunyuanVideo needs a square spatial patch, got patch_size={d['patch_size']}"
         )
+    words = list(vocab or DEFAULT_VOCAB)
+    # 1. Llama text encoder (hidden states of its third-last layer are the text tokens)
+    llama_tok = _word_tokenizer(
+        out / "tokenizer",
+        [*_template_words(), *words],
+        {t: i for i, t in enumerate(LLAMA_SPECIALS)},
+        LLAMA_SPLIT,
+        None,  # no BOS/EOS: the template carries the structure, as crop_start assumes
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|eot_id|>",
+    )
+    LlamaModel(
+        LlamaConfig(
+            vocab_size=len(llama_tok),
+            hidden_size=d["text_dim"],
+            intermediate_size=d["text_ff"],
+            num_hidden_layers=d["text_layers"],
+            num_attention_heads=d["text_heads"],
+            num_key_value_heads=d["text_heads"],
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=LLAMA_SPECIALS.index("<|eot_id|>"),
+        )
+    ).save_pretrained(out / "text_encoder")
+    # 2. CLIP text encoder: its pooled output (at the first <|endoftext|>) is the pooled text
+    clip_specials = {t: i for i, t in enumerate(CLIP_SPECIALS)}
+    clip_tok = _word_tokenizer(
+        out / "tokenizer_2",
+        words,
+        clip_specials,
+        r"\w+|[^\w\s]",
+        "<|startoftext|> $A <|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+    )
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=d["pooled_dim"],
+            intermediate_size=d["clip_ff"],
+            projection_dim=d["pooled_dim"],
+            num_hidden_layers=d["clip_layers"],
+            num_attention_heads=d["clip_heads"],
+            max_position_embeddings=77,
+            pad_token_id=clip_specials["<|endoftext|>"],
+            bos_token_id=clip_specials["<|startoftext|>"],
+            eos_token_id=clip_specials["<|endoftext|>"],
+        )
+    ).save_pretrained(out / "text_encoder_2")
+    # 3. transformer with embedded guidance (HunyuanVideo-T2V), VAE (spatial 8, temporal 4)
     HunyuanVideoTransformer3DModel(
         in_channels=z,
         out_channels=z,
@@ -213,6 +340,10 @@ def _build_hunyuan(out: Path, d: dict[str, Any]) -> None:
         {
             "transformer": ("diffusers", "HunyuanVideoTransformer3DModel"),
             "vae": ("diffusers", "AutoencoderKLHunyuanVideo"),
+            "text_encoder": ("transformers", "LlamaModel"),
+            "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
+            "text_encoder_2": ("transformers", "CLIPTextModel"),
+            "tokenizer_2": ("transformers", "PreTrainedTokenizerFast"),
             "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
         },
     )
@@ -228,7 +359,9 @@ def build_tiny_bundle(
     """Write a random tiny diffusers-format bundle to ``out_dir`` and return its path.
 
     Wan: transformer, VAE, UMT5 text encoder, word-level tokenizer over ``vocab`` and
-    scheduler. HunyuanVideo: transformer, VAE and scheduler (enough for adapter tests).
+    scheduler. HunyuanVideo: transformer, VAE, Llama text encoder + tokenizer (the prompt
+    template's words included), CLIP text encoder + tokenizer and scheduler. Both load with
+    the stock ``WanPipeline`` / ``HunyuanVideoPipeline.from_pretrained``.
     ``dims`` overrides sizes in ``WAN_DIMS`` / ``HUNYUAN_DIMS``; weights come from ``seed``.
     """
     if backbone not in ("wan", "hunyuanvideo"):
@@ -242,7 +375,7 @@ def build_tiny_bundle(
         if backbone == "wan":
             _build_wan(out, vocab, _dims(WAN_DIMS, dims))
         else:
-            _build_hunyuan(out, _dims(HUNYUAN_DIMS, dims))
+            _build_hunyuan(out, vocab, _dims(HUNYUAN_DIMS, dims))
     finally:
         torch.random.set_rng_state(state)
     return out
