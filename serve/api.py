@@ -1,7 +1,9 @@
 """The HTTP layer: a FastAPI app built per ingress replica around a generate callable.
 
-Routes: ``POST /v1/generate`` (video bytes), ``GET /v1/models``, ``GET /healthz``,
-``GET /readyz``, ``GET /`` (the web page), ``/docs`` (OpenAPI). Errors are always
+Routes: ``POST /v1/generate`` (video bytes), the job API (``POST /v1/videos`` -> 202 and an
+id, ``GET /v1/videos[/{id}[/content]]``, ``DELETE /v1/videos/{id}``; serve.jobs),
+``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /`` (the web page), ``/docs``
+(OpenAPI). A job belongs to the API key that created it: other keys get 404. Errors are always
 ``{"error": {"type", "field", "message", "request_id"}}``: 400 malformed JSON, 401/403 API
 key, 404/405 unknown route, 422 an invalid field (named), 503 + Retry-After when the queue
 is full or no replica is up, 504 when generation exceeds ``serve.request_timeout_s``, 500
@@ -23,14 +25,16 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.jobs import JobManager, public_view
 from serve.limits import Limits, RequestError, check_request
-from serve.schemas import ErrorBody, GenerateRequest, ModelCard, ModelList
+from serve.metrics import NoMetrics
+from serve.schemas import ErrorBody, GenerateRequest, ModelCard, ModelList, VideoJob, VideoJobList
 
 API_KEY_HEADER = "X-API-Key"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -44,12 +48,18 @@ ReadyFn = Callable[[], Awaitable[bool]]
 class ApiSettings:
     limits: Limits
     models: tuple[ModelCard, ...]
-    api_key_sha256: str  # hex digest of the key; "" = no auth (the key itself is never kept)
+    # hex digests of the accepted keys; () = no auth (the keys themselves are never kept)
+    api_keys_sha256: tuple[str, ...]
     retry_after_s: int
 
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_digests(keys: str) -> tuple[str, ...]:
+    """Digests of a comma-separated list of keys (one per caller; each owns its jobs)."""
+    return tuple(key_digest(k.strip()) for k in keys.split(",") if k.strip())
 
 
 def error_response(
@@ -86,8 +96,16 @@ def server_timing(timings: dict[str, float]) -> str:
     return ", ".join(items)
 
 
-def create_api(settings: ApiSettings, generate: GenerateFn, ready: ReadyFn) -> FastAPI:
-    """The FastAPI app of one ingress replica; ``generate`` gets validated params as a dict."""
+def create_api(
+    settings: ApiSettings,
+    generate: GenerateFn,
+    ready: ReadyFn,
+    jobs: JobManager | None = None,
+    metrics: Any = None,
+) -> FastAPI:
+    """The FastAPI app of one ingress replica; ``generate`` gets validated params as a dict,
+    ``jobs`` runs the job API (absent: those routes are not mounted)."""
+    metrics = metrics or NoMetrics()
     app = FastAPI(
         title="DCM text-to-video",
         version="1",
@@ -106,6 +124,8 @@ def create_api(settings: ApiSettings, generate: GenerateFn, ready: ReadyFn) -> F
         response = await call_next(request)
         if minted:
             response.headers["X-Request-Id"] = request.state.request_id
+        route = request.scope.get("route")  # the template, e.g. /v1/videos/{job_id}
+        metrics.request(getattr(route, "path", "unmatched"), response.status_code)
         return response
 
     @app.exception_handler(RequestError)
@@ -148,9 +168,10 @@ def create_api(settings: ApiSettings, generate: GenerateFn, ready: ReadyFn) -> F
         )
         return error_response(request, err)
 
-    def authorize(key: str | None = Security(key_header)) -> None:
-        if not settings.api_key_sha256:
-            return
+    def authorize(key: str | None = Security(key_header)) -> str:
+        """The caller's identity (its key's digest; "" without auth) or 401/403."""
+        if not settings.api_keys_sha256:
+            return ""
         if not key:
             raise RequestError(
                 None,
@@ -158,8 +179,10 @@ def create_api(settings: ApiSettings, generate: GenerateFn, ready: ReadyFn) -> F
                 401,
                 "unauthorized",
             )
-        if not hmac.compare_digest(key_digest(key), settings.api_key_sha256):
+        digest = key_digest(key)
+        if not any(hmac.compare_digest(digest, d) for d in settings.api_keys_sha256):
             raise RequestError(None, "the API key is not valid", 403, "forbidden")
+        return digest
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -209,4 +232,55 @@ def create_api(settings: ApiSettings, generate: GenerateFn, ready: ReadyFn) -> F
         }
         return Response(result["video"], media_type=CONTENT_TYPES[params.format], headers=headers)
 
+    if jobs is not None:
+        _mount_jobs(app, settings, jobs, authorize)
     return app
+
+
+def _mount_jobs(app: FastAPI, settings: ApiSettings, jobs: JobManager, authorize: Any) -> None:
+    """The job API: submit, poll, download, cancel, list (see serve.jobs)."""
+    errors = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 422, 503)}
+
+    @app.post(
+        "/v1/videos",
+        status_code=202,
+        response_model=VideoJob,
+        responses=errors,
+        summary="Submit a video job; poll status_url, then download content_url",
+    )
+    async def submit(body: GenerateRequest, owner: str = Depends(authorize)) -> JSONResponse:
+        params = check_request(body, settings.limits)
+        view = public_view(jobs.submit(params.to_dict(), owner))
+        return JSONResponse(view, status_code=202, headers={"Location": view["status_url"]})
+
+    @app.get("/v1/videos", response_model=VideoJobList, responses=errors, summary="Your jobs")
+    async def list_jobs(
+        limit: int = Query(20, ge=1, le=1000), owner: str = Depends(authorize)
+    ) -> dict[str, Any]:
+        return {"object": "list", "data": [public_view(r) for r in jobs.list(owner, limit)]}
+
+    @app.get("/v1/videos/{job_id}", response_model=VideoJob, responses=errors, summary="Job status")
+    async def status(job_id: str, owner: str = Depends(authorize)) -> dict[str, Any]:
+        return public_view(jobs.get(job_id, owner))
+
+    @app.get(
+        "/v1/videos/{job_id}/content",
+        response_class=Response,
+        responses={200: {"content": {"video/mp4": {}, "image/gif": {}}}, **errors},
+        summary="The video of a succeeded job",
+    )
+    async def content(job_id: str, owner: str = Depends(authorize)) -> Response:
+        data, fmt = jobs.content(job_id, owner)
+        disposition = f'inline; filename="dcm-{job_id}.{fmt}"'
+        return Response(
+            data, media_type=CONTENT_TYPES[fmt], headers={"Content-Disposition": disposition}
+        )
+
+    @app.delete(
+        "/v1/videos/{job_id}",
+        response_model=VideoJob,
+        responses=errors,
+        summary="Cancel a queued or running job",
+    )
+    async def cancel(job_id: str, owner: str = Depends(authorize)) -> dict[str, Any]:
+        return public_view(jobs.cancel(job_id, owner))

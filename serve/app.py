@@ -1,8 +1,10 @@
 """The Ray Serve application: a FastAPI ingress in front of an autoscaling generator.
 
-    HTTP -> Ingress (FastAPI, validation, auth, timeout, 503 on a full queue)
-         -> Generator replicas (model loaded once per replica; same-shape requests batched;
-            detail-expert variants multiplexed by the request's ``model`` field)
+    HTTP -> Ingress (FastAPI, validation, auth, timeout, 503 on a full queue; the job
+            queue and dispatcher of /v1/videos, serve.jobs)
+         -> Generator replicas (model loaded and warmed up once per replica, GPU when the
+            cluster has one; same-shape requests batched; detail-expert variants multiplexed
+            by the request's ``model`` field; jobs report each step to the job store)
 
 ``build_app(args)`` is the builder ``serve run serve/config.yaml`` / ``serve deploy`` call
 with the config's ``args``; ``app_from_config(cfg)`` is what ``dcm serve`` calls. Every number
@@ -30,10 +32,22 @@ from ray.serve.handle import DeploymentHandle
 
 from dcm.bundle import is_hub_id, resolve_model_path
 from dcm.config import Config, ConfigError, ServeConfig, from_dict, load_config
-from serve.api import ApiSettings, create_api, key_digest
+from serve.api import ApiSettings, create_api, key_digests
 from serve.batching import generate_group, group_by_shape
+from serve.jobs import (
+    CANCELLED,
+    FAILED,
+    SUCCEEDED,
+    JobCancelled,
+    JobManager,
+    JobRunner,
+    ReplicaBusy,
+    ReplicaLost,
+)
 from serve.limits import DEFAULT_MODEL, Limits, RequestError
+from serve.metrics import make_metrics
 from serve.schemas import ModelCard
+from serve.store import JobStore
 
 APP_NAME = "dcm"
 GENERATOR = "Generator"
@@ -86,19 +100,28 @@ def app_from_config(cfg: Config) -> serve.Application:
     if DEFAULT_MODEL in cfg.serve.variants:
         raise ConfigError(f"serve.variants must not use the reserved name '{DEFAULT_MODEL}'")
     variants = {n: _model_path(p, f"serve.variants.{n}") for n, p in cfg.serve.variants.items()}
+    try:  # one absolute location for every replica; a bad URI fails here, in one sentence
+        store = JobStore(cfg.serve.job_store)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"serve.job_store '{cfg.serve.job_store}': {err}") from None
     cfg = cfg.replace(
-        **{"model.path": _model_path(cfg.model.path, "model.path"), "serve.variants": variants}
+        **{
+            "model.path": _model_path(cfg.model.path, "model.path"),
+            "serve.variants": variants,
+            "serve.job_store": store.uri if "://" in store.uri else store.root,
+            "serve.replica_gpus": replica_gpus(cfg.serve),
+        }
     )
     s = cfg.serve
-    digest = ""
+    digests: tuple[str, ...] = ()
     if s.api_key_env:
-        key = os.environ.get(s.api_key_env, "")
-        if not key:
+        digests = key_digests(os.environ.get(s.api_key_env, ""))
+        if not digests:
             raise ConfigError(
                 f"serve.api_key_env names '{s.api_key_env}' but that environment variable is "
-                "empty: export the key or clear serve.api_key_env"
+                "empty: export the key (several callers: comma-separated keys) or clear "
+                "serve.api_key_env"
             )
-        digest = key_digest(key)
     cfg_dict = cfg.to_dict()
     generator = Generator.options(**generator_options(s)).bind(cfg_dict)
     ingress_cap = (s.max_ongoing_requests + s.max_queued) * s.max_replicas + 16
@@ -107,7 +130,18 @@ def app_from_config(cfg: Config) -> serve.Application:
         max_queued_requests=ingress_cap,
         backpressure_config={"retry_after_s": s.retry_after_s},
         ray_actor_options={"num_cpus": 0},
-    ).bind(generator, cfg_dict, digest)
+    ).bind(generator, cfg_dict, digests)
+
+
+def replica_gpus(s: ServeConfig) -> float:
+    """serve.replica_gpus: 'auto' is one GPU per replica when the cluster has GPUs, else 0."""
+    if s.replica_gpus != "auto":
+        return float(s.replica_gpus)
+    import ray
+
+    if not ray.is_initialized():  # building outside a cluster (tests, --dry-run): no GPU
+        return 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def generator_options(s: ServeConfig) -> dict[str, Any]:
@@ -173,6 +207,9 @@ class Generator:
         self._models = {DEFAULT_MODEL: VideoGenerator.load(cfg.model.path, self._device, cfg)}
         check_geometry(cfg, self._models[DEFAULT_MODEL], cfg.model.path)
         self._replica = serve.get_replica_context().replica_id.unique_id
+        self._store = JobStore(cfg.serve.job_store)
+        self._metrics = make_metrics()
+        self.warmup_s = warm_up(cfg, self._models[DEFAULT_MODEL])  # before Serve calls it ready
         self._batched.set_max_batch_size(cfg.serve.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
 
@@ -189,6 +226,53 @@ class Generator:
 
     async def ready(self) -> bool:
         return True
+
+    async def run_job(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Run one /v1/videos job: progress and outcome go to the job store (serve.jobs)."""
+        runner = JobRunner(self._store, record, self._replica, self._cfg.serve.job_ttl_s)
+        if self._store.cancel_requested(runner.job_id):
+            return {"status": CANCELLED}
+        params = record["params"]
+        await asyncio.to_thread(runner.start)
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(runner))
+        t0 = perf_counter()
+        try:
+            if params["model"] == DEFAULT_MODEL:
+                model = self._models[DEFAULT_MODEL]
+            else:
+                model = await self._load_variant(params["model"])
+            load_s = perf_counter() - t0
+            item = {**params, "_arrived": t0}
+            (out,) = await asyncio.to_thread(self._run_group, model, [item], runner.on_step)
+            await asyncio.to_thread(
+                self._store.write_video, runner.job_id, params["format"], out["video"]
+            )
+        except asyncio.CancelledError:
+            # DELETE (cancel marker written): stop at the next step and say so. Without the
+            # marker the caller went away: the ingress's lease check retries or fails it.
+            runner.stop.set()
+            if self._store.cancel_requested(runner.job_id):
+                await asyncio.to_thread(runner.finish, CANCELLED)
+            raise
+        except JobCancelled:
+            return {"status": await asyncio.to_thread(runner.finish, CANCELLED)}
+        except ValueError as err:  # a broken variant or a size the model refuses
+            error = {"type": "invalid_request", "message": str(err)}
+            return {"status": await asyncio.to_thread(runner.finish, FAILED, error=error)}
+        except Exception as err:  # noqa: BLE001 - the job fails with the reason, not the replica
+            error = {"type": "internal", "message": f"{type(err).__name__}: {err}"}
+            return {"status": await asyncio.to_thread(runner.finish, FAILED, error=error)}
+        finally:
+            beat.cancel()
+        timings = {"queue": record_wait(record), "load": load_s, **out["timings"]}
+        status = await asyncio.to_thread(runner.finish, SUCCEEDED, timings=timings)
+        return {"status": status}
+
+    async def _heartbeat(self, runner: JobRunner) -> None:
+        """Sign of life every quarter lease, also while one long step runs."""
+        while True:
+            await asyncio.sleep(self._cfg.serve.job_lease_s / 4.0)
+            await asyncio.to_thread(runner.beat)
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         """One validated request -> {video, timings, model, replica, batch_size} or {error}."""
@@ -228,13 +312,18 @@ class Generator:
                 results[i] = out
         return results
 
-    def _run_group(self, model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _run_group(
+        self, model: Any, items: list[dict[str, Any]], callback: Any = None
+    ) -> list[dict[str, Any]]:
         """Generate one same-shape group in a worker thread, then encode each video."""
         from dcm.video import video_bytes
 
         t0 = perf_counter()
-        frames, stages = generate_group(model, items)  # uint8 (B, F, H, W, 3)
+        frames, stages = generate_group(model, items, callback)  # uint8 (B, F, H, W, 3)
         gen_s = perf_counter() - t0
+        nfe = model.last_timings.get("nfe", 0.0) * len(items)
+        denoise_s = max(model.last_timings.get("denoise_s", 0.0), 1e-9)
+        self._metrics.generation(gen_s, items[0]["steps"], items[0]["model"], nfe / denoise_s)
         outs = []
         for it, clip in zip(items, frames, strict=True):
             t1 = perf_counter()
@@ -242,6 +331,28 @@ class Generator:
             timings = {**stages, "generate": gen_s, "video": perf_counter() - t1}
             outs.append({"video": data, "timings": timings})
         return outs
+
+
+def record_wait(record: dict[str, Any]) -> float:
+    """Seconds a job waited between submission and its start on a replica."""
+    started = record.get("started_at") or record["created_at"]
+    return max(0.0, float(started) - float(record["created_at"]))
+
+
+def warm_up(cfg: Config, model: Any) -> float:
+    """One smallest generation (1 frame, one patch, fewest steps) so that the first request
+    does not pay for lazy initialisation (CUDA context, kernels, allocator); seconds taken."""
+    m = cfg.model
+    t0 = perf_counter()
+    model.generate(
+        ["warm-up"],
+        steps=cfg.serve.min_steps,
+        seed=0,
+        num_frames=1,
+        height=m.vae_spatial_factor * m.patch_size[1],
+        width=m.vae_spatial_factor * m.patch_size[2],
+    )
+    return perf_counter() - t0
 
 
 def check_geometry(cfg: Config, model: Any, name: str) -> None:
@@ -264,11 +375,22 @@ class Ingress:
     """FastAPI front end; the app is built per replica by ``__serve_build_asgi_app__``."""
 
     def __init__(
-        self, generator: DeploymentHandle, cfg_dict: dict[str, Any], key_sha256: str
+        self, generator: DeploymentHandle, cfg_dict: dict[str, Any], keys_sha256: tuple[str, ...]
     ) -> None:
         cfg = from_dict(cfg_dict)
+        s = cfg.serve
         self._generator = generator
-        self._timeout = cfg.serve.request_timeout_s
+        self._timeout = s.request_timeout_s
+        self._metrics = make_metrics()
+        self._jobs = JobManager(
+            JobStore(s.job_store),
+            self._dispatch_job,
+            max_queued=s.max_queued_jobs,
+            max_in_flight=s.max_replicas * s.max_ongoing_requests,
+            lease_s=s.job_lease_s,
+            ttl_s=s.job_ttl_s,
+            metrics=self._metrics,
+        )
         cards = [ModelCard(id=DEFAULT_MODEL, path=cfg.model.path, default=True)]
         cards += [
             ModelCard(id=n, path=p, default=False) for n, p in sorted(cfg.serve.variants.items())
@@ -276,15 +398,23 @@ class Ingress:
         self._settings = ApiSettings(
             limits=Limits.from_config(cfg),
             models=tuple(cards),
-            api_key_sha256=key_sha256,
+            api_keys_sha256=tuple(keys_sha256),
             retry_after_s=cfg.serve.retry_after_s,
         )
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self._settings, self._generate, self._ready)
+        return create_api(self._settings, self._generate, self._ready, self._jobs, self._metrics)
+
+    async def check_health(self) -> None:
+        # Serve calls this periodically: it also starts the job loops (re-queueing the
+        # queued jobs a previous ingress left) without waiting for the first job request.
+        self._jobs.ensure_started()
 
     async def _generate(self, params: dict[str, Any]) -> dict[str, Any]:
         return await call_generator(self._generator, params, self._timeout)
+
+    async def _dispatch_job(self, record: dict[str, Any]) -> dict[str, Any]:
+        return await dispatch_job(self._generator, record)
 
     async def _ready(self) -> bool:
         try:
@@ -295,6 +425,27 @@ class Ingress:
 
 async def _wait(response: Any) -> Any:
     return await response
+
+
+async def dispatch_job(handle: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """Send a job to a generator replica and wait for its outcome (the replica writes it to
+    the store); Serve's failures become ReplicaLost / ReplicaBusy for the JobManager."""
+    model = record["params"]["model"]
+    if model != DEFAULT_MODEL:
+        handle = handle.options(multiplexed_model_id=model)
+    response = handle.run_job.remote(record)
+    try:
+        return await _wait(response)
+    except asyncio.CancelledError:
+        response.cancel()  # DELETE or an expired lease: stop it on the replica too
+        raise
+    except BackPressureError:
+        raise ReplicaBusy() from None
+    except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as err:
+        raise ReplicaLost(
+            f"the generator replica running the job died or became unreachable "
+            f"({type(err).__name__})"
+        ) from None
 
 
 async def call_generator(handle: Any, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:

@@ -9,7 +9,7 @@ is encoded on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,11 +26,14 @@ def group_by_shape(items: Sequence[dict[str, Any]]) -> list[list[int]]:
 
 
 def generate_group(
-    gen: Any, items: Sequence[dict[str, Any]]
+    gen: Any,
+    items: Sequence[dict[str, Any]],
+    callback: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """One ``generate`` call for a same-shape group: uint8 (B, F, H, W, 3) and stage seconds.
 
     Seeds go per row, so row i equals ``generate([prompt_i], seed=seed_i)`` alone.
+    ``callback(k, n)`` runs after each sampling step (job progress).
     """
     p = items[0]
     frames = gen.generate(
@@ -40,6 +43,7 @@ def generate_group(
         num_frames=p["num_frames"],
         height=p["height"],
         width=p["width"],
+        callback=callback,
     )
     names = {"encode_s": "text", "denoise_s": "denoise", "decode_s": "decode"}
     stages = {names[k]: float(v) for k, v in gen.last_timings.items() if k in names}

@@ -8,7 +8,7 @@ Config-dependent bounds (frames, sizes, steps, prompt length) are checked afterw
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -59,3 +59,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="Sampling steps done.")
+    steps: int = Field(description="Sampling steps in all.")
+
+
+class JobError(BaseModel):
+    type: str = Field(description="invalid_request, replica_lost, internal, ...")
+    message: str
+
+
+class VideoJob(BaseModel):
+    """A video job (``POST /v1/videos``, ``GET /v1/videos/{id}``)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    params: dict[str, Any] = Field(description="The validated request (defaults filled in).")
+    progress: JobProgress
+    created_at: float = Field(description="Unix time.")
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = Field(None, description="Last sign of life of its replica.")
+    expires_at: float = Field(description="Unix time after which the job and video are gone.")
+    attempts: int = Field(description="Times it was sent to a replica (a lost replica: +1).")
+    replica: str | None = None
+    error: JobError | None = Field(None, description="Why it failed.")
+    last_error: JobError | None = Field(None, description="Why an earlier attempt was lost.")
+    timings: dict[str, float] = Field(description="Seconds per stage once it succeeded.")
+    status_url: str
+    content_url: str | None = Field(None, description="The video, once succeeded.")
+
+
+class VideoJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoJob]

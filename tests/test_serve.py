@@ -61,6 +61,7 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
             "serve.port": free_port(),
             "serve.variants": variants,
             "serve.api_key_env": KEY_ENV,
+            "serve.job_store": str(root / "jobs"),
             "serve.max_height": 64,
             "serve.max_width": 64,
             "serve.max_frames": 17,
@@ -230,7 +231,7 @@ def test_server_faults_are_json_500s_with_the_request_id():
 
     cfg = load_config(preset="shapes-tiny")
     settings = ApiSettings(
-        Limits.from_config(cfg), (ModelCard(id="default", path="x", default=True),), "", 5
+        Limits.from_config(cfg), (ModelCard(id="default", path="x", default=True),), (), 5
     )
     client = TestClient(create_api(settings, broken, ready), raise_server_exceptions=False)
     resp = client.post(
