@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 
 from dcm.backbones.base import Backbone, Cond, Variant, make_backbone
 from dcm.config import DETAIL, SEMANTIC, Config, LoraConfig, plain_data
+from dcm.files import write_atomic
 
 ARTIFACT_SCHEMA_VERSION = 1
 ARTIFACT_JSON = "dcm_artifact.json"
@@ -191,11 +191,15 @@ class DualExpert(nn.Module):
                 "split": cfg.method.split,
             },
             "bundle_path": str(bundle_path),
+            # what generate, evaluate and Serve default to (flags override), and the whole
+            # training config those defaults come from (``artifact_config``)
+            "defaults": artifact_defaults(cfg),
+            "config": cfg.to_dict(),
             "created_by": _created_by(),
         }
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(out / ARTIFACT_WEIGHTS, lambda p: save_file(state, str(p)))
-        _atomic_write(out / ARTIFACT_JSON, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        write_atomic(out / ARTIFACT_WEIGHTS, lambda p: save_file(state, str(p)), fsync=True)
+        write_atomic(out / ARTIFACT_JSON, json.dumps(meta, indent=2), fsync=True)
         return out
 
     @classmethod
@@ -235,6 +239,78 @@ class DualExpert(nn.Module):
         return model.to(device=device)
 
 
+def artifact_defaults(cfg: Config) -> dict[str, Any]:
+    """The sampling settings an artifact describes itself with (dcm_artifact.json)."""
+    d, m = cfg.data, cfg.method
+    return {
+        "backbone": cfg.model.backbone,
+        "num_frames": cfg.sample.num_frames or d.num_frames,
+        "height": cfg.sample.height or d.height,
+        "width": cfg.sample.width or d.width,
+        "fps": cfg.model.fps,
+        "text_max_length": cfg.model.text_max_length,
+        "guidance": m.guidance,
+        "cfg_scale": m.cfg_scale,
+        "embedded_guidance": m.embedded_guidance,
+        "trained_split": m.split,
+        "steps": cfg.sample.steps,
+        "sigma_preset": cfg.sample.sigma_preset,
+    }
+
+
+def is_artifact(path: str | Path) -> bool:
+    """True for a local folder holding dcm_artifact.json."""
+    text = str(path)
+    return "://" not in text and not text.startswith("bundled:") and (
+        Path(text).expanduser() / ARTIFACT_JSON
+    ).is_file()
+
+
+def artifact_config(path: str | Path) -> dict[str, Any] | None:
+    """The training config an artifact was saved with (a dict for ``load_config(base=)``),
+    its model path set to the artifact; None for an artifact saved before configs were kept."""
+    meta = read_artifact_meta(path)
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        return None
+    saved = copy.deepcopy(saved)
+    saved.setdefault("model", {})["path"] = str(Path(path).expanduser().resolve())
+    return saved
+
+
+def find_bundle(root: str | Path, meta: dict[str, Any], base_model: str = "") -> str:
+    """The base model (teacher, VAE, text encoder) of the artifact at ``root``.
+
+    ``base_model`` (``--base-model`` / model.base) wins. Else the recorded ``bundle_path``:
+    'bundled:..' and URIs as they are; a local folder where it was saved, else a folder of
+    the same name inside the artifact or next to it or any folder above it (a run tree or an
+    artifact moved together with its model); a hub id as it is.
+    """
+    if base_model:
+        return base_model
+    root = Path(root).expanduser().resolve()
+    path = str(meta.get("bundle_path") or "")
+    if not path:
+        raise ValueError(f"'{root / ARTIFACT_JSON}' has no bundle_path: re-save the artifact")
+    if path.startswith("bundled:") or "://" in path:
+        return path
+    saved = Path(path).expanduser()
+    for cand in (saved, root / saved) if not saved.is_absolute() else (saved,):
+        if (cand / "model_index.json").is_file():
+            return str(cand.resolve())
+    for folder in (root, *root.parents):
+        cand = folder / saved.name
+        if (cand / "model_index.json").is_file():
+            return str(cand)
+    if not saved.is_absolute() and len(saved.parts) == 2:
+        return path  # a hub id 'owner/name'
+    raise ValueError(
+        f"artifact '{root}' needs its base model folder '{saved.name}' (saved as {path}), "
+        f"which is not there: put a folder '{saved.name}' next to the artifact or pass "
+        "--base-model PATH (model.base)"
+    )
+
+
 def read_artifact_meta(path: str | Path) -> dict[str, Any]:
     """The parsed dcm_artifact.json of an artifact folder, with a clear error if it is not one."""
     file = Path(path) / ARTIFACT_JSON
@@ -271,14 +347,6 @@ def _cast(model: DualExpert, dtype: torch.dtype) -> None:
         for key, buf in module.named_buffers(recurse=False):
             if buf.is_floating_point() and not keep & set(f"{mod_name}.{key}".split(".")):
                 setattr(module, key, buf.to(dtype))
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 def _created_by() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dcm.config import Config, ConfigError, explain, load_config
+from dcm.files import is_remote
 
 
 def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def data_keys(data: str | None) -> dict[str, Any]:
     anything else -> raw input streamed online."""
     if data is None:
         return {}
-    if "://" not in data and (Path(data) / "manifest.json").is_file():
+    if not is_remote(data) and (Path(data) / "manifest.json").is_file():
         return {"data.latents": data, "data.mode": "parquet"}
     return {"data.input": data, "data.mode": "online"}
 
@@ -58,7 +59,7 @@ def absolute_paths(cfg: Config) -> Config:
     for key in ("data.latents", "data.input", "model.path", "train.out"):
         section, name = key.split(".")
         val = getattr(getattr(cfg, section), name)
-        if not val or "://" in val or ":" in val.split("/")[0] or Path(val).is_absolute():
+        if not val or is_remote(val) or ":" in val.split("/")[0] or Path(val).is_absolute():
             continue
         if key == "train.out" or Path(val).exists():
             changes[key] = str(Path(val).resolve())
@@ -68,11 +69,25 @@ def absolute_paths(cfg: Config) -> Config:
 def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
     """Load the config from the common flags plus stage flags given as dotted keys.
 
-    Stage flags that were not given (None) are ignored. With --dry-run the resolved config
-    is printed and the process exits 0.
+    Stage flags that were not given (None) are ignored. When ``model.path`` is a distilled
+    artifact and neither --config nor --preset is given, its training config (sizes, fps,
+    text length, guidance, steps) is the starting point instead of a preset. With --dry-run
+    the resolved config is printed and the process exits 0.
     """
     extra = [f"{key}={_yaml_scalar(val)}" for key, val in dotted.items() if val is not None]
-    cfg = load_config(args.config, args.preset, [*args.overrides, *extra])
+    base = None
+    model = dotted.get("model.path")
+    if model and not args.config and not args.preset:
+        from dcm.experts import ARTIFACT_JSON
+
+        if (Path(str(model)).expanduser() / ARTIFACT_JSON).is_file():
+            from dcm.experts import artifact_config
+
+            try:
+                base = artifact_config(model)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+    cfg = load_config(args.config, args.preset, [*args.overrides, *extra], base=base)
     if args.dry_run:
         print(explain() if args.explain else cfg.to_yaml(), end="")
         sys.exit(0)

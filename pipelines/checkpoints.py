@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from dcm.config import Config, ConfigError
+from dcm.files import write_json
 
 DS_TAG = "ds"
 STATE = "state.json"
@@ -124,7 +124,7 @@ def write_checkpoint(
         if rank == 0:
             if replicated:
                 torch.save({k: v.state_dict() for k, v in replicated.items()}, root / REPLICATED)
-            _write_json(root / STATE, asdict(state))
+            write_json(root / STATE, asdict(state))
         yield Checkpoint.from_directory(str(root))
 
 
@@ -174,9 +174,3 @@ def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
     if result.checkpoint is None:
         raise RuntimeError("the training run reported no checkpoint")
     return result.checkpoint, dict(result.metrics or {})
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)

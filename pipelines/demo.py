@@ -20,6 +20,7 @@ from typing import Any
 
 import pipelines.args
 from dcm.config import Config
+from dcm.files import write_json
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 STATE = "state.json"
@@ -39,9 +40,7 @@ class Demo:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _save_state(self) -> None:
-        tmp = self.out / (STATE + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        tmp.replace(self.out / STATE)
+        write_json(self.out / STATE, self.state, default=str)
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         done = self.state.get(name)

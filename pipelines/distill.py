@@ -29,6 +29,7 @@ import numpy as np
 
 import pipelines.args
 from dcm.config import Config, ConfigError
+from dcm.files import is_remote
 from pipelines.checkpoints import ARTIFACT, best_checkpoint
 from pipelines.tracking import PARENT, RunLogger, Tracker
 from pipelines.train_loop import STAGES, train_loop
@@ -51,7 +52,7 @@ class DistillResult:
 # ---------------------------------------------------------------- inputs
 def run_dir(cfg: Config) -> str:
     """``<train.out>/<run name>``: absolute for local paths, as given for URIs."""
-    if "://" in cfg.train.out:
+    if is_remote(cfg.train.out):
         return f"{cfg.train.out.rstrip('/')}/{cfg.run_name}"
     return str(Path(cfg.train.out).expanduser().resolve() / cfg.run_name)
 
@@ -81,8 +82,11 @@ def _first_rows(cfg: Config, dataset: Any, n: int) -> list[dict[str, Any]]:
     fs, _ = lt.filesystem(cfg.data.latents)
     rows: list[dict[str, Any]] = []
     for path in lt.shard_paths(cfg.data.latents, manifest):
-        table = pq.read_table(path, filesystem=fs, columns=list(lt.COLUMNS)).slice(0, n - len(rows))
-        cols = lt.table_to_rows(table, manifest.latent_shape, manifest.text_shape)
+        columns = lt.columns(manifest.pooled_dim)
+        table = pq.read_table(path, filesystem=fs, columns=columns).slice(0, n - len(rows))
+        cols = lt.table_to_rows(
+            table, manifest.latent_shape, manifest.text_shape, manifest.pooled_dim
+        )
         rows += [{k: v[i] for k, v in cols.items()} for i in range(table.num_rows)]
         if len(rows) >= n:
             break
@@ -117,6 +121,7 @@ def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
         captions = list(cfg.sample.prompts)
         cond = encode(captions)
         text, mask = cond.text.float().numpy(), cond.mask.numpy()
+        pooled = None if cond.pooled is None else cond.pooled.float().numpy()
     else:
         picked: dict[str, dict[str, Any]] = {}
         for row in rows:
@@ -125,17 +130,24 @@ def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
         captions = [str(r["caption"]) for r in chosen]
         text = np.stack([np.asarray(r["text"], np.float32) for r in chosen])  # (P, L, D)
         mask = np.stack([np.asarray(r["text_mask"]) for r in chosen])  # (P, L)
+        pooled = None  # HunyuanVideo rows carry the pooled CLIP text (P_rows, P)
+        if "pooled" in chosen[0]:
+            pooled = np.stack([np.asarray(r["pooled"], np.float32) for r in chosen])
     if cfg.data.mode == "parquet":
-        from dcm.latents import read_empty_prompt
+        from dcm.latents import read_empty_pooled, read_empty_prompt
 
         null_text, null_mask = read_empty_prompt(cfg.data.latents)
         null_text, null_mask = null_text[None], null_mask[None]  # (1, L, D), (1, L)
+        null_pooled = read_empty_pooled(cfg.data.latents)
+        null_pooled = None if null_pooled is None else null_pooled[None]  # (1, P)
     else:
         null = encode([""])
         null_text, null_mask = null.text.float().numpy(), null.mask.numpy()
+        null_pooled = None if null.pooled is None else null.pooled.float().numpy()
     return {
-        "captions": captions, "text": text, "mask": mask,
-        "null_text": null_text, "null_mask": null_mask, "latent_shape": latent_shape,
+        "captions": captions, "text": text, "mask": mask, "pooled": pooled,
+        "null_text": null_text, "null_mask": null_mask, "null_pooled": null_pooled,
+        "latent_shape": latent_shape,
     }  # fmt: skip
 
 
@@ -216,7 +228,7 @@ def _stage_steps(cfg: Config, stage: str) -> int:
 
 def _finished(cfg: Config, stage: str) -> DistillResult | None:
     """The recorded result of a stage this run name already finished (same step count)."""
-    if "://" in run_dir(cfg):
+    if is_remote(run_dir(cfg)):
         return None
     file = Path(run_dir(cfg)) / stage / RESULT
     if not file.is_file():
@@ -238,7 +250,7 @@ def _local_artifact(checkpoint: Any, cfg: Config, stage: str) -> Path:
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path) / ARTIFACT
-    local = Path(cfg.train.out if "://" not in cfg.train.out else ".").resolve()
+    local = Path(cfg.train.out if not is_remote(cfg.train.out) else ".").resolve()
     target = local / "artifacts" / cfg.run_name / stage
     checkpoint.to_directory(str(target))
     return target / ARTIFACT
@@ -270,7 +282,7 @@ def run_stage(
     logger.log_artifacts(artifact, "artifact")
     tracker.close_run(logger)
     out = DistillResult(artifact, checkpoint, logger.run_id, dict(metrics), stage)
-    if "://" not in run_dir(cfg):
+    if not is_remote(run_dir(cfg)):
         record = {
             "stage": stage, "steps": _stage_steps(cfg, stage), "checkpoint": checkpoint.path,
             "artifact_dir": str(artifact), "mlflow_run_id": logger.run_id,
@@ -301,7 +313,7 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
     try:
         dataset = training_data(cfg) if dataset is None else dataset  # bad input fails first
         val = validation_inputs(cfg, dataset)
-        if "://" not in run_dir(cfg):
+        if not is_remote(run_dir(cfg)):
             Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
         tracker = Tracker(cfg, run_dir(cfg))
         if stage != "both":

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 from dcm import latents as lt
 from dcm.config import ConfigError
 from dcm.decode import SourceError
+from dcm.files import is_remote
 
 MANIFEST_KINDS = {
     ".jsonl": "jsonl",
@@ -59,9 +60,9 @@ def _source_row(source: str, error: str | None = None) -> dict[str, Any]:
 
 def _child_uri(base: str, rel: str) -> str:
     """Resolve a manifest entry against the manifest's folder (local path or URI)."""
-    if "://" in rel:
+    if is_remote(rel):
         return rel
-    if "://" not in base:
+    if not is_remote(base):
         p = Path(rel).expanduser()
         return str(p if p.is_absolute() else (Path(base) / p).resolve())
     scheme = base.split("://", 1)[0]
@@ -70,7 +71,7 @@ def _child_uri(base: str, rel: str) -> str:
 
 def input_uri(text: str) -> str:
     """A local path made absolute, or a URI as given."""
-    return text if "://" in text else str(Path(text).expanduser().resolve())
+    return text if is_remote(text) else str(Path(text).expanduser().resolve())
 
 
 def check_input(text: str) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from typing import Any
 
 import pipelines.args
 from dcm.config import Config, ConfigError, SweepConfig, all_keys, explain, from_dict
+from dcm.files import is_remote
 
 VARIANT = "variant"  # the Tune parameter that selects one of sweep.variants
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -147,13 +148,13 @@ def best_config(base: Config, params: dict[str, Any]) -> Config:
 # ---------------------------------------------------------------- paths and files
 def sweep_dir(cfg: Config) -> Path:
     """Where the sweep's own files live (local; a remote train.out keeps them under ./runs)."""
-    root = cfg.train.out if "://" not in cfg.train.out else "runs"
+    root = cfg.train.out if not is_remote(cfg.train.out) else "runs"
     return Path(root).expanduser().resolve() / cfg.run_name
 
 
 def storage_root(cfg: Config) -> str:
     """Where Tune and the trials' Ray Train runs keep their state (local dir or URI)."""
-    if "://" in cfg.train.out:
+    if is_remote(cfg.train.out):
         return f"{cfg.train.out.rstrip('/')}/{cfg.run_name}"
     return str(sweep_dir(cfg))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dcm.config import Config, ConfigError
+from dcm.files import is_remote
 
 PARENT = "both"  # dcm_stage tag of the parent run of a two-stage run
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
@@ -28,7 +29,7 @@ def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
     """``tracking.uri``, or the sqlite file of the run directory."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    if "://" in str(run_dir):
+    if is_remote(run_dir):
         raise ConfigError(
             f"train.out='{cfg.train.out}' is remote, so the default sqlite MLflow store cannot "
             "live in the run directory: set tracking.uri (an mlflow server) or tracking.enabled=false"
