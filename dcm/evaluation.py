@@ -48,7 +48,10 @@ LABELS = {
 
 
 def method_names(
-    steps_list: Sequence[int], teacher_steps: int, teacher: bool = True, teacher_at_steps: bool = True
+    steps_list: Sequence[int],
+    teacher_steps: int,
+    teacher: bool = True,
+    teacher_at_steps: bool = True,
 ) -> list[str]:
     """Names of the compared methods: the reference teacher, the teacher at each DCM step
     count (skipping the reference's own), then DCM at each step count."""
@@ -238,8 +241,15 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells += [f"{m['nfe']:.0f}", f"{m['total_s']:.2f}", f"{speed:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("shapes"):
-        lines += ["", "Shapes-world scores (dcm/shapes/metrics.py, from pixels and the caption):", ""]
-        lines += ["| method | " + " | ".join(SHAPES_TABLE) + " |", "|" + "---|" * (len(SHAPES_TABLE) + 1)]
+        lines += [
+            "",
+            "Shapes-world scores (dcm/shapes/metrics.py, from pixels and the caption):",
+            "",
+        ]
+        lines += [
+            "| method | " + " | ".join(SHAPES_TABLE) + " |",
+            "|" + "---|" * (len(SHAPES_TABLE) + 1),
+        ]
         for name, m in methods.items():
             lines.append("| " + " | ".join([name] + [_cell(m, k) for k in SHAPES_TABLE]) + " |")
     n = result["videos_per_method"]
