@@ -268,13 +268,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_line(result: dict[str, Any]) -> str:
-    """One line per method for logs."""
-    return "; ".join(
-        f"{name} {_brief(m)} ({m['nfe']:.0f} NFE)" for name, m in result["methods"].items()
-    )
-
-
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """``<method>/<metric>`` -> value (MLflow-safe names: '@' becomes '_')."""
     out: dict[str, float] = {}
