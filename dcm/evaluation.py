@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from dcm import video_metrics
+from dcm import tables, video_metrics
 from dcm.config import ConfigError
 
 TIMINGS = ("nfe", "encode_s", "denoise_s", "decode_s", "total_s")
@@ -233,25 +233,21 @@ def markdown_table(result: dict[str, Any]) -> str:
     base = methods.get(ref) if ref else None
     keys = [k for k in (*FIDELITY, "clip", *QUALITY) if k in result.get("metrics", [])]
     head = ["method", *[LABELS[k] for k in keys], "NFE", "s/video", "speed-up"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for name, m in methods.items():
         speed = base["total_s"] / max(m["total_s"], 1e-9) if base else float("nan")
         cells = [name] + [_cell(m, k, 2 if k in ("psnr", "clip", "edge_sharpness") else 3)
                           for k in keys]  # fmt: skip
-        cells += [f"{m['nfe']:.0f}", f"{m['total_s']:.2f}", f"{speed:.1f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append([*cells, f"{m['nfe']:.0f}", f"{m['total_s']:.2f}", f"{speed:.1f}x"])
+    lines = [tables.markdown_table(head, body)]
     if result.get("shapes"):
         lines += [
             "",
             "Shapes-world scores (dcm/shapes/metrics.py, from pixels and the caption):",
             "",
         ]
-        lines += [
-            "| method | " + " | ".join(SHAPES_TABLE) + " |",
-            "|" + "---|" * (len(SHAPES_TABLE) + 1),
-        ]
-        for name, m in methods.items():
-            lines.append("| " + " | ".join([name] + [_cell(m, k) for k in SHAPES_TABLE]) + " |")
+        shapes_body = [[name] + [_cell(m, k) for k in SHAPES_TABLE] for name, m in methods.items()]
+        lines.append(tables.markdown_table(["method", *SHAPES_TABLE], shapes_body))
     n = result["videos_per_method"]
     lines += ["", "Samplers:", ""]
     lines += [f"- `{name}`: {m['sampler']}" for name, m in methods.items()]

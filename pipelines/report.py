@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dcm.config import Config
+from dcm.tables import html_table, markdown_table
 
 LOSS_PREFIXES = ("loss", "train/loss", "semantic/", "detail/")
 
@@ -101,20 +102,6 @@ def speed_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def _md_table(head: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _html_table(head: list[str], body: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
-    )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
 # ---------------------------------------------------------------- curves
 def loss_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Path | None:
     """Plot every loss metric of the stage runs from MLflow into one PNG."""
@@ -173,11 +160,11 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
         "compositions of the shapes world, scored from decoded pixels (dcm/shapes/metrics.py).",
         "",
     ]
-    md += ["## Quality", "", _md_table(q_head, q_body), ""]
+    md += ["## Quality", "", markdown_table(q_head, q_body), ""]
     md += [
         "## Speed (network evaluations and wall time per video, this machine)",
         "",
-        _md_table(s_head, s_body),
+        markdown_table(s_head, s_body),
         "",
     ]
     if curves:
@@ -201,7 +188,7 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
     md += [
         "## Stage times",
         "",
-        _md_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
+        markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
         "",
     ]
     md += [f"MLflow: `mlflow ui --backend-store-uri {dist.get('tracking_uri')}`", ""]
@@ -219,9 +206,9 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
         "<p>Teacher: bundled shapes model, 50 Euler steps with guidance. DCM: distilled experts, no guidance. "
         "Held-out prompts, scored from pixels.</p>",
         "<h2>Quality</h2>",
-        _html_table(q_head, q_body),
+        html_table(q_head, q_body),
         "<h2>Speed</h2>",
-        _html_table(s_head, s_body),
+        html_table(s_head, s_body),
     ]
     if curves:
         h += [
@@ -242,7 +229,7 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
         ]
     h += [
         "<h2>Stage times</h2>",
-        _html_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
+        html_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
         "</body></html>",
     ]
     html_path = out / "report.html"

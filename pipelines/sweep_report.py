@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dcm.config import ConfigError
+from dcm.tables import html_table, markdown_table
 
 REPORT_DIR = "report"
 STATUS_COLOURS = {"finished": "#1f77b4", "stopped": "#ff7f0e", "error": "#d62728"}
@@ -87,25 +88,17 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _markdown(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no trials)\n"
+def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return keys, [[_fmt(r[k]) for k in keys] for r in rows]
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(*_cells(rows)) + "\n" if rows else "(no trials)\n"
 
 
 def _html_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>(no trials)</p>"
-    keys = list(rows[0])
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[k]))}</td>" for k in keys) + "</tr>"
-        for r in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return html_table(*_cells(rows)) if rows else "<p>(no trials)</p>"
 
 
 # ---------------------------------------------------------------- plots
@@ -264,11 +257,9 @@ figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head>
 """
     (out / "report.html").write_text(page)
     if log_to_mlflow and sweep.get("parent_run_id") and sweep.get("tracking_uri"):
-        from mlflow import MlflowClient
+        from pipelines.tracking import RunLogger
 
-        MlflowClient(tracking_uri=sweep["tracking_uri"]).log_artifacts(
-            sweep["parent_run_id"], str(out), REPORT_DIR
-        )
+        RunLogger(sweep["tracking_uri"], sweep["parent_run_id"]).log_artifacts(out, REPORT_DIR)
     return out
 
 
