@@ -1,8 +1,9 @@
-"""The demo's evaluation and report: quality and speed tables, loss curves, side-by-side GIFs.
+"""The demo's evaluation and report: quality and speed tables, curves, side-by-side GIFs.
 
-`evaluate_models` compares the teacher (50 steps + guidance) with the distilled experts at
-several step counts on held-out prompts (`dcm.evaluation`), and renders teacher | DCM GIFs
-for the same prompts and seeds. `write_report` turns the demo's state into `report.md` and
+`evaluate_models` compares the teacher on its own scheduler (50 steps + guidance, the
+reference), the teacher cut to the DCM step counts, and the distilled experts at several
+step counts on held-out prompts (`dcm.evaluation`), and renders teacher | DCM GIFs for the
+same prompts and seeds. Every table is followed by the sampler of each method. `write_report` turns the demo's state into `report.md` and
 `report.html` next to it (images referenced relatively, so the folder can be moved).
 """
 
@@ -68,8 +69,10 @@ def _fmt(val: Any) -> str:
 
 
 def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Fidelity to the reference teacher (PSNR, SSIM), then the shapes scores if present."""
     rows = _rows(results)
-    keys = ["summary", "adherence", "quality", "smoothness", "flicker", "sharpness"]
+    keys = ["psnr", "ssim", "lpips", "clip", "summary", "adherence", "quality"]
+    keys += ["smoothness", "flicker", "sharpness"]
     keys = [k for k in keys if any(k in r for r in rows)]
     head = ["method", *keys]
     body = []
@@ -78,12 +81,19 @@ def quality_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for k in keys:
             std = r.get(f"{k}_std")
             val = r.get(k, "")
+            if k in ("psnr", "ssim", "lpips") and k not in r and r.get("teacher"):
+                val = "reference" if r["method"] == results.get("reference") else ""
             cells.append(
                 (f"{val:.3f}" if isinstance(val, float) else str(val))
                 + (f" ± {std:.3f}" if isinstance(std, float) else "")
             )
         body.append(cells)
     return head, body
+
+
+def samplers(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(method, its sampler in words) for every method, teacher first."""
+    return [(str(r["method"]), str(r.get("sampler", ""))) for r in _rows(results)]
 
 
 def speed_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -139,6 +149,38 @@ def loss_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Path |
     return path
 
 
+def quality_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Path | None:
+    """Plot each stage's validation score (val/score, from step 0) from MLflow into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    series = {}
+    for stage, run_id in run_ids.items():
+        if run_id:
+            hist = client.get_metric_history(run_id, "val/score")
+            series[stage] = sorted((m.step, m.value) for m in hist)
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for stage, pts in series.items():
+        if pts:
+            steps, vals = zip(*pts, strict=True)
+            ax.plot(steps, vals, marker="o", label=f"{stage} stage")
+    ax.set_xlabel("step (0 = untrained student)")
+    ax.set_ylabel("val/score")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "quality_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------- report
 def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
     """report.md + report.html from the demo's state."""
@@ -150,23 +192,34 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
     s_head, s_body = speed_table(results)
     run_ids = {k: v.get("run_id") for k, v in dist.get("stages", {}).items()}
     curves = loss_curves(dist["tracking_uri"], run_ids, out) if dist.get("tracking_uri") else None
+    quality = (
+        quality_curves(dist["tracking_uri"], run_ids, out) if dist.get("tracking_uri") else None
+    )
+    used = samplers(results)
+    ref = results.get("reference") or "teacher"
+    ref_sampler = dict(used).get(ref, "the teacher with guidance")
     rel = lambda p: str(Path(p).resolve().relative_to(out.resolve()))  # noqa: E731
     timings = {name: s.get("seconds", 0.0) for name, s in state.items() if isinstance(s, dict)}
 
     md = ["# DCM demo report", ""]
     md += [
-        "Teacher: the bundled shapes model at 50 Euler steps with classifier-free guidance.",
+        f"Reference `{ref}`: {ref_sampler} (the model folder's own scheduler).",
         "DCM: the distilled semantic + detail experts, no guidance. Prompts are held-out",
-        "compositions of the shapes world, scored from decoded pixels (dcm/shapes/metrics.py).",
+        "compositions of the shapes world, scored from decoded pixels (dcm/shapes/metrics.py);",
+        f"PSNR and SSIM compare each video with `{ref}`'s video of the same prompt and seed.",
         "",
     ]
     md += ["## Quality", "", markdown_table(q_head, q_body), ""]
+    md += ["Samplers:", ""] + [f"- `{m}`: {text}" for m, text in used] + [""]
     md += [
         "## Speed (network evaluations and wall time per video, this machine)",
         "",
         markdown_table(s_head, s_body),
         "",
     ]
+    if quality:
+        md += ["## Validation score (from the untrained student at step 0)", ""]
+        md += [f"![quality curves]({rel(quality)})", ""]
     if curves:
         md += ["## Loss curves", "", f"![loss curves]({rel(curves)})", ""]
     md += ["## Teacher (left) vs DCM (right), same prompt and seed", ""]
@@ -203,13 +256,20 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
     h = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>DCM demo report</title><style>{css}</style></head><body>",
         "<h1>DCM demo report</h1>",
-        "<p>Teacher: bundled shapes model, 50 Euler steps with guidance. DCM: distilled experts, no guidance. "
-        "Held-out prompts, scored from pixels.</p>",
+        f"<p>Reference {html.escape(ref)}: {html.escape(ref_sampler)}. DCM: distilled experts, "
+        "no guidance. Held-out prompts, scored from pixels; PSNR and SSIM against the "
+        "reference's video of the same prompt and seed.</p>",
         "<h2>Quality</h2>",
         html_table(q_head, q_body),
+        html_table(["method", "sampler"], [[m, text] for m, text in used]),
         "<h2>Speed</h2>",
         html_table(s_head, s_body),
     ]
+    if quality:
+        h += [
+            "<h2>Validation score (step 0 = untrained student)</h2>",
+            f"<img src='{html.escape(rel(quality))}' alt='quality curves' width='600'>",
+        ]
     if curves:
         h += [
             "<h2>Loss curves</h2>",
@@ -234,4 +294,5 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
     ]
     html_path = out / "report.html"
     html_path.write_text("\n".join(h))
-    return {"md": md_path, "html": html_path, **({"curves": curves} if curves else {})}
+    extra = {"curves": curves, "quality_curves": quality}
+    return {"md": md_path, "html": html_path, **{k: v for k, v in extra.items() if v}}

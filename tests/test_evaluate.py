@@ -314,3 +314,30 @@ def test_cli_free_text_prompts_tiny_wan_and_tiny_clip(tmp_path_factory, tmp_path
                 "--out", str(out)])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "vbench" in err[0]
+
+
+def test_demo_report_names_samplers_and_plots_quality_from_step0(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.report import write_report
+
+    res = evaluate(
+        RenderingGenerator(), all_captions("heldout")[:2], steps_list=[2], teacher_steps=4
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("x"))
+    for step, score in ((0, 0.2), (1, 0.3), (2, 0.25)):
+        client.log_metric(run.info.run_id, "val/score", score, step=step)
+    state = {
+        "evaluate": {"result": {"results": res, "gifs": []}},
+        "distill": {
+            "result": {"tracking_uri": uri, "stages": {"semantic": {"run_id": run.info.run_id}}}
+        },
+    }
+    paths = write_report(tmp_path, state)
+    md, page = paths["md"].read_text(), paths["html"].read_text()
+    assert "Reference `teacher@4`: teacher, Stand-in, 4 steps + CFG w=5" in md
+    assert "- `teacher@2`: teacher, Stand-in, 2 steps + CFG w=5" in md and "| psnr |" in md
+    assert "| teacher@4 | reference |" in md and "quality_curves.png" in md
+    assert paths["quality_curves"].is_file() and "Stand-in, 4 steps" in page
