@@ -381,8 +381,9 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
     """The teacher's score at ``sample.teacher_steps`` on the trials' validation prompts and
     seeds (the ablation's reference; METHOD.md section 9 compares every variant with it).
 
-    Scored like the trials' ``val/score`` on the shapes world (dcm.shapes.metrics summary);
-    elsewhere the validation score is minus the MSE to the teacher, 0 for the teacher itself.
+    Scored like the trials' ``val/score`` on the shapes world (dcm.shapes.metrics summary),
+    with the teacher on its own scheduler (``sampler`` names it). Elsewhere ``val/score`` is
+    the PSNR to this very teacher, so there is no baseline value to draw: ``{}``.
     """
     from dcm.generate import VideoGenerator
     from dcm.shapes.grammar import CaptionError, parse_caption
@@ -395,7 +396,7 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
         for caption in captions:
             parse_caption(caption)
     except CaptionError:
-        return {"value": 0.0, "teacher_steps": steps, "scored": "teacher_mse"}
+        return {}
     gen = VideoGenerator.load(cfg.model.path, cfg=cfg)
     videos = [
         v for seed in cfg.sample.seeds
@@ -403,6 +404,7 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
     ]  # fmt: skip
     res = score_batch(videos, captions * len(cfg.sample.seeds))
     return {"value": float(res["summary"]), "teacher_steps": steps, "scored": "shapes",
+            "sampler": gen.teacher_description(steps),
             "adherence": float(res["adherence"]), "quality": float(res["quality"])}  # fmt: skip
 
 

@@ -76,10 +76,16 @@ def variant_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[di
                      "final_std": final_std, "trials": len(group)})  # fmt: skip
     baseline = sweep.get("baseline")
     if baseline:
-        rows.append({"variant": f"teacher ({baseline['teacher_steps']} steps)",
+        rows.append({"variant": teacher_label(baseline),
                      "mean": baseline["value"], "std": None, "final_mean": baseline["value"],
                      "final_std": None, "trials": None})  # fmt: skip
     return rows
+
+
+def teacher_label(baseline: dict[str, Any], lead: str = "teacher ({} steps)") -> str:
+    """The teacher baseline named with its sampler (older sweeps: its step count only)."""
+    base = lead.format(baseline["teacher_steps"])
+    return f"{base}: {baseline['sampler']}" if baseline.get("sampler") else base
 
 
 def _fmt(value: Any) -> str:
@@ -104,7 +110,7 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- plots
 def _baseline_line(ax: Any, baseline: dict[str, Any] | None) -> None:
     if baseline:
-        label = f"teacher, {baseline['teacher_steps']} steps"
+        label = teacher_label(baseline)
         ax.axhline(baseline["value"], ls="--", color="#2ca02c", lw=1.2, label=label)
         ax.legend(fontsize=8)
 
@@ -181,7 +187,7 @@ def _overview_plot(
                   color=[STATUS_COLOURS.get(t["status"], "k") for t in scored])  # fmt: skip
     right.set_yticks(ys, [_label(t) for t in scored], fontsize=8)
     if baseline:
-        label = f"teacher, {baseline['teacher_steps']} steps"
+        label = teacher_label(baseline)
         right.axvline(baseline["value"], ls="--", color="#2ca02c", lw=1.2, label=label)
         right.legend(fontsize=8)
     right.set_xlabel(f"best {metric}")
@@ -229,8 +235,9 @@ def write_report(run_dir: str | Path, log_to_mlflow: bool = True) -> Path:
     plots += [_dimension_plot(plt, k, trials, metric, out, baseline) for k in sweep["dimensions"]]
     if baseline:
         (out / "trials.md").write_text(
-            _markdown(rows) + f"\nteacher at {baseline['teacher_steps']} steps: "
-            f"{metric} = {_fmt(baseline['value'])}\n"
+            _markdown(rows)
+            + f"\n{teacher_label(baseline, 'teacher at {} steps')} -> {metric} = "
+            + f"{_fmt(baseline['value'])}\n"
         )
     best = rows[0] if rows and rows[0]["best"] is not None else None
     summary = (
@@ -239,9 +246,8 @@ def write_report(run_dir: str | Path, log_to_mlflow: bool = True) -> Path:
         if best else "no trial reported the metric"
     )  # fmt: skip
     if baseline:
-        summary += (
-            f". Teacher at {baseline['teacher_steps']} steps: {metric} = {_fmt(baseline['value'])}"
-        )
+        label = teacher_label(baseline, "Teacher at {} steps")
+        summary += f". {html.escape(label)} -> {metric} = {_fmt(baseline['value'])}"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Sweep {html.escape(sweep["name"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}
