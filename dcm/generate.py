@@ -10,8 +10,9 @@ One object used by the CLI (``dcm generate``), evaluation and Serve. It loads on
 
 ``generate`` draws noise from ``torch.Generator().manual_seed(seed)`` in the latent shape
 (on the CPU, so a seed gives the same video on any device), runs ``dcm.sampler.sample`` on
-``Schedule.sampling_sigmas(steps)`` or ``dcm.sampler.teacher_sample`` with guidance
-(METHOD.md section 7), then de-normalises and decodes.
+``Schedule.sampling_sigmas(steps)``, or the teacher with guidance on its own scheduler
+(``dcm.teacher_sampler``: the folder's ``scheduler/`` config, as the diffusers pipeline
+samples it), then de-normalises and decodes.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from dcm.bundle import Bundle, BundleError, load_bundle, resolve_model_path
 from dcm.config import SIGMA_PRESETS, Config, ConfigError, MethodConfig, load_config
 from dcm.experts import ARTIFACT_JSON, DualExpert, read_artifact_meta
 from dcm.guidance import with_embedded_guidance
-from dcm.sampler import sample, teacher_sample
+from dcm.sampler import sample
 from dcm.schedule import Schedule
+from dcm.teacher_sampler import TeacherSampler
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -72,6 +74,7 @@ class VideoGenerator:
         self.cfg = cfg
         self.method = method  # the student's grid and split (from the artifact if any)
         self._teacher = teacher
+        self._teacher_sampler: TeacherSampler | None = None
         self.source = source  # "bundle" | "artifact"
         self.device = bundle.device
         self.fps = cfg.model.fps
@@ -153,6 +156,19 @@ class VideoGenerator:
             self._teacher = make_backbone(full.transformer).eval().requires_grad_(False)
             set_attention_backend(self._teacher, self.cfg.model.attention)
         return self._teacher
+
+    @property
+    def teacher_sampler(self) -> TeacherSampler:
+        """How the teacher is sampled: its folder's scheduler (else the distillation grid)."""
+        if self._teacher_sampler is None:
+            grid = Schedule.from_config(self.cfg.method)
+            self._teacher_sampler = TeacherSampler.from_bundle(self.bundle.path, grid)
+        return self._teacher_sampler
+
+    def teacher_description(self, steps: int) -> str:
+        """The teacher baseline in words, e.g. 'teacher, FlowMatchEuler shift 3.0, 50 steps +
+        CFG w=5' (every table names its sampler)."""
+        return self.teacher_sampler.describe(int(steps), self.cfg.method)
 
     # ------------------------------------------------------------ checks
     def _sizes(
@@ -284,12 +300,11 @@ class VideoGenerator:
     ) -> tuple[Tensor, int]:
         """Normalised latents at sigma 0 and the number of network evaluations used."""
         batch = noise.shape[0]
-        if teacher:
-            method = self.cfg.method
-            sig = Schedule.from_config(method).teacher_sigmas(int(teacher_steps))
+        if teacher:  # the teacher's own scheduler from its folder (dcm.teacher_sampler)
+            method, sampler = self.cfg.method, self.teacher_sampler
             null = self.bundle.null_cond(batch) if method.guidance == "cfg" else None
-            z = teacher_sample(self.teacher, noise, cond, null, sig, method)
-            return z, (len(sig) - 1) * (2 if method.guidance == "cfg" else 1)
+            z = sampler.sample(self.teacher, noise, cond, null, int(teacher_steps), method)
+            return z, sampler.nfe(int(teacher_steps), method)
         sig = self.sigmas(steps, split)
         cond = with_embedded_guidance(cond, self.method, batch)
         z = sample(self.student, noise, cond, sig, self.schedule(split), callback)
