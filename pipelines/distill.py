@@ -32,7 +32,7 @@ from dcm.config import Config, ConfigError
 from dcm.files import is_remote
 from pipelines.checkpoints import ARTIFACT, best_checkpoint
 from pipelines.tracking import PARENT, RunLogger, Tracker
-from pipelines.train_loop import STAGES, train_loop
+from pipelines.train_loop import STAGES, record_selection, train_loop
 
 RESULT = "result.json"
 
@@ -47,6 +47,8 @@ class DistillResult:
     metrics: dict[str, Any]  # the reported metrics of that checkpoint
     stage: str = "semantic"
     stages: dict[str, DistillResult] = field(default_factory=dict)
+    # does the final student beat the untrained one (step-0 validation)? None: not measured
+    beats_step0: bool | None = None
 
 
 # ---------------------------------------------------------------- inputs
@@ -240,7 +242,12 @@ def _finished(cfg: Config, stage: str) -> DistillResult | None:
 
     ckpt = Checkpoint(data["checkpoint"])
     return DistillResult(
-        Path(data["artifact_dir"]), ckpt, data.get("mlflow_run_id"), data["metrics"], stage
+        Path(data["artifact_dir"]),
+        ckpt,
+        data.get("mlflow_run_id"),
+        data["metrics"],
+        stage,
+        beats_step0=data.get("beats_step0"),
     )
 
 
@@ -270,6 +277,8 @@ def run_stage(
     if done is not None:
         print(f"[dcm distill] stage {stage} already finished: {done.artifact_dir}", file=sys.stderr)
         return done
+    dataset = training_data(cfg) if dataset is None else dataset
+    val = validation_inputs(cfg, dataset) if val is None else val  # its captions name val/score
     logger = tracker.open_run(stage, parent_id)
     trainer = make_trainer(cfg, stage, init_checkpoint, dataset=dataset, logger=logger, val=val)
     try:
@@ -280,13 +289,17 @@ def run_stage(
     checkpoint, metrics = best_checkpoint(result, cfg.train.checkpoint_metric)
     artifact = _local_artifact(checkpoint, cfg, stage)
     logger.log_artifacts(artifact, "artifact")
+    final = dict(result.metrics or {})  # the last report: the final student's validation
+    beats = record_selection(logger, cfg, stage, val["captions"], final, metrics)
     tracker.close_run(logger)
-    out = DistillResult(artifact, checkpoint, logger.run_id, dict(metrics), stage)
+    out = DistillResult(
+        artifact, checkpoint, logger.run_id, dict(metrics), stage, beats_step0=beats
+    )
     if not is_remote(run_dir(cfg)):
         record = {
             "stage": stage, "steps": _stage_steps(cfg, stage), "checkpoint": checkpoint.path,
             "artifact_dir": str(artifact), "mlflow_run_id": logger.run_id,
-            "metrics": _plain_metrics(metrics),
+            "metrics": _plain_metrics(metrics), "beats_step0": beats,
         }  # fmt: skip
         file = Path(run_dir(cfg)) / stage / RESULT
         file.write_text(json.dumps(record, indent=2, sort_keys=True))

@@ -43,9 +43,11 @@ from dcm.backbones.base import Backbone, Cond, make_backbone
 from dcm.bundle import load_bundle
 from dcm.config import Config, ConfigError, from_dict
 from dcm.discriminator import Discriminator
+from dcm.evaluation import is_shapes
 from dcm.experts import DualExpert
 from dcm.schedule import Schedule
 from dcm.steps import DetailStep, SemanticStep
+from dcm.teacher_sampler import TeacherSampler
 from pipelines.checkpoints import ARTIFACT, TrainState, restore, write_checkpoint
 from pipelines.tracking import RunLogger
 
@@ -157,12 +159,21 @@ def to_batch(rows: dict[str, np.ndarray], bundle: Any, null: Cond, device: torch
 
 # ---------------------------------------------------------------- validation
 class Validator:
-    """Fixed prompts and seeds sampled with dcm's sampler at the configured step counts.
+    """Quality of the student on fixed prompts and seeds, by the documented metric.
 
-    Every rank samples (ZeRO-3 needs all ranks in each forward); rank 0 decodes, scores,
-    writes mp4 + GIF and logs them. Score: the shapes metrics' summary when every prompt
-    is a shapes-world caption, else minus the latent MSE to the teacher's guided sample
-    from the same noise (both higher-is-better; ``val/score`` is the value at sample.steps).
+    Every rank samples (ZeRO-3 needs all ranks in each forward) with dcm's sampler at each
+    step count of sample.eval_steps + sample.steps; rank 0 decodes, scores, writes mp4 + GIF
+    and logs them. ``val/score`` (the value at sample.steps, higher is better) is what
+    ``train.checkpoint_metric`` ranks checkpoints by (``validation_metric`` names it):
+
+    - shapes world (every prompt a caption of its grammar): the shapes metrics' summary of
+      the decoded videos (``dcm/shapes/metrics.py``);
+    - any other prompts: fidelity to the teacher, the PSNR in dB of the decoded student video
+      against the decoded video of the teacher on its OWN scheduler (``dcm.teacher_sampler``,
+      sample.teacher_steps + guidance) from the same noise; SSIM is logged next to it.
+
+    The train loop runs it at step 0 too (the untrained student), so every curve starts
+    there and the final student can be compared with where it started.
     """
 
     def __init__(self, cfg: Config, val: dict[str, Any], device: torch.device, rank: int) -> None:
@@ -173,11 +184,12 @@ class Validator:
         self.shape = tuple(int(s) for s in val["latent_shape"])  # (C, T, h, w)
         self.schedule = Schedule.from_config(cfg.method)
         self.counts = sorted({*cfg.sample.eval_steps, cfg.sample.steps})
-        self.shapes_world = _is_shapes(self.captions)
+        self.shapes_world = is_shapes(self.captions)
         self.decoder = None
         if rank == 0:
             self.decoder = load_bundle(cfg.model.path, device=device, components=("vae",))
-        self._teacher_ref: dict[int, Tensor] = {}
+        self.teacher_sampler = TeacherSampler.from_bundle(cfg.model.path, self.schedule)
+        self._teacher_videos: dict[int, np.ndarray] = {}  # seed -> (P, F, H, W, 3) uint8
 
     def _noise(self, seed: int) -> Tensor:
         g = torch.Generator().manual_seed(int(seed))
@@ -195,16 +207,15 @@ class Validator:
         metrics: dict[str, float] = {}
         out = Path(tempfile.mkdtemp(prefix="dcm-val-"))
         for n in self.counts:
-            videos, latents = [], []
+            videos = []
             for seed in self.cfg.sample.seeds:
                 with _autocast(self.device):
                     x = sample(model, self._noise(seed), self.cond, self._sigmas(n), self.schedule)
-                latents.append(x)
                 if self.rank == 0:
                     videos.append(to_uint8(self.decoder.decode(x)))  # (P, F, H, W, 3)
             if self.rank != 0:
                 continue
-            scores = self._score(videos, latents, teacher)
+            scores = self._score(videos, teacher)
             metrics.update({f"val/{k}_{n}steps": v for k, v in scores.items()})
             if n == self.cfg.sample.steps:
                 metrics.update({f"val/{k}": v for k, v in scores.items()})
@@ -214,7 +225,7 @@ class Validator:
         _rmtree(out)
         return metrics
 
-    def _score(self, videos: list[np.ndarray], latents: list[Tensor], teacher: Backbone) -> dict:
+    def _score(self, videos: list[np.ndarray], teacher: Backbone) -> dict[str, float]:
         if self.shapes_world:
             from dcm.shapes.metrics import score_batch
 
@@ -222,18 +233,30 @@ class Validator:
             res = score_batch(flat, self.captions * len(videos))
             return {"score": float(res["summary"]), "adherence": float(res["adherence"]),
                     "quality": float(res["quality"])}  # fmt: skip
-        from dcm.sampler import teacher_sample
+        from dcm.video_metrics import psnr, ssim
 
-        errs = []
-        for seed, x in zip(self.cfg.sample.seeds, latents, strict=True):
-            if seed not in self._teacher_ref:
-                sig = self.schedule.teacher_sigmas(self.cfg.sample.teacher_steps)
-                with _autocast(self.device):
-                    self._teacher_ref[seed] = teacher_sample(
-                        teacher, self._noise(seed), self.cond, self.null, sig, self.cfg.method
-                    )
-            errs.append(float((x - self._teacher_ref[seed]).pow(2).mean()))
-        return {"score": -float(np.mean(errs)), "teacher_mse": float(np.mean(errs))}
+        psnrs, ssims = [], []
+        for seed, batch in zip(self.cfg.sample.seeds, videos, strict=True):
+            ref = self.teacher_video(seed, teacher)
+            psnrs += [psnr(v, r) for v, r in zip(batch, ref, strict=True)]
+            ssims += [ssim(v, r) for v, r in zip(batch, ref, strict=True)]
+        return {"score": float(np.mean(psnrs)), "psnr": float(np.mean(psnrs)),
+                "ssim": float(np.mean(ssims))}  # fmt: skip
+
+    def teacher_video(self, seed: int, teacher: Backbone) -> np.ndarray:
+        """The teacher's decoded videos (P, F, H, W, 3) for ``seed``: its own scheduler at
+        sample.teacher_steps with guidance, the same noise as the student (cached)."""
+        from dcm.generate import to_uint8
+
+        if seed not in self._teacher_videos:
+            s = self.cfg.sample
+            with _autocast(self.device):
+                z = self.teacher_sampler.sample(
+                    teacher, self._noise(seed), self.cond, self.null, s.teacher_steps,
+                    self.cfg.method,
+                )  # fmt: skip
+            self._teacher_videos[seed] = to_uint8(self.decoder.decode(z))
+        return self._teacher_videos[seed]
 
     def _write(self, out: Path, n: int, videos: list[np.ndarray]) -> None:
         from dcm.video import write_video
@@ -245,15 +268,61 @@ class Validator:
         write_video(out / f"prompt0_seed{self.cfg.sample.seeds[0]}_{n}steps.gif", videos[0][0], fps)
 
 
-def _is_shapes(captions: list[str]) -> bool:
-    from dcm.shapes.grammar import CaptionError, parse_caption
+def validation_metric(cfg: Config, captions: list[str]) -> str:
+    """What ``val/score`` measures for these validation prompts (logged with the run)."""
+    if is_shapes(captions):
+        return "shapes summary of the decoded videos (dcm/shapes/metrics.py), higher is better"
+    grid = Schedule.from_config(cfg.method)
+    teacher = TeacherSampler.from_bundle(cfg.model.path, grid).describe(
+        cfg.sample.teacher_steps, cfg.method
+    )
+    return f"PSNR dB of decoded frames to the {teacher} (same noise), higher is better"
 
-    try:
-        for c in captions:
-            parse_caption(c)
-    except CaptionError:
-        return False
-    return bool(captions)
+
+def record_selection(
+    logger: RunLogger, cfg: Config, stage: str, captions: list[str], final: dict, chosen: dict
+) -> bool | None:
+    """After a stage: log how its checkpoint was chosen and flag a student that ends no
+    better than it started. Returns whether the final student beats step 0 (None: unknown).
+
+    MLflow tags: ``dcm_selection_metric`` (train.checkpoint_metric), ``dcm_val_score`` (what
+    it measures), ``dcm_best_step`` (the exported checkpoint), ``dcm_beats_step0`` and, for a
+    final val/score at or below the step-0 score, ``dcm_quality_flag`` plus a warning line.
+    """
+    beats = final.get("val/beats_step0")
+    verdict = None if beats is None else bool(beats)
+    tags = {
+        "dcm_selection_metric": cfg.train.checkpoint_metric,
+        "dcm_val_score": validation_metric(cfg, captions),
+        "dcm_best_step": str(int(chosen.get("step", 0))),
+        "dcm_beats_step0": "unknown" if verdict is None else str(verdict).lower(),
+    }
+    if verdict is False:
+        tags["dcm_quality_flag"] = "final student does not beat the untrained student (step 0)"
+        print(
+            f"[dcm distill {stage}] WARNING: the final student's val/score "
+            f"{final.get('val/score', float('nan')):.4f} does not beat the untrained student's "
+            f"{final.get('val/score_step0', float('nan')):.4f} (step 0); flagged in MLflow "
+            "(tag dcm_quality_flag)", file=sys.stderr, flush=True,
+        )  # fmt: skip
+    if logger.enabled:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=logger.uri)
+        for key, val in tags.items():
+            client.set_tag(logger.run_id, key, val)
+    return verdict
+
+
+def step0_verdict(metrics: dict[str, float], baseline: float | None) -> dict[str, float]:
+    """``val/score_step0`` and, with a score, ``val/beats_step0`` (1 when the student now
+    scores above the untrained student of step 0, else 0)."""
+    if baseline is None:
+        return {}
+    out = {"val/score_step0": float(baseline)}
+    if "val/score" in metrics:
+        out["val/beats_step0"] = float(metrics["val/score"] > baseline)
+    return out
 
 
 def _rmtree(path: Path) -> None:
@@ -447,6 +516,17 @@ def train_loop(config: dict[str, Any]) -> None:
     validator = Validator(cfg, config["val"], device, rank)
     bundle_path = _bundle_path(cfg.model.path)
 
+    # 5'. validate the untrained student (step 0) so that quality curves start there; its
+    # score travels in the checkpoint state, so a resumed run still compares against it
+    baseline = state.metrics.get("val/score_step0")
+    if state.step == 0:
+        engine.eval()
+        first = validator(engine, teacher, 0, logger)
+        engine.train()
+        baseline = first.get("val/score")
+        if rank == 0:
+            logger.log_metrics({**first, **step0_verdict({}, baseline)}, 0)
+
     window: dict[str, float] = {}
     window_steps, t_window = 0, time.perf_counter()
     t_start, start_step = time.perf_counter(), state.step
@@ -502,6 +582,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if validate:
             engine.eval()
             metrics.update(validator(engine, teacher, step, logger))
+            metrics.update(step0_verdict(metrics, baseline))
             engine.train()
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
         if rank == 0 and log:

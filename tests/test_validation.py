@@ -1,0 +1,145 @@
+"""Validation during distillation: quality curves from step 0, checkpoints chosen by quality.
+
+- the validator's teacher reference is the teacher on its own scheduler, the very video
+  ``dcm generate --teacher`` makes from the same seed; free-text prompts score PSNR to it;
+- ``record_selection`` tags the MLflow run with how the checkpoint was chosen and flags a
+  run whose final student does not beat step 0 (tag + warning line + return value);
+- a short shapes-world distillation (Ray Train + DeepSpeed, the bundled shapes teacher) logs
+  ``val/score`` from step 0 on and exports the checkpoint with the best ``val/score``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_bundle
+
+from dcm.config import load_config
+from pipelines.tracking import RunLogger, Tracker
+from pipelines.train_loop import Validator, record_selection, step0_verdict, validation_metric
+
+CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "shapes-tiny.yaml"
+FREE_TEXT = ["a dog runs along a beach", "clouds over the hills"]
+
+
+def _val_inputs(bundle: Path, captions: list[str], cfg) -> dict:
+    """What pipelines.distill.validation_inputs hands the workers, for ``captions``."""
+    from dcm.bundle import load_bundle
+
+    enc = load_bundle(
+        bundle, components=("text_encoder",), text_max_length=cfg.model.text_max_length
+    )
+    cond, null = enc.encode_text(captions), enc.encode_text([""])
+    d = cfg.data
+    vae = load_bundle(bundle, components=("vae",))
+    return {
+        "captions": captions, "text": cond.text.numpy(), "mask": cond.mask.numpy(),
+        "null_text": null.text.numpy(), "null_mask": null.mask.numpy(),
+        "latent_shape": list(vae.latent_shape(d.num_frames, d.height, d.width)),
+    }  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_free_text_validation_scores_psnr_to_the_fair_teacher(tmp_path_factory):
+    from dcm.backbones.base import make_backbone
+    from dcm.bundle import load_bundle
+    from dcm.experts import DualExpert
+    from dcm.generate import VideoGenerator
+
+    bundle = tiny_bundle(tmp_path_factory)
+    cfg = load_config(
+        None, "shapes-tiny",
+        [f"model.path={bundle}", "sample.steps=2", "sample.eval_steps=[2]",
+         "sample.teacher_steps=3", "sample.seeds=[0, 1]"],
+    )  # fmt: skip
+    val = _val_inputs(bundle, FREE_TEXT, cfg)
+    validator = Validator(cfg, val, torch.device("cpu"), rank=0)
+    assert not validator.shapes_world
+    teacher = make_backbone(load_bundle(bundle, components=("transformer",)).transformer).eval()
+    student = DualExpert(teacher).eval()
+    metrics = validator(student, teacher, 0, RunLogger())
+    assert metrics["val/score"] == metrics["val/psnr"] == metrics["val/psnr_2steps"]
+    assert 0 < metrics["val/psnr"] < 100 and 0 < metrics["val/ssim"] <= 1
+    # the reference is exactly what `dcm generate --teacher` makes from the same seed
+    gen = VideoGenerator.load(str(bundle), cfg=cfg)
+    for seed in (0, 1):
+        ref = gen.generate(FREE_TEXT, seed=seed, teacher=True, teacher_steps=3)
+        np.testing.assert_array_equal(validator.teacher_video(seed, teacher), ref)
+    text = validation_metric(cfg, FREE_TEXT)
+    assert text.startswith("PSNR dB of decoded frames to the teacher, FlowMatchEuler shift 3.0")
+    assert validation_metric(cfg, ["a red circle moves left on a plain background"]).startswith(
+        "shapes summary"
+    )
+
+
+def test_a_student_that_never_beats_step0_is_flagged(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    cfg = load_config(None, "shapes-tiny", [f"train.out={tmp_path}", "train.run_name=flag"])
+    tracker = Tracker(cfg, tmp_path)
+    logger = tracker.open_run("semantic")
+    captions = ["a red circle moves left on a plain background"]
+    assert step0_verdict({"val/score": 0.30}, 0.31) == {
+        "val/score_step0": 0.31, "val/beats_step0": 0.0,
+    }  # fmt: skip
+    final = {"val/score": 0.30, **step0_verdict({"val/score": 0.30}, 0.31)}
+    assert record_selection(logger, cfg, "semantic", captions, final, {"step": 2}) is False
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "does not beat the untrained student's 0.3100" in err
+    tags = MlflowClient(tracking_uri=tracker.uri).get_run(logger.run_id).data.tags
+    assert tags["dcm_beats_step0"] == "false" and "step 0" in tags["dcm_quality_flag"]
+    assert tags["dcm_selection_metric"] == "val/score" and tags["dcm_best_step"] == "2"
+    assert tags["dcm_val_score"].startswith("shapes summary")
+    better = {"val/score": 0.5, **step0_verdict({"val/score": 0.5}, 0.31)}
+    assert record_selection(RunLogger(), cfg, "semantic", captions, better, {"step": 3}) is True
+    assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_shapes_distillation_logs_quality_from_step0_and_exports_the_best(ray_cluster, tmp_path):
+    from mlflow import MlflowClient
+
+    from dcm.shapes.dataset import write_dataset
+    from pipelines.distill import run_distill
+    from pipelines.ingest import run_ingest
+    from pipelines.tracking import tracking_uri
+
+    manifest = write_dataset(tmp_path / "videos", 8, seed=3)
+    latents = tmp_path / "latents"
+    run_ingest(load_config(None, "shapes-tiny", ["model.path=bundled:shapes",
+               f"data.input={manifest}", f"ingest.out={latents}"]))  # fmt: skip
+    cfg = load_config(
+        CONFIG, None,
+        ["model.path=bundled:shapes", f"data.latents={latents}", f"train.out={tmp_path / 'runs'}",
+         "train.stage=semantic", "train.steps_semantic=3", "train.checkpoint_every=1",
+         "train.val_every=1", "train.keep_checkpoints=1", "train.run_name=val1",
+         "train.lr_semantic=0.0003", "sample.steps=2", "sample.eval_steps=[2]"],
+    )  # fmt: skip
+    result = run_distill(cfg)
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg, Path(cfg.train.out) / "val1"))
+    history = client.get_metric_history(result.mlflow_run_id, "val/score")
+    scores = {m.step: m.value for m in history}
+    assert sorted(scores) == [0, 1, 2, 3]  # the quality curve starts at the untrained student
+    assert {m.step for m in client.get_metric_history(result.mlflow_run_id, "val/adherence")} == {
+        0, 1, 2, 3,
+    }  # fmt: skip
+    # the exported checkpoint is the best val/score of the checkpoints (ties: the later one)
+    chosen = max((1, 2, 3), key=lambda s: (scores[s], s))
+    assert int(result.metrics["step"]) == chosen
+    state = json.loads((result.artifact_dir.parent / "state.json").read_text())
+    assert state["step"] == chosen and (result.artifact_dir / "dcm_artifact.json").is_file()
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["dcm_selection_metric"] == "val/score" and tags["dcm_best_step"] == str(chosen)
+    assert tags["dcm_val_score"].startswith("shapes summary")
+    beats = scores[3] > scores[0]
+    assert result.beats_step0 is beats and tags["dcm_beats_step0"] == str(beats).lower()
+    assert ("dcm_quality_flag" in tags) is (not beats)
+    record = json.loads((Path(cfg.train.out) / "val1" / "semantic" / "result.json").read_text())
+    assert record["beats_step0"] is beats
