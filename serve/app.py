@@ -264,7 +264,7 @@ class Generator:
             return {"status": await asyncio.to_thread(runner.finish, FAILED, error=error)}
         finally:
             beat.cancel()
-        timings = {"queue": record_wait(record), "load": load_s, **out["timings"]}
+        timings = {"queue": record_wait(runner.rec), "load": load_s, **out["timings"]}
         status = await asyncio.to_thread(runner.finish, SUCCEEDED, timings=timings)
         return {"status": status}
 

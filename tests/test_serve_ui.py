@@ -37,7 +37,13 @@ def url(ray_cluster, tmp_path_factory):
         port = s.getsockname()[1]
     bundle = build_tiny_bundle(tmp_path_factory.mktemp("ui") / "bundle", seed=0)
     cfg = load_config(preset="shapes-tiny").replace(
-        **{"model.path": str(bundle), "serve.port": port, "serve.max_replicas": 1}
+        **{
+            "model.path": str(bundle),
+            "serve.port": port,
+            "serve.max_replicas": 1,
+            "serve.max_steps": 200,
+            "serve.job_store": str(bundle.parent / "jobs"),
+        }
     )
     yield start(cfg)
     stop()
@@ -54,11 +60,11 @@ def page():
         browser.close()
 
 
-def _submit(page, url: str, fmt: str, height: int = 32, width: int = 48) -> None:
+def _submit(page, url: str, fmt: str, height: int = 32, width: int = 48, steps: int = 2) -> None:
     page.goto(url)
     page.wait_for_function("document.querySelectorAll('#model option').length >= 1")
     page.fill("#prompt", "a green square slides right")
-    page.fill("#steps", "2")
+    page.fill("#steps", str(steps))
     page.fill("#num_frames", "5")
     page.fill("#height", str(height))
     page.fill("#width", str(width))
@@ -66,9 +72,17 @@ def _submit(page, url: str, fmt: str, height: int = 32, width: int = 48) -> None
     page.click("#go")
 
 
-@pytest.mark.timeout(120)
-def test_page_generates_and_plays_an_mp4(url, page):
-    _submit(page, url, "mp4")
+@pytest.mark.timeout(240)
+def test_page_submits_a_job_shows_progress_and_plays_the_mp4(url, page):
+    _submit(page, url, "mp4", steps=200)  # about a second of sampling: progress is visible
+    page.wait_for_function(
+        "document.querySelector('#status').textContent.startsWith('running: step')",
+        timeout=60_000,
+    )
+    bar = page.evaluate(
+        "() => { const p = document.querySelector('#progress'); return [p.hidden, p.max]; }"
+    )
+    assert bar == [False, 200]
     page.wait_for_function(
         "() => { const v = document.querySelector('video#output');"
         " return v && v.readyState >= 1 && v.videoWidth > 0; }",
@@ -79,12 +93,14 @@ def test_page_generates_and_plays_an_mp4(url, page):
     )
     assert size == [48, 32]
     assert page.text_content("#status").startswith("done in")
+    assert page.evaluate("document.querySelector('#progress').value") == 200
     meta = page.text_content("#meta")
-    assert "request id: " in meta and "model: default" in meta and "generate;dur=" in meta
+    assert "job: " in meta and "model: default" in meta and "steps: 200" in meta
+    assert "timings: " in meta and "denoise " in meta
     assert page.eval_on_selector_all("#model option", "els => els.map(e => e.value)") == ["default"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_page_shows_gifs_and_field_errors(url, page):
     _submit(page, url, "gif")
     page.wait_for_function(
