@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     path = write_video(out, frames[0], fps=gen.fps)
     t = gen.last_timings
-    who = "teacher" if args.teacher else f"{gen.source} experts"
+    who = (
+        gen.teacher_description(cfg.sample.teacher_steps)
+        if args.teacher
+        else f"{gen.source} experts"
+    )
     f, h, w = frames.shape[1:4]
     print(path)
     print(

@@ -157,7 +157,7 @@ class TimeRecorder(torch.nn.Module):
 
 
 @pytest.mark.timeout(300)
-def test_teacher_baseline_follows_the_folders_scheduler(tmp_path_factory, tmp_path):
+def test_teacher_baseline_follows_the_folders_scheduler(tmp_path_factory, tmp_path, capsys):
     from diffusers import UniPCMultistepScheduler
 
     from dcm.generate import VideoGenerator
@@ -188,6 +188,12 @@ def test_teacher_baseline_follows_the_folders_scheduler(tmp_path_factory, tmp_pa
     assert gen._teacher.times == [float(t) for t in stock.timesteps for _ in range(2)]
     assert frames.shape[0] == 1 and gen.last_timings["nfe"] == 8
     assert gen.teacher_description(4).startswith("teacher, UniPCMultistep flow_shift 3.0, 4 steps")
+    from pipelines.generate import main as generate_cli
+
+    argv = ["--model", str(folder), "--prompt", "a dog", "--teacher", "--teacher-steps", "2",
+            "--frames", "5", "--out", str(tmp_path / "t.mp4")]  # fmt: skip
+    assert generate_cli(argv) == 0
+    assert "teacher, UniPCMultistep flow_shift 3.0, 2 steps + CFG w=5" in capsys.readouterr().out
 
     # the folder's UniPC steps are what diffusers' own loop computes from the same velocities
     torch.manual_seed(0)
