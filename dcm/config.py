@@ -269,7 +269,11 @@ class TrainConfig:
     checkpoint_metric: str = doc(
         "val/score", "Validation metric that ranks checkpoints (higher is better)."
     )
-    val_every: int = doc(0, "Steps between validations (0 = only at the end).")
+    val_every: int = doc(
+        0,
+        "Steps between validations (0 = only at checkpoints); step 0 (the untrained student) "
+        "and the last step are always validated.",
+    )
     val_prompts: int = doc(
         2, "Validation prompts taken from the data's captions when sample.prompts is empty."
     )
