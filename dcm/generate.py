@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ from dcm.backbones.base import Backbone, Cond, make_backbone
 from dcm.bundle import Bundle, BundleError, load_bundle, resolve_model_path
 from dcm.config import SIGMA_PRESETS, Config, ConfigError, MethodConfig, load_config
 from dcm.experts import ARTIFACT_JSON, DualExpert, read_artifact_meta
+from dcm.export import is_exported, load_exported
 from dcm.guidance import with_embedded_guidance
 from dcm.sampler import sample
 from dcm.schedule import Schedule
@@ -50,6 +53,28 @@ def to_uint8(video: Tensor) -> np.ndarray:
     """(B, 3, F, H, W) in [-1, 1] -> uint8 (B, F, H, W, 3)."""
     pixels = ((video.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()
+
+
+def encoder_prompts(prompts: Sequence[str], backbone: str) -> list[str]:
+    """Prompts as the stock diffusers pipeline hands them to the tokenizer.
+
+    WanPipeline cleans each prompt first (ftfy when installed, HTML entities unescaped
+    twice, whitespace runs collapsed, ends stripped); doing the same makes a seed give the
+    same latents here and in an exported folder run by stock diffusers.
+    """
+    if backbone != "wan":
+        return list(prompts)
+    out = []
+    for text in prompts:
+        try:
+            import ftfy
+
+            text = ftfy.fix_text(text)
+        except ImportError:
+            pass
+        text = html.unescape(html.unescape(text)).strip()
+        out.append(re.sub(r"\s+", " ", text).strip())
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -75,7 +100,9 @@ class VideoGenerator:
         self.method = method  # the student's grid and split (from the artifact if any)
         self._teacher = teacher
         self._teacher_sampler: TeacherSampler | None = None
-        self.source = source  # "bundle" | "artifact"
+        self.source = source  # "bundle" | "artifact" | "exported"
+        # where the teacher transformer and scheduler live (None: not available)
+        self.teacher_root: Path | str | None = bundle.path
         self.device = bundle.device
         self.fps = cfg.model.fps
         self.last_timings: dict[str, float] = {}
@@ -94,6 +121,8 @@ class VideoGenerator:
         device = torch.device(device)
         dtype = resolve_dtype(cfg.model.dtype, device)
         root = resolve_model_path(path)
+        if is_exported(root):
+            return cls._load_exported(root, device, dtype, cfg)
         if (root / ARTIFACT_JSON).is_file():
             return cls._load_artifact(root, device, dtype, cfg)
         bundle = load_bundle(root, device, dtype, text_max_length=cfg.model.text_max_length)
@@ -147,12 +176,51 @@ class VideoGenerator:
         method = dataclasses.replace(cfg.method, **{k: saved[k] for k in keys if k in saved})
         return cls(bundle, student, cfg, method, teacher=None, source="artifact")
 
+    @classmethod
+    def _load_exported(
+        cls, root: Path, device: torch.device, dtype: torch.dtype, cfg: Config
+    ) -> VideoGenerator:
+        """An exported diffusers folder (``dcm.export``): its transformers are the experts,
+        its dcm_sampling.json the grid and sampling defaults, its VAE and text encoder."""
+        student, info = load_exported(root, device, dtype)
+        cfg = cfg.replace(
+            **{
+                "model.backbone": info["backbone"],
+                "model.text_max_length": info["max_sequence_length"],
+                "model.fps": info["fps"],
+                "method.guidance": info["guidance"],
+                "method.embedded_guidance": info["embedded_guidance"],
+                "sample.steps": info["steps"],
+                "sample.sigma_preset": "",
+                "sample.num_frames": info["num_frames"],
+                "sample.height": info["height"],
+                "sample.width": info["width"],
+            }
+        )
+        bundle = load_bundle(
+            root, device, dtype, components=["vae", "text_encoder"],
+            text_max_length=cfg.model.text_max_length,
+        )  # fmt: skip
+        set_attention_backend(student, cfg.model.attention)
+        method = dataclasses.replace(cfg.method, **info["method"])
+        gen = cls(bundle, student, cfg, method, teacher=None, source="exported")
+        # The folder holds no teacher: the one it was distilled from, where it still is.
+        teacher = str(info.get("teacher") or "")
+        local = teacher.startswith("bundled:") or (Path(teacher) / "model_index.json").is_file()
+        gen.teacher_root = teacher if local else None
+        return gen
+
     @property
     def teacher(self) -> Backbone:
         """The original base model (for an artifact: loaded from its bundle on first use)."""
         if self._teacher is None:
             b = self.bundle
-            full = load_bundle(b.path, b.device, b.dtype, components=["transformer"])
+            if self.teacher_root is None:
+                raise ConfigError(
+                    f"'{b.path}' is an exported model without its teacher here: pass the teacher "
+                    "bundle as --model for teacher runs (or skip them, e.g. --no-teacher)"
+                )
+            full = load_bundle(self.teacher_root, b.device, b.dtype, components=["transformer"])
             self._teacher = make_backbone(full.transformer).eval().requires_grad_(False)
             set_attention_backend(self._teacher, self.cfg.model.attention)
         return self._teacher
@@ -162,7 +230,8 @@ class VideoGenerator:
         """How the teacher is sampled: its folder's scheduler (else the distillation grid)."""
         if self._teacher_sampler is None:
             grid = Schedule.from_config(self.cfg.method)
-            self._teacher_sampler = TeacherSampler.from_bundle(self.bundle.path, grid)
+            root = self.teacher_root if self.teacher_root is not None else self.bundle.path
+            self._teacher_sampler = TeacherSampler.from_bundle(resolve_model_path(root), grid)
         return self._teacher_sampler
 
     def teacher_description(self, steps: int) -> str:
@@ -199,9 +268,11 @@ class VideoGenerator:
         """The student's grid; ``split`` overrides its boundary b (routing moves with it)."""
         m = self.method
         b = m.split if split is None else int(split)
-        if not 0 <= b <= m.grid_points - 2:
+        # -1: one consistency model (the ablation's single expert) takes every step
+        if not -1 <= b <= m.grid_points - 2:
             raise ConfigError(
-                f"split={b} must lie in 0..{m.grid_points - 2} (grid of {m.grid_points})"
+                f"split={b} must lie in 0..{m.grid_points - 2} (grid of {m.grid_points}) "
+                "or be -1 (one expert for every step)"
             )
         return Schedule(shift=m.shift, grid_points=m.grid_points, split=b)
 
@@ -245,7 +316,7 @@ class VideoGenerator:
         b, dev = self.bundle, self.device
 
         # 1. text -> Cond; noise from the seed in the latent shape (B, C, T, h, w)
-        cond = b.encode_text(list(prompts))
+        cond = b.encode_text(encoder_prompts(prompts, b.backbone_kind))
         noise = self.noise(len(prompts), seed, f, h, w).to(dev)
         _sync(dev)
         t_encode = time.perf_counter()

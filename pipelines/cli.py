@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "compare the teacher with DCM at several step counts"),
     "generate": ("pipelines.generate", "write one video from a bundle or a distilled artifact"),
     "serve": ("pipelines.serve", "serve the model over HTTP (Ray Serve, autoscaling)"),
+    "export": (
+        "pipelines.export",
+        "export a distilled artifact as a diffusers folder or a LoRA file",
+    ),
     "demo": ("pipelines.demo", "the whole platform end to end on this machine"),
     "pretrain": ("pipelines.pretrain", "train the tiny shapes teacher bundle"),
     "tiny-model": (
