@@ -72,6 +72,7 @@ class AppArgs(BaseModel):
     max_prompt_chars: int | None = None
     request_timeout_s: float | None = None
     api_key_env: str | None = None
+    job_store: str | None = None  # folder or URI of /v1/videos jobs (shared by all replicas)
     variants: dict[str, str] | None = None  # name -> artifact folder (multiplexed)
     set: list[str] = []  # further dotted overrides, e.g. ["serve.max_batch_size=8"]
 

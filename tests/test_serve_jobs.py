@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import yaml
 from conftest import free_port
 
 from dcm.config import load_config
@@ -445,3 +447,24 @@ def samples(text: str, name: str, labels: dict[str, str]) -> list[float]:
         if all(have.get(k) == v for k, v in labels.items()):
             out.append(float(m.group(3)))
     return out
+
+
+def test_cluster_definitions_export_metrics_on_8080():
+    """Every Ray node of the KubeRay manifests and ray up configs exports Prometheus metrics
+    on 8080 (the port the scrape configs of clusters/README.md use)."""
+    clusters = Path(__file__).parents[1] / "clusters"
+    for path in sorted((clusters / "kuberay").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec")
+        spec = spec or doc["spec"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            assert group["rayStartParams"]["metrics-export-port"] == "8080", path
+            (container,) = group["template"]["spec"]["containers"]
+            assert {"containerPort": 8080, "name": "metrics"} in container["ports"], path
+    for path in sorted((clusters / "ray-up").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            starts = [c for c in cfg[key] if "ray start" in c]
+            assert starts and all("--metrics-export-port=8080" in c for c in starts), path
+    assert "metrics-export-port" in (clusters / "README.md").read_text()
