@@ -342,6 +342,11 @@ class TrackingConfig:
     enabled: bool = doc(True, "Record runs in MLflow.")
     uri: str = doc("", "MLflow tracking URI; empty = sqlite:///<run dir>/mlflow.db.")
     experiment: str = doc("dcm", "MLflow experiment name.")
+    register_as: str = doc(
+        "",
+        "Registered-model name: a finished distill run exports its model (diffusers folder), "
+        "logs it as an MLflow pyfunc and registers a new version under this name; empty = no.",
+    )
 
 
 @dataclass(frozen=True)

@@ -183,20 +183,19 @@ class VideoGenerator:
         """An exported diffusers folder (``dcm.export``): its transformers are the experts,
         its dcm_sampling.json the grid and sampling defaults, its VAE and text encoder."""
         student, info = load_exported(root, device, dtype)
-        cfg = cfg.replace(
-            **{
-                "model.backbone": info["backbone"],
-                "model.text_max_length": info["max_sequence_length"],
-                "model.fps": info["fps"],
-                "method.guidance": info["guidance"],
-                "method.embedded_guidance": info["embedded_guidance"],
-                "sample.steps": info["steps"],
-                "sample.sigma_preset": "",
-                "sample.num_frames": info["num_frames"],
-                "sample.height": info["height"],
-                "sample.width": info["width"],
-            }
-        )
+        # The model's facts come from the folder; sizes only where the caller set none.
+        facts = {
+            "model.backbone": info["backbone"],
+            "model.text_max_length": info["max_sequence_length"],
+            "model.fps": info["fps"],
+            "method.guidance": info["guidance"],
+            "method.embedded_guidance": info["embedded_guidance"],
+            "sample.sigma_preset": "",
+        }
+        for key in ("num_frames", "height", "width"):
+            if not getattr(cfg.sample, key):
+                facts[f"sample.{key}"] = info[key]
+        cfg = cfg.replace(**facts)
         bundle = load_bundle(
             root, device, dtype, components=["vae", "text_encoder"],
             text_max_length=cfg.model.text_max_length,

@@ -31,6 +31,7 @@ import pipelines.args
 from dcm.config import Config, ConfigError
 from dcm.files import is_remote
 from pipelines.checkpoints import ARTIFACT, best_checkpoint
+from pipelines.registry import publish
 from pipelines.tracking import PARENT, RunLogger, Tracker
 from pipelines.train_loop import STAGES, record_selection, train_loop
 
@@ -47,6 +48,8 @@ class DistillResult:
     metrics: dict[str, Any]  # the reported metrics of that checkpoint
     stage: str = "semantic"
     stages: dict[str, DistillResult] = field(default_factory=dict)
+    # tracking.register_as: {"name", "version", "uri", "model_id", "run_id"} of the version
+    registered: dict[str, Any] | None = None
     # does the final student beat the untrained one (step-0 validation)? None: not measured
     beats_step0: bool | None = None
 
@@ -330,7 +333,7 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
             Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
         tracker = Tracker(cfg, run_dir(cfg))
         if stage != "both":
-            return run_stage(cfg, stage, tracker, dataset=dataset, val=val)
+            return publish(cfg, run_stage(cfg, stage, tracker, dataset=dataset, val=val), tracker)
         parent = tracker.open_run(PARENT)
         try:
             sem = run_stage(cfg, "semantic", tracker, parent.run_id, dataset=dataset, val=val)
@@ -343,10 +346,10 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
         parent.log_metrics({f"{s}/{k}": v for s, r in (("semantic", sem), ("detail", det))
                             for k, v in r.metrics.items() if k.startswith("val/")}, step=0)  # fmt: skip
         tracker.close_run(parent)
-        return DistillResult(
+        return publish(cfg, DistillResult(
             det.artifact_dir, det.checkpoint, parent.run_id, det.metrics, "both",
             stages={"semantic": sem, "detail": det},
-        )  # fmt: skip
+        ), tracker)  # fmt: skip
     finally:
         shutdown(ctx)
 
@@ -371,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": result.checkpoint.path,
         "mlflow_run_id": result.mlflow_run_id,
         "val/score": result.metrics.get("val/score"),
+        "registered": (result.registered or {}).get("uri"),
     }
     print(json.dumps(summary))
     return 0

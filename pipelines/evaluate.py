@@ -155,6 +155,9 @@ def run_evaluate(
         from dcm.video_metrics import Lpips
 
         scorers["lpips"] = Lpips(lpips, device)
+    from pipelines.registry import with_local_model
+
+    cfg = with_local_model(cfg)  # models:/NAME/VERSION -> its exported folder
     generator = VideoGenerator.load(cfg.model.path, device=device, cfg=cfg)
     s = cfg.sample
     result = evaluate(

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tlog.disable_progress_bar()
     dlog.disable_progress_bar()
+    from pipelines.registry import with_local_model
+
+    cfg = with_local_model(cfg)  # models:/NAME/VERSION -> its exported folder
     gen = VideoGenerator.load(cfg.model.path, device=_device(args.device), cfg=cfg)
     frames = gen.generate(
         [args.prompt],

@@ -9,7 +9,8 @@ pipeline. ``predict`` runs ``dcm.generate.VideoGenerator`` on it:
     # uint8 (B, F, H, W, 3)
 
 Inputs: a list of prompts, one prompt, a pandas DataFrame with a ``prompt`` column, or a
-dict ``{"prompt": [...]}``. Params (all optional): steps, seed, num_frames, height, width.
+dict ``{"prompt": [...]}``. Params (all optional, 0 = the model's default): steps, seed,
+num_frames, height, width.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def prompts_of(model_input: Any) -> list[str]:
     return list(data)
 
 
+def signature() -> Any:
+    """Prompts (strings) in, uint8 videos (B, F, H, W, 3) out; params default to 0 = the
+    model's own default (seed 0 is seed 0)."""
+    from mlflow.models import infer_signature
+
+    video = np.zeros((1, 1, 8, 8, 3), dtype=np.uint8)
+    return infer_signature(["a prompt"], video, params=dict.fromkeys(PARAMS, 0))
+
+
 class DCMVideoModel(mlflow.pyfunc.PythonModel):
     """Loads the exported folder once; ``predict`` returns uint8 videos (B, F, H, W, 3)."""
 
@@ -60,9 +70,8 @@ class DCMVideoModel(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.generator = VideoGenerator.load(context.artifacts[ARTIFACT_KEY], device=device)
 
-    def predict(
-        self, context: Any, model_input: Any, params: dict[str, Any] | None = None
-    ) -> np.ndarray:
+    # No type hints here: MLflow would read them as an input schema; signature() is it.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         from dcm.config import ConfigError
 
         params = dict(params or {})
@@ -70,6 +79,6 @@ class DCMVideoModel(mlflow.pyfunc.PythonModel):
         if unknown:
             raise ConfigError(f"unknown params {unknown}: allowed are {', '.join(PARAMS)}")
         gen = self.generator
-        kw = {k: int(v) for k, v in params.items() if v is not None}
+        kw = {k: int(v) for k, v in params.items() if v not in (None, 0)}
         steps = kw.pop("steps", gen.cfg.sample.steps)
         return gen.generate(prompts_of(model_input), steps=steps, **kw)

@@ -105,7 +105,7 @@ def register_model(
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
-    from pipelines.pyfunc import ARTIFACT_KEY, DCMVideoModel
+    from pipelines.pyfunc import ARTIFACT_KEY, DCMVideoModel, signature
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -119,6 +119,7 @@ def register_model(
             name=MODEL_NAME,
             python_model=DCMVideoModel(),
             artifacts={ARTIFACT_KEY: str(exported)},
+            signature=signature(),
             registered_model_name=name,
             pip_requirements=_requirements(),
         )
@@ -149,3 +150,48 @@ def _requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def publish(cfg: Any, result: Any, tracker: Any) -> Any:
+    """After a distill run: export its model, log it as a pyfunc in the run's MLflow run and
+    register it under ``tracking.register_as`` (once per run: a re-run finds its version).
+
+    ``result`` is a ``pipelines.distill.DistillResult``; its ``registered`` is set to
+    ``register_model``'s answer. A no-op without a name or with tracking disabled.
+    """
+    name = cfg.tracking.register_as
+    if not name or not tracker.enabled or not result.mlflow_run_id:
+        return result
+    import sys
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from dcm.export import export_diffusers
+    from dcm.files import is_remote
+
+    uri, run_id = tracker.uri, result.mlflow_run_id
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        v = max(found, key=lambda m: int(m.version))
+        result.registered = {
+            "name": name, "version": str(v.version), "uri": f"models:/{name}/{v.version}",
+            "model_id": getattr(v, "model_id", None), "run_id": run_id,
+        }  # fmt: skip
+        return result
+    root = tracker.run_dir
+    base = Path(tempfile.mkdtemp(prefix="dcm-export-")) if is_remote(str(root)) else Path(root)
+    exported = export_diffusers(
+        result.artifact_dir, base / "export" / "diffusers", cfg, overwrite=True
+    )
+    result.registered = register_model(exported, uri, run_id, name, result.metrics)
+    print(f"[dcm distill] registered {result.registered['uri']} ({uri})", file=sys.stderr)
+    return result
+
+
+def with_local_model(cfg: Any) -> Any:
+    """``cfg`` with a registry URI in model.path replaced by its fetched local folder."""
+    if not is_model_uri(cfg.model.path):
+        return cfg
+    return cfg.replace(**{"model.path": local_model(cfg.model.path, cfg.tracking.uri)})

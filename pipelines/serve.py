@@ -81,8 +81,10 @@ def start(cfg: Config, name: str = "dcm") -> str:
     returns the base URL once every replica is up."""
     from ray import serve
 
+    from pipelines.registry import with_local_model
     from serve.app import app_from_config
 
+    cfg = with_local_model(cfg)  # models:/NAME/VERSION -> its exported folder
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app_from_config(cfg), name=name, route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
