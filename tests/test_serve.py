@@ -302,7 +302,7 @@ def test_bad_builder_args_fail_in_one_sentence(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- sequential requests
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # the first user of the app: the time budget includes starting it
 def test_health_ready_docs_and_models(served):
     url, _ = served
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
@@ -602,14 +602,14 @@ def test_requests_succeed_again_after_a_replica_is_killed(served):
     import ray
 
     url, _ = served
-    alive = replica_ids()
-    assert len(alive) == 2
+    alive = replica_ids()  # two after the autoscaling test; one when this test runs alone
+    assert len(alive) >= 1
     dead = alive[0]
     ray.kill(
         ray.get_actor(f"SERVE_REPLICA::dcm#Generator#{dead}", namespace="serve"), no_restart=True
     )
     codes, served_by = [], []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + (60 if len(alive) > 1 else 120)
     while codes[-3:] != [200, 200, 200] and time.monotonic() < deadline:
         resp = generate(url)
         codes.append(resp.status_code)
@@ -617,8 +617,10 @@ def test_requests_succeed_again_after_a_replica_is_killed(served):
     assert codes[-3:] == [200, 200, 200], codes
     assert set(codes) <= {200, 503}, codes  # a dead replica is "unavailable", never a crash
     assert dead not in served_by
-    # the controller replaces it: two replicas again, the dead one gone
-    while time.monotonic() < deadline and (dead in replica_ids() or len(replica_ids()) < 2):
+    # the controller replaces it: as many replicas as before, the dead one gone
+    while time.monotonic() < deadline and (
+        dead in replica_ids() or len(replica_ids()) < len(alive)
+    ):
         time.sleep(0.5)
-    assert dead not in replica_ids() and len(replica_ids()) == 2
+    assert dead not in replica_ids() and len(replica_ids()) == len(alive)
     assert json.loads(requests.get(f"{url}/readyz", timeout=10).text) == {"ready": True}

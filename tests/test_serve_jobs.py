@@ -176,6 +176,16 @@ def test_runner_reports_steps_and_a_cancel_wins(tmp_path):
     assert runner.finish(SUCCEEDED) == CANCELLED  # the cancel wins over a late success
 
 
+def test_warm_up_runs_the_smallest_generation(tmp_path):
+    from dcm.generate import VideoGenerator
+    from serve.app import warm_up
+
+    cfg = load_config(preset="shapes-tiny")
+    gen = VideoGenerator.load(str(build_tiny_bundle(tmp_path / "b")), "cpu", cfg)
+    assert warm_up(cfg, gen) > 0.0
+    assert gen.last_timings["nfe"] == cfg.serve.min_steps  # one real pass of the sampler
+
+
 @pytest.mark.ray
 def test_replica_gpus_auto_follows_the_cluster(ray_cluster):
     import ray
