@@ -348,7 +348,7 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
         tracker.close_run(parent)
         return publish(cfg, DistillResult(
             det.artifact_dir, det.checkpoint, parent.run_id, det.metrics, "both",
-            stages={"semantic": sem, "detail": det},
+            stages={"semantic": sem, "detail": det}, beats_step0=det.beats_step0,
         ), tracker)  # fmt: skip
     finally:
         shutdown(ctx)
