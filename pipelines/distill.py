@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": result.checkpoint.path,
         "mlflow_run_id": result.mlflow_run_id,
         "val/score": result.metrics.get("val/score"),
+        "beats_step0": result.beats_step0,
         "registered": (result.registered or {}).get("uri"),
     }
     print(json.dumps(summary))
