@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{cfg.method.guidance} w={cfg.method.cfg_scale}, shift {cfg.method.shift}, "
             f"split b={gen.method.split}, attention {cfg.model.attention}"
         )
+        print(f"teacher: {gen.teacher_description(args.teacher_steps)}")
         counts, rep = count_passes(gen), max(1, args.repeat)
         print(f"timings: median of {rep} runs each, after one warm-up run")
         gen.generate([PROMPT], steps=2, seed=0, **sizes)  # warm-up: kernels, caches, allocator
