@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -209,6 +210,10 @@ class Generator:
         check_geometry(cfg, self._models[DEFAULT_MODEL], cfg.model.path)
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._store = JobStore(cfg.serve.job_store)
+        # One generation at a time per replica: the Wan VAE keeps its causal-conv caches on
+        # the module, so two concurrent decodes corrupt each other (frames lost or doubled).
+        # Batches of same-shape requests are the way to use a replica's parallelism.
+        self._gen_lock = threading.Lock()
         self._metrics = make_metrics()
         self.warmup_s = warm_up(cfg, self._models[DEFAULT_MODEL])  # before Serve calls it ready
         self._batched.set_max_batch_size(cfg.serve.max_batch_size)
@@ -234,7 +239,6 @@ class Generator:
         if self._store.cancel_requested(runner.job_id):
             return {"status": CANCELLED}
         params = record["params"]
-        await asyncio.to_thread(runner.start)
         beat = asyncio.get_running_loop().create_task(self._heartbeat(runner))
         t0 = perf_counter()
         try:
@@ -244,10 +248,7 @@ class Generator:
                 model = await self._load_variant(params["model"])
             load_s = perf_counter() - t0
             item = {**params, "_arrived": t0}
-            (out,) = await asyncio.to_thread(self._run_group, model, [item], runner.on_step)
-            await asyncio.to_thread(
-                self._store.write_video, runner.job_id, params["format"], out["video"]
-            )
+            out = await asyncio.to_thread(self._run_job, model, item, runner)
         except asyncio.CancelledError:
             # DELETE (cancel marker written): stop at the next step and say so. Without the
             # marker the caller went away: the ingress's lease check retries or fails it.
@@ -268,6 +269,21 @@ class Generator:
         timings = {"queue": record_wait(runner.rec), "load": load_s, **out["timings"]}
         status = await asyncio.to_thread(runner.finish, SUCCEEDED, timings=timings)
         return {"status": status}
+
+    def _run_job(self, model: Any, item: dict[str, Any], runner: JobRunner) -> dict[str, Any]:
+        """Worker thread: wait for the model (the job stays queued), then run and store it."""
+        while not self._gen_lock.acquire(timeout=0.25):
+            if runner.stop.is_set() or self._store.cancel_requested(runner.job_id):
+                raise JobCancelled(runner.job_id)
+        try:
+            if runner.stop.is_set():
+                raise JobCancelled(runner.job_id)
+            runner.start()
+            (out,) = self._generate_group(model, [item], runner.on_step)
+        finally:
+            self._gen_lock.release()
+        self._store.write_video(runner.job_id, item["format"], out["video"])
+        return out
 
     async def _heartbeat(self, runner: JobRunner) -> None:
         """Sign of life every quarter lease, also while one long step runs."""
@@ -313,10 +329,15 @@ class Generator:
                 results[i] = out
         return results
 
-    def _run_group(
+    def _run_group(self, model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate one same-shape group in a worker thread, then encode each video."""
+        with self._gen_lock:
+            return self._generate_group(model, items)
+
+    def _generate_group(
         self, model: Any, items: list[dict[str, Any]], callback: Any = None
     ) -> list[dict[str, Any]]:
-        """Generate one same-shape group in a worker thread, then encode each video."""
+        """_run_group's work; the caller holds ``_gen_lock``."""
         from dcm.video import video_bytes
 
         t0 = perf_counter()

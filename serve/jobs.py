@@ -363,7 +363,7 @@ class JobRunner:
 
     def beat(self) -> None:
         with self._lock:
-            if not self._done:
+            if not self._done and self.rec["status"] == RUNNING:
                 self.rec["heartbeat_at"] = time.time()
                 self._write()
 

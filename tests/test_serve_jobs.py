@@ -2,8 +2,8 @@
 
 First without Ray (the store on a folder and on an fsspec URI, the JobManager with a fake
 dispatcher, the sampler's step callback), then over real HTTP on a local Serve app on
-127.0.0.1 with one generator replica that runs one job at a time, so that a second job
-waits in the queue. Every test leaves no job unfinished (an autouse fixture cancels
+127.0.0.1 with one generator replica that takes two jobs at once but generates one at a
+time (the second waits at the replica, still queued; a third waits in the ingress). Every test leaves no job unfinished (an autouse fixture cancels
 leftovers), so they pass in any order.
 """
 
@@ -204,7 +204,7 @@ def test_replica_gpus_auto_follows_the_cluster(ray_cluster):
 # ---------------------------------------------------------------- over HTTP
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
-    """(base URL, config) of an app with two API keys, one replica, one job at a time."""
+    """(base URL, config) of an app with two API keys, one replica, two jobs in flight."""
     from pipelines.serve import start, stop
 
     root = tmp_path_factory.mktemp("jobs")
@@ -219,8 +219,8 @@ def served(ray_cluster, tmp_path_factory):
             "serve.max_steps": 1000,
             "serve.min_replicas": 1,
             "serve.max_replicas": 1,
-            "serve.max_batch_size": 1,
-            "serve.max_ongoing_requests": 1,
+            "serve.max_batch_size": 2,
+            "serve.max_ongoing_requests": 2,
             "serve.max_queued_jobs": 2,
             "serve.job_lease_s": 8.0,
             "serve.retry_after_s": 3,
@@ -351,7 +351,7 @@ def test_cancel_a_queued_and_a_running_job(served):
     first = submit(url, steps=LONG_STEPS).json()
     second = submit(url, steps=4).json()
     wait_for(url, first["id"], running_at_step)
-    assert status(url, second["id"])["status"] == QUEUED  # one job at a time
+    assert status(url, second["id"])["status"] == QUEUED  # one generation at a time
 
     gone = requests.delete(f"{url}/v1/videos/{second['id']}", headers=ME, timeout=30)
     assert gone.status_code == 200 and gone.json()["status"] == CANCELLED
@@ -380,14 +380,31 @@ def test_a_full_job_queue_answers_503_with_retry_after(served):
     url, cfg = served
     running = submit(url, steps=LONG_STEPS).json()
     wait_for(url, running["id"], running_at_step)
-    queued = [submit(url) for _ in range(cfg.serve.max_queued_jobs)]
-    assert [r.status_code for r in queued] == [202] * cfg.serve.max_queued_jobs
+    # one more job goes to the replica (in flight, queued there); max_queued_jobs wait here
+    room = cfg.serve.max_ongoing_requests - 1 + cfg.serve.max_queued_jobs
+    queued = [submit(url) for _ in range(room)]
+    assert [r.status_code for r in queued] == [202] * room
     full = submit(url)
     assert full.status_code == 503, full.text
     assert full.headers["retry-after"] == str(cfg.serve.retry_after_s)
     assert full.json()["error"]["type"] == "overloaded"
-    requests.delete(f"{url}/v1/videos/{queued[0].json()['id']}", headers=ME, timeout=30)
+    requests.delete(f"{url}/v1/videos/{queued[-1].json()['id']}", headers=ME, timeout=30)
     assert submit(url).status_code == 202  # room again
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_jobs_sent_to_one_replica_at_once_give_whole_videos(served, tmp_path):
+    """Two jobs in flight on one replica: each gets all its frames (the VAE's caches are not
+    shared between concurrent decodes)."""
+    url, _ = served
+    jobs = [submit(url, steps=8, num_frames=17, height=64, width=64, seed=i).json() for i in (1, 2)]
+    for i, job in enumerate(jobs):
+        done = wait_for(url, job["id"], lambda j: j["status"] in TERMINAL)[-1]
+        assert done["status"] == SUCCEEDED, done
+        video = requests.get(f"{url}{done['content_url']}", headers=ME, timeout=30)
+        (tmp_path / f"{i}.mp4").write_bytes(video.content)
+        assert read_video(tmp_path / f"{i}.mp4").shape == (17, 64, 64, 3)
 
 
 @pytest.mark.ray
