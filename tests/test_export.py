@@ -193,16 +193,23 @@ def test_folder_layout_and_card(exported):
 @pytest.mark.parametrize(("steps", "seed"), [(4, 3), (3, 0)])
 def test_stock_wan_pipeline_matches_dcm_generate(exported, tmp_path, steps, seed):
     art, folder, _ = exported
+    stock = stock_matches(art, folder, steps, seed, tmp_path)
+    # the detail expert really differs: without the switch the latents move far
+    ours = dcm_latents(art, steps, seed)
+    assert (stock["semantic_only"] - ours).abs().max().item() > 100 * TOL
+
+
+def stock_matches(art: Path, folder: Path, steps: int, seed: int, tmp_path: Path) -> dict:
+    """Stock WanPipeline (fresh process) == dcm generate on the artifact == on the folder."""
     stock = run_stock(folder, steps, seed, tmp_path)
     ours = dcm_latents(art, steps, seed)
     diff = (stock["z"] - ours).abs().max().item()
     assert diff <= TOL, diff
-    # the detail expert really differs: without the switch the latents move far
-    assert (stock["semantic_only"] - ours).abs().max().item() > 100 * TOL
     sigmas = json.loads((folder / SAMPLING_JSON).read_text())["sigmas"][str(steps)]
     assert torch.allclose(stock["timesteps"], torch.tensor(sigmas) * 1000)
     # `dcm generate` on the exported folder is the same model again
     assert (dcm_latents(folder, steps, seed) - ours).abs().max().item() <= TOL
+    return stock
 
 
 def test_single_expert_exports_one_transformer(tmp_path):
@@ -231,30 +238,38 @@ def test_export_refuses_bad_requests(exported, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- LoRA
-def test_lora_on_the_semantic_expert_is_the_detail_expert(exported):
-    from diffusers import WanPipeline, WanTransformer3DModel
+def lora_gap(artifact: Path, folder: Path, lora: Path) -> tuple[float, float]:
+    """(max |stock SemE + LoRA file + copies - our DetE|, max |our SemE - our DetE|)."""
+    from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
     from dcm.backbones import Cond
 
-    art, folder, lora = exported
-    student = DualExpert.load_artifact(art).eval()
+    student = DualExpert.load_artifact(artifact).eval()
+    shape = student.base.transformer.config
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 8, 5, 16, 16, generator=g)
+    x = torch.randn(2, shape.in_channels, 5, 16, 16, generator=g)
     t = torch.tensor([700.0, 300.0])
-    text = torch.randn(2, 24, 64, generator=g)
+    text = torch.randn(2, 24, shape.text_dim, generator=g)
     with torch.no_grad():
         want = student(x, t, Cond(text), torch.full((2,), DETAIL))
         semantic = student(x, t, Cond(text), torch.full((2,), SEMANTIC))
-
     stock = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer").eval()
     stock.load_lora_adapter(str(lora / LORA_FILE), prefix="transformer", adapter_name="detail")
-    missing, unexpected = stock.load_state_dict(load_file(str(lora / COPIES_FILE)), strict=False)
+    _, unexpected = stock.load_state_dict(load_file(str(lora / COPIES_FILE)), strict=False)
     assert not unexpected
     with torch.no_grad():
         got = stock(x, t, text, return_dict=False)[0]
-    assert (got - want).abs().max().item() <= 1e-5
-    assert (semantic - want).abs().max().item() > 1e-2  # the LoRA + copies matter
+    return (got - want).abs().max().item(), (semantic - want).abs().max().item()
+
+
+def test_lora_on_the_semantic_expert_is_the_detail_expert(exported):
+    from diffusers import WanPipeline
+
+    art, folder, lora = exported
+    gap, moved = lora_gap(art, folder, lora)
+    assert gap <= 1e-5
+    assert moved > 1e-2  # the LoRA + copies matter
 
     # the pipeline-level loader reads the same file
     pipe = WanPipeline.from_pretrained(folder)
@@ -270,3 +285,78 @@ def test_exported_folder_renders_frames(exported):
     frames = gen.generate([PROMPT], steps=2, seed=0, num_frames=5)
     assert gen.source == "exported" and frames.shape == (1, 5, 64, 64, 3)
     assert frames.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- HunyuanVideo
+HY_SIZE = ["data.num_frames=9", "data.height=64", "data.width=64", "model.text_max_length=32"]
+
+# Stock HunyuanVideoPipeline (one transformer): DCM's sigma list, the embedded guidance as
+# guidance_scale, and a step-end callback that swaps in transformer_2 below sigma_b.
+HY_STOCK = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    folder, steps, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    pipe = HunyuanVideoPipeline.from_pretrained(folder)
+    semantic = pipe.transformer
+    detail = HunyuanVideoTransformer3DModel.from_pretrained(folder, subfolder="transformer_2")
+    info = json.load(open(f"{folder}/dcm_sampling.json"))
+
+    def switch(pipe, i, t, kw):
+        nxt = pipe.scheduler.sigmas[i + 1]
+        pipe.transformer = detail if nxt <= info["sigma_boundary"] else semantic
+        return kw
+
+    def run(callback):
+        pipe.transformer = semantic
+        return pipe("a red circle moves left", sigmas=info["sigmas"][str(steps)],
+                    num_inference_steps=steps, guidance_scale=info["guidance_scale"],
+                    num_frames=info["num_frames"], height=info["height"], width=info["width"],
+                    max_sequence_length=info["max_sequence_length"], output_type="latent",
+                    generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=callback).frames
+
+    torch.save({"z": run(switch), "semantic_only": run(None)}, out)
+    bad = sorted(m for m in sys.modules if m.split(".")[0] in ("dcm", "pipelines"))
+    assert not bad, bad
+    """
+)
+
+
+def test_hunyuan_export_samples_like_dcm_generate(tmp_path):
+    from dcm.bundle import load_bundle
+    from dcm.tiny import build_tiny_bundle
+
+    bundle = build_tiny_bundle(tmp_path / "hy", backbone="hunyuanvideo")
+    cfg = load_config(preset="hunyuanvideo", overrides=[f"model.path={bundle}", *HY_SIZE])
+    model = DualExpert(load_bundle(bundle, components=["transformer"]).transformer)
+    model.enable_detail_expert(LoraConfig(rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    art = model.save_artifact(tmp_path / "artifact", cfg, str(bundle))
+    folder = export_diffusers(art, tmp_path / "export", cfg)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "HunyuanVideoPipeline" and "transformer_2" not in index
+    info = json.loads((folder / SAMPLING_JSON).read_text())
+    assert info["guidance_scale"] == cfg.method.embedded_guidance / 1000
+    assert "callback_on_step_end=switch" in (folder / "README.md").read_text()
+
+    out = tmp_path / "stock.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", HY_STOCK, str(folder), "4", "3", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = torch.load(out)
+    gen = VideoGenerator.load(art, cfg=cfg)
+    seen: dict[str, torch.Tensor] = {}
+    decode = gen.bundle.decode
+    gen.bundle.decode = lambda z: (seen.setdefault("z", z.clone()), decode(z))[1]
+    gen.generate([PROMPT], steps=4, seed=3)
+    assert (stock["z"] - seen["z"]).abs().max().item() <= TOL
+    assert (stock["semantic_only"] - seen["z"]).abs().max().item() > 100 * TOL
