@@ -1,4 +1,7 @@
-"""MLflow for distillation runs: one run per stage, nested under a parent for `both`.
+"""MLflow for distillation runs and sweeps: the one module that talks to MLflow.
+
+One run per stage, nested under a parent for `both`; a sweep has a parent run with one
+child run per trial, the trial's stages nested below it.
 
 The default store is sqlite inside the run directory (``sqlite:///<train.out>/<run>/mlflow.db``,
 artifacts next to it in ``mlartifacts/``); ``tracking.uri`` points at an ``mlflow server``
@@ -76,6 +79,12 @@ class RunLogger:
         if self.enabled:
             self._client().log_artifact(self.run_id, str(local_file), artifact_path)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            client = self._client()
+            for key, value in tags.items():
+                client.set_tag(self.run_id, key, value)
+
 
 class Tracker:
     """Driver side: the experiment, the (parent and stage) runs, params and their status."""
@@ -118,36 +127,65 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def open_run(self, stage: str, parent_id: str | None = None) -> RunLogger:
-        """Find or create the MLflow run of ``stage`` (params = the resolved config)."""
+    def open_run(
+        self,
+        stage: str,
+        parent_id: str | None = None,
+        *,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        config: bool = True,
+        resume: bool = True,
+    ) -> RunLogger:
+        """Find (``resume``) or create the MLflow run of ``stage`` under ``parent_id``.
+
+        Params: the resolved config (unless ``config=False``) plus ``params``; ``tags`` are
+        added to ``dcm_run`` / ``dcm_stage``. Default names: nested runs by their stage,
+        standalone ones by run name + stage, the parent of ``both`` by the run name.
+        """
         if not self.enabled:
             return RunLogger()
         client = self._client()
-        run_id = self.find_run(stage)
+        run_id = self.find_run(stage) if resume else None
         if run_id is None:
-            tags = {"dcm_run": self.cfg.run_name, "dcm_stage": stage}
+            all_tags = {"dcm_run": self.cfg.run_name, "dcm_stage": stage, **(tags or {})}
             if parent_id:
-                tags["mlflow.parentRunId"] = parent_id
-            if stage == PARENT:
+                all_tags["mlflow.parentRunId"] = parent_id
+            if name is None and stage == PARENT:
                 name = self.cfg.run_name
-            else:  # nested runs are named by their stage, standalone ones by run + stage
+            elif name is None:
                 name = stage if parent_id else f"{self.cfg.run_name}-{stage}"
-            run = client.create_run(self.experiment_id(), run_name=name, tags=tags)
+            run = client.create_run(self.experiment_id(), run_name=name, tags=all_tags)
             run_id = run.info.run_id
-            self._log_params(run_id, stage)
+            flat = {**self.cfg.flat(), "stage": stage} if config else {}
+            self._log_params(run_id, {**flat, **(params or {})})
         else:
             client.update_run(run_id, status="RUNNING")
         return RunLogger(self.uri, run_id)
 
-    def _log_params(self, run_id: str, stage: str) -> None:
+    def _log_params(self, run_id: str, flat: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = {**self.cfg.flat(), "stage": stage}
         params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         client = self._client()
         for i in range(0, len(params), _BATCH):
             client.log_batch(run_id, params=params[i : i + _BATCH])
 
+    def child_runs(self, parent_id: str | None, stage: str) -> list[Any]:
+        """The MLflow runs of ``stage`` nested directly under ``parent_id``."""
+        if not self.enabled or parent_id is None:
+            return []
+        return self._client().search_runs(
+            [self.experiment_id()],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.dcm_stage = '{stage}'",
+            max_results=10000,
+        )
+
     def close_run(self, logger: RunLogger, status: str = "FINISHED") -> None:
         if logger.enabled:
             self._client().set_terminated(logger.run_id, status=status)
+
+    def logger(self, run_id: str | None) -> RunLogger:
+        """A RunLogger for an existing run id (None when tracking is off)."""
+        return RunLogger(self.uri, run_id) if self.enabled and run_id else RunLogger()
