@@ -3,6 +3,9 @@
     dcm serve [--config serve/config.yaml] [--model PATH] [--host 127.0.0.1] [--port 8000]
               [--device auto|cpu|cuda] [--set serve.max_replicas=4 ...] [--dry-run]
 
+Routes: ``POST /v1/generate`` (waits for the video) and the job API ``/v1/videos`` (202 at
+once, then poll and download; jobs kept in ``serve.job_store``); see README "HTTP API".
+
 ``--config`` takes either a Serve config file (has ``applications:``, as used by ``serve run``
 and ``serve deploy``) or a dcm experiment YAML. From a Serve file we read the application's
 builder ``args``, ``http_options`` host/port and the generator's deployment options, and map
