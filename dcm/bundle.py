@@ -90,8 +90,9 @@ def _hub_json(repo: str, filename: str) -> dict[str, Any]:
         local = hf_hub_download(repo, filename)
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: one sentence
         raise BundleError(
-            f"could not fetch {filename} of hub model '{repo}' ({type(err).__name__}): check "
-            "the id and network access, or pass a local bundle folder"
+            f"could not fetch {filename} of hub model '{repo}' ({type(err).__name__}): check the "
+            "id and network access, or download it where there is network and pass its folder "
+            "with --model (model.path)"
         ) from None
     return _read_json(Path(local))
 
@@ -180,9 +181,17 @@ class Bundle:
             return 0
         return int(self.transformer_config.get("pooled_projection_dim", 768))
 
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> Cond:
+    def encode_text(self, prompts: list[str], grad: bool = False) -> Cond:
         """Prompts -> Cond(text (B, L, D), mask (B, L)[, pooled (B, P)]), L = text_max_length.
+
+        ``grad=True`` keeps the graph (pretraining trains the text encoder with this same
+        encoding); otherwise no gradients are recorded.
+        """
+        with torch.set_grad_enabled(grad):
+            return self._encode_text(prompts)
+
+    def _encode_text(self, prompts: list[str]) -> Cond:
+        """The encoding itself (``encode_text``).
 
         Wan: UMT5 states, zero past each prompt (as ``WanPipeline``). HunyuanVideo: exactly
         ``HunyuanVideoPipeline.encode_prompt``: the Llama states of the third-last layer for

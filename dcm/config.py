@@ -44,6 +44,15 @@ def _range(name: str, value: float, lo: float | None = None, hi: float | None = 
         raise ConfigError(f"{name}={value!r} is out of range: allowed [{lo_s}, {hi_s}]")
 
 
+def _auto_or_bool(section: Any, name: str) -> None:
+    """A field that is 'auto' or a boolean; the strings 'true' / 'false' become booleans."""
+    value = getattr(section, name)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        object.__setattr__(section, name, value.lower() == "true")
+    elif value != "auto" and not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not allowed: choose 'auto', true or false")
+
+
 def _choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -60,6 +69,11 @@ class ModelConfig:
         "Diffusers-format bundle folder (transformer/, vae/, text_encoder/, tokenizer/), a "
         "distilled artifact folder, 'bundled:shapes' for the tiny teacher shipped in the "
         "package, or a hub id (the only case that downloads).",
+    )
+    base: str = doc(
+        "",
+        "For a distilled artifact: its base model (teacher, VAE, text encoder) when the one it "
+        "recorded is not found (--base-model); empty = the recorded one.",
     )
     backbone: str = doc("wan", "Transformer family: 'wan' or 'hunyuanvideo'.")
     dtype: str = doc(
@@ -215,7 +229,9 @@ class IngestConfig:
     actor_cpus: float = doc(
         0.5, "CPUs per encoder actor (fractional avoids the 2-CPU Ray Data deadlock)."
     )
-    actor_gpus: float = doc(0.0, "GPUs per encoder actor (0 on CPU machines).")
+    actor_gpus: float | str = doc(
+        "auto", "GPUs per encoder actor: 'auto' (1 when the cluster has GPUs, else 0) or a number."
+    )
     decode_cpus: float = doc(0.5, "CPUs per decode task.")
     rows_per_shard: int = doc(64, "Clips per parquet shard.")
 
@@ -223,7 +239,9 @@ class IngestConfig:
         _range("encode_batch_size", self.encode_batch_size, 1, 4096)
         _range("encode_actors", self.encode_actors, 1, 1024)
         _range("actor_cpus", self.actor_cpus, 0.01, 256)
-        _range("actor_gpus", self.actor_gpus, 0.0, 8)
+        if self.actor_gpus != "auto":
+            _coerce("actor_gpus", self.actor_gpus, float)
+            _range("actor_gpus", self.actor_gpus, 0.0, 8)
         _range("decode_cpus", self.decode_cpus, 0.01, 256)
         _range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
 
@@ -257,7 +275,9 @@ class TrainConfig:
     )
     grad_accum: int = doc(1, "Gradient-accumulation micro-steps per optimiser step.")
     num_workers: int = doc(1, "Ray Train workers.")
-    use_gpu: str = doc("auto", "'auto', 'true' or 'false'.")
+    use_gpu: bool | str = doc(
+        "auto", "'auto' (a GPU per worker when the cluster has GPUs), true or false."
+    )
     cpus_per_worker: float = doc(1.0, "CPUs per Ray Train worker.")
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage (0-3).")
     offload: bool = doc(
@@ -297,7 +317,7 @@ class TrainConfig:
         _range("global_batch", self.global_batch, 1, 10**6)
         _range("grad_accum", self.grad_accum, 1, 10**4)
         _range("num_workers", self.num_workers, 1, 10**4)
-        _choice("use_gpu", self.use_gpu, ("auto", "true", "false"))
+        _auto_or_bool(self, "use_gpu")
         _range("cpus_per_worker", self.cpus_per_worker, 0.01, 256)
         _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         _range("checkpoint_every", self.checkpoint_every, 0, 10**9)
@@ -356,7 +376,9 @@ class RayConfig:
     )
     num_cpus: int = doc(0, "CPUs of a local cluster (0 = detect).")
     num_gpus: int = doc(-1, "GPUs of a local cluster (-1 = detect).")
-    object_store_mb: int = doc(512, "Object store of a local cluster in MiB.")
+    object_store_mb: int = doc(
+        0, "Object store of a local cluster in MiB; 0 = sized by Ray from the machine's memory."
+    )
     dashboard: bool = doc(True, "Start the dashboard of a local cluster on 127.0.0.1.")
     dashboard_port: int = doc(8265, "Dashboard port of a local cluster.")
     auth_mode: str = doc("disabled", "RAY_AUTH_MODE of a local cluster: 'disabled' or 'token'.")
@@ -364,7 +386,8 @@ class RayConfig:
     def __post_init__(self) -> None:
         _range("num_cpus", self.num_cpus, 0, 10**5)
         _range("num_gpus", self.num_gpus, -1, 10**4)
-        _range("object_store_mb", self.object_store_mb, 64, 10**7)
+        if self.object_store_mb:
+            _range("object_store_mb", self.object_store_mb, 64, 10**7)
         _range("dashboard_port", self.dashboard_port, 1024, 65535)
         _choice("auth_mode", self.auth_mode, ("disabled", "token"))
 
@@ -837,15 +860,25 @@ def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: typing.Sequence[str] = (),
+    base: dict[str, Any] | None = None,
 ) -> Config:
-    """Preset <- YAML file <- `--set` overrides, validated into one Config."""
+    """Preset <- YAML file <- `--set` overrides, validated into one Config.
+
+    ``base``: a resolved config dict (an artifact's training config) to start from instead
+    of a preset, used when neither ``preset`` nor the file names one.
+    """
     data: dict[str, Any] = {}
     if path:
         data = read_yaml_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
-    name = preset or data.get("preset") or "shapes-tiny"
-    merged = _merge(preset_dict(name), data)
+    if base is not None and not preset and not data.get("preset"):
+        name = str(base.get("preset") or "shapes-tiny")
+        start = _merge(base, {"preset": name})
+    else:
+        name = preset or data.get("preset") or "shapes-tiny"
+        start = preset_dict(name)
+    merged = _merge(start, data)
     merged["preset"] = name
     for item in overrides:
         key, value = parse_override(item)

@@ -31,8 +31,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dcm.backbones.base import Backbone, Cond, Variant, make_backbone
-from dcm.config import DETAIL, SEMANTIC, Config, LoraConfig, plain_data
+from dcm.backbones.base import (
+    Backbone,
+    Cond,
+    Variant,
+    cast_keeping_fp32,
+    fp32_modules,
+    make_backbone,
+)
+from dcm.config import DETAIL, SECTIONS, SEMANTIC, Config, LoraConfig, all_keys, plain_data
 from dcm.files import write_atomic
 
 ARTIFACT_SCHEMA_VERSION = 1
@@ -75,6 +82,9 @@ class DualExpert(nn.Module):
         self.detail_modules = nn.ModuleDict()
         self.detail_params = nn.ParameterDict()
         self.lora_cfg: LoraConfig | None = None
+        # experts.safetensors this model was loaded from: the float32 source of the frozen
+        # weights when training keeps only low-precision copies of them (save_artifact)
+        self.frozen_source: Path | None = None
         # Stage 1 (METHOD.md section 5): every transformer parameter trains.
         self.base.requires_grad_(True)
 
@@ -167,9 +177,19 @@ class DualExpert(nn.Module):
         return Variant(modules=modules, prepare=lambda m: _set_lora(m, detail))
 
     # ------------------------------------------------------------ artifact
-    def save_artifact(self, out_dir: str | Path, cfg: Config, bundle_path: str) -> Path:
+    def save_artifact(
+        self,
+        out_dir: str | Path,
+        cfg: Config,
+        bundle_path: str,
+        masters: dict[str, Tensor] | None = None,
+    ) -> Path:
         """Write experts.safetensors + dcm_artifact.json into ``out_dir``; returns the folder.
 
+        Weights are saved in float32 from the most precise copy there is: ``masters`` (the
+        optimiser's fp32 master weights of trained parameters, by name, when the module
+        itself holds bf16 copies), else the frozen weights' source file
+        (``frozen_source``), else the module's own values.
         Each file is written under a temporary name and renamed, weights first: a crash
         mid-save leaves the previous artifact's JSON (and, before its rename, weights) intact.
         """
@@ -197,10 +217,28 @@ class DualExpert(nn.Module):
             "config": cfg.to_dict(),
             "created_by": _created_by(),
         }
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        state = self._fp32_state(masters or {})
         write_atomic(out / ARTIFACT_WEIGHTS, lambda p: save_file(state, str(p)), fsync=True)
         write_atomic(out / ARTIFACT_JSON, json.dumps(meta, indent=2), fsync=True)
         return out
+
+    def _fp32_state(self, masters: dict[str, Tensor]) -> dict[str, Tensor]:
+        state = {k: masters.get(k, v).detach() for k, v in self.state_dict().items()}
+        low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
+        if low and self.frozen_source is not None and Path(self.frozen_source).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.frozen_source), framework="pt") as f:
+                names = set(f.keys())
+                for key in low:
+                    # stage 2 wraps LoRA'd linears: '<x>.base_layer.weight' was '<x>.weight'
+                    src = key if key in names else key.replace(".base_layer.", ".")
+                    if src in names and tuple(f.get_slice(src).get_shape()) == state[key].shape:
+                        state[key] = f.get_tensor(src)
+        return {
+            k: (v.float() if v.is_floating_point() else v).to("cpu").contiguous()
+            for k, v in state.items()
+        }
 
     @classmethod
     def load_artifact(
@@ -235,6 +273,7 @@ class DualExpert(nn.Module):
                 f"{weights} does not match {ARTIFACT_JSON} ({first}): the artifact is damaged or "
                 "its save was interrupted; re-save it from the training checkpoint"
             ) from None
+        model.frozen_source = weights
         _cast(model, dtype)  # on the CPU first: half the device memory for bf16
         return model.to(device=device)
 
@@ -261,9 +300,11 @@ def artifact_defaults(cfg: Config) -> dict[str, Any]:
 def is_artifact(path: str | Path) -> bool:
     """True for a local folder holding dcm_artifact.json."""
     text = str(path)
-    return "://" not in text and not text.startswith("bundled:") and (
-        Path(text).expanduser() / ARTIFACT_JSON
-    ).is_file()
+    return (
+        "://" not in text
+        and not text.startswith("bundled:")
+        and (Path(text).expanduser() / ARTIFACT_JSON).is_file()
+    )
 
 
 def artifact_config(path: str | Path) -> dict[str, Any] | None:
@@ -273,9 +314,16 @@ def artifact_config(path: str | Path) -> dict[str, Any] | None:
     saved = meta.get("config")
     if not isinstance(saved, dict):
         return None
-    saved = copy.deepcopy(saved)
-    saved.setdefault("model", {})["path"] = str(Path(path).expanduser().resolve())
-    return saved
+    # Keys this version does not know (an artifact from another version) are left out.
+    known = set(all_keys())
+    base: dict[str, Any] = {}
+    for key, val in saved.items():
+        if isinstance(val, dict) and key in SECTIONS:
+            base[key] = {k: copy.deepcopy(v) for k, v in val.items() if f"{key}.{k}" in known}
+        elif key in known:
+            base[key] = copy.deepcopy(val)
+    base.setdefault("model", {})["path"] = str(Path(path).expanduser().resolve())
+    return base
 
 
 def find_bundle(root: str | Path, meta: dict[str, Any], base_model: str = "") -> str:
@@ -337,16 +385,7 @@ def read_artifact_meta(path: str | Path) -> dict[str, Any]:
 def _cast(model: DualExpert, dtype: torch.dtype) -> None:
     """Cast floating weights to ``dtype``, keeping diffusers' fp32 modules (rope, time
     embedder, adaLN tables) in float32 as ``from_pretrained(torch_dtype=...)`` does."""
-    if dtype == torch.float32:
-        return
-    keep = set(getattr(model.base.transformer, "_keep_in_fp32_modules", None) or ())
-    for mod_name, module in model.named_modules():
-        for key, p in module.named_parameters(recurse=False):
-            if p.is_floating_point() and not keep & set(f"{mod_name}.{key}".split(".")):
-                p.data = p.data.to(dtype)
-        for key, buf in module.named_buffers(recurse=False):
-            if buf.is_floating_point() and not keep & set(f"{mod_name}.{key}".split(".")):
-                setattr(module, key, buf.to(dtype))
+    cast_keeping_fp32(model, dtype, fp32_modules(model.base.transformer))
 
 
 def _created_by() -> str:

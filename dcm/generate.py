@@ -22,6 +22,7 @@ import dataclasses
 import html
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from dcm.attention import set_attention_backend
 from dcm.backbones.base import Backbone, Cond, make_backbone
 from dcm.bundle import Bundle, BundleError, load_bundle, resolve_model_path
 from dcm.config import SIGMA_PRESETS, Config, ConfigError, MethodConfig, load_config
-from dcm.experts import ARTIFACT_JSON, DualExpert, read_artifact_meta
+from dcm.experts import (
+    ARTIFACT_JSON,
+    DualExpert,
+    artifact_config,
+    find_bundle,
+    read_artifact_meta,
+)
 from dcm.export import is_exported, load_exported
 from dcm.guidance import with_embedded_guidance
 from dcm.sampler import sample
@@ -106,6 +113,9 @@ class VideoGenerator:
         self.device = bundle.device
         self.fps = cfg.model.fps
         self.last_timings: dict[str, float] = {}
+        # what the last video was made with (the CLI writes it next to the file)
+        self.last_meta: dict[str, Any] = {}
+        self._split_warned = False
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -115,12 +125,19 @@ class VideoGenerator:
         """Load a bundle folder, 'bundled:shapes', a hub id or a distilled artifact, once.
 
         ``cfg`` supplies text length, fps, guidance, attention and default sizes; without
-        one the shapes-tiny preset is used (pass the matching preset for real models).
+        one an artifact's own training config is used (``artifact_config``), else the
+        shapes-tiny preset (pass the matching preset for real models).
         """
+        root = resolve_model_path(path)
+        if cfg is None and (root / ARTIFACT_JSON).is_file():
+            try:
+                base = artifact_config(root)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            cfg = load_config(base=base) if base is not None else None
         cfg = cfg or load_config()
         device = torch.device(device)
         dtype = resolve_dtype(cfg.model.dtype, device)
-        root = resolve_model_path(path)
         if is_exported(root):
             return cls._load_exported(root, device, dtype, cfg)
         if (root / ARTIFACT_JSON).is_file():
@@ -143,13 +160,10 @@ class VideoGenerator:
             raise
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        bundle_path = str(meta.get("bundle_path") or "")
-        if not bundle_path:
-            raise ConfigError(f"'{root / ARTIFACT_JSON}' has no bundle_path: re-save the artifact")
-        if not bundle_path.startswith("bundled:") and not Path(bundle_path).exists():
-            # A relative bundle_path may be relative to the artifact (a moved run folder).
-            near = root / bundle_path
-            bundle_path = str(near) if near.exists() else bundle_path
+        try:
+            bundle_path = find_bundle(root, meta, cfg.model.base)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         try:
             bundle = load_bundle(
                 bundle_path,
@@ -311,6 +325,7 @@ class VideoGenerator:
         if not prompts:
             raise ConfigError("prompts is empty: pass at least one prompt")
         f, h, w = self._sizes(num_frames, height, width)
+        self.last_meta = self._describe_call(steps, seed, f, h, w, split, teacher, teacher_steps)
         start = time.perf_counter()
         b, dev = self.bundle, self.device
 
@@ -338,6 +353,43 @@ class VideoGenerator:
             "total_s": t_end - start,
         }
         return frames
+
+    def _describe_call(
+        self,
+        steps: int,
+        seed: Any,
+        f: int,
+        h: int,
+        w: int,
+        split: int | None,
+        teacher: bool,
+        teacher_steps: int,
+    ) -> dict[str, Any]:
+        """The settings of one call; warns once when ``split`` re-routes a trained artifact."""
+        trained = self.method.split if self.source == "artifact" else None
+        meta: dict[str, Any] = {
+            "model": str(self.bundle.path) if self.source == "bundle" else "artifact",
+            "backbone": self.bundle.backbone_kind,
+            "sampler": "teacher" if teacher else "experts",
+            "steps": int(teacher_steps if teacher else steps),
+            "seed": int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed],
+            "num_frames": f,
+            "height": h,
+            "width": w,
+            "fps": self.fps,
+            "split": trained if split is None else int(split),
+            "trained_split": trained,
+        }
+        if not teacher and trained is not None and split is not None and int(split) != trained:
+            meta["split_override"] = True
+            if not self._split_warned:
+                self._split_warned = True
+                warnings.warn(
+                    f"split={split} differs from the split this artifact was trained with "
+                    f"({trained}): the experts are routed at a boundary they never learned",
+                    stacklevel=3,
+                )
+        return meta
 
     def noise(
         self, batch: int, seed: int | Sequence[int], num_frames: int, height: int, width: int

@@ -7,6 +7,7 @@ One row per clip (docs/ARCHITECTURE.md, "Latent rows"):
 | `latents`   | float32 (C, T, h, w), RAW VAE latents (normalise with `Bundle.normalize`) |
 | `text`      | float32 (L, D) text-encoder hidden states (zero past the prompt)           |
 | `text_mask` | int8 (L,), 1 = real token                                                  |
+| `pooled`    | float32 (P,), HunyuanVideo's pooled CLIP text; only when the manifest's ``pooled_dim`` > 0 |
 | `caption`   | str                                                                         |
 | `source`    | str, the input video's path or URI                                          |
 | `clip`      | int32, index of the clip within its source                                  |
@@ -15,15 +16,14 @@ In parquet the tensors are stored as flat fixed-size lists (plain Arrow, readabl
 parquet tool) and the shapes live in ``manifest.json``; ``table_to_rows`` restores them. A
 parquet folder holds ``shard-NNNNN.parquet`` files, ``manifest.json`` (schema version,
 encoder id, latent normalisation, shapes, counts, shard list), ``rejects.parquet`` (path,
-reason) and ``empty_prompt.parquet`` (the empty prompt's ``text`` / ``text_mask``, so that
-training needs no text encoder for CFG or prompt dropout).
+reason) and ``empty_prompt.parquet`` (the empty prompt's ``text`` / ``text_mask`` [/
+``pooled``], so that training needs no text encoder for CFG or prompt dropout).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dcm.files import is_remote, write_atomic
+
 LATENTS_SCHEMA_VERSION = 1
 COLUMNS = ("latents", "text", "text_mask", "caption", "source", "clip")
-# What `iter_torch_batches` can turn into tensors (it rejects the string columns).
-TENSOR_COLUMNS = ("latents", "text", "text_mask", "clip")
+POOLED = "pooled"  # the optional column (HunyuanVideo)
 MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
 EMPTY_PROMPT = "empty_prompt.parquet"
@@ -51,7 +52,7 @@ class LatentsError(ValueError):
 def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """A pyarrow file system and the path inside it: local paths or s3://, gs://, ... URIs."""
     text = str(uri)
-    if "://" not in text:
+    if not is_remote(text):
         return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
     try:
         return pafs.FileSystem.from_uri(text)
@@ -64,14 +65,6 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
 def join(base: str, *parts: str) -> str:
     """Join paths inside a pyarrow file system (always '/')."""
     return "/".join([base.rstrip("/"), *parts])
-
-
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name and move it into place (a crash leaves no half file)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -92,7 +85,16 @@ def check_rows(rows: dict[str, np.ndarray]) -> int:
             raise LatentsError(
                 f"column '{name}' must be shaped (B, ...) with {ndim} axes, got {arr.shape}"
             )
+    if POOLED in rows:
+        arr = np.asarray(rows[POOLED])
+        if arr.ndim != 2 or arr.shape[0] != n:
+            raise LatentsError(f"column '{POOLED}' must be shaped (B, P), got {arr.shape}")
     return n
+
+
+def columns(pooled_dim: int) -> list[str]:
+    """The columns of a folder whose manifest says ``pooled_dim``."""
+    return [*COLUMNS, POOLED] if pooled_dim else list(COLUMNS)
 
 
 def rows_to_table(rows: dict[str, np.ndarray]) -> pa.Table:
@@ -103,20 +105,24 @@ def rows_to_table(rows: dict[str, np.ndarray]) -> pa.Table:
         a = np.ascontiguousarray(arr, dtype=dtype).reshape(n, -1)  # (B, prod(shape))
         return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa_type), a.shape[1])
 
-    return pa.table(
-        {
-            "latents": flat(rows["latents"], np.float32, pa.float32()),
-            "text": flat(rows["text"], np.float32, pa.float32()),
-            "text_mask": flat(rows["text_mask"], np.int8, pa.int8()),
-            "caption": pa.array([str(c) for c in rows["caption"]], pa.string()),
-            "source": pa.array([str(s) for s in rows["source"]], pa.string()),
-            "clip": pa.array(np.asarray(rows["clip"], dtype=np.int32), pa.int32()),
-        }
-    )
+    cols = {
+        "latents": flat(rows["latents"], np.float32, pa.float32()),
+        "text": flat(rows["text"], np.float32, pa.float32()),
+        "text_mask": flat(rows["text_mask"], np.int8, pa.int8()),
+        "caption": pa.array([str(c) for c in rows["caption"]], pa.string()),
+        "source": pa.array([str(s) for s in rows["source"]], pa.string()),
+        "clip": pa.array(np.asarray(rows["clip"], dtype=np.int32), pa.int32()),
+    }
+    if POOLED in rows:
+        cols[POOLED] = flat(rows[POOLED], np.float32, pa.float32())
+    return pa.table(cols)
 
 
 def table_to_rows(
-    table: pa.Table, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]
+    table: pa.Table,
+    latent_shape: tuple[int, ...],
+    text_shape: tuple[int, ...],
+    pooled_dim: int = 0,
 ) -> dict[str, np.ndarray]:
     """An Arrow table written by ``rows_to_table`` -> numpy rows with their tensor shapes."""
     n = table.num_rows
@@ -131,7 +137,7 @@ def table_to_rows(
             )
         return values.reshape((n, *shape))
 
-    return {
+    rows = {
         "latents": unflat("latents", tuple(latent_shape), np.float32),  # (B, C, T, h, w)
         "text": unflat("text", tuple(text_shape), np.float32),  # (B, L, D)
         "text_mask": unflat("text_mask", (text_shape[0],), np.int8),  # (B, L)
@@ -139,13 +145,16 @@ def table_to_rows(
         "source": np.asarray(table.column("source").to_pylist(), dtype=object),
         "clip": table.column("clip").to_numpy().astype(np.int32),
     }
+    if pooled_dim:
+        rows[POOLED] = unflat(POOLED, (pooled_dim,), np.float32)  # (B, P)
+    return rows
 
 
 def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Write a parquet file atomically (temporary name, then move)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    write_atomic(fs, path, sink.getvalue().to_pybytes())
+    write_atomic(path, sink.getvalue().to_pybytes(), fs)
 
 
 def rejects_table(records: list[tuple[str, str]] | list[dict[str, str]]) -> pa.Table:
@@ -154,18 +163,20 @@ def rejects_table(records: list[tuple[str, str]] | list[dict[str, str]]) -> pa.T
     return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
 
 
-def empty_prompt_table(text: np.ndarray, mask: np.ndarray) -> pa.Table:
-    """The empty prompt's text (L, D) and mask (L,) as a one-row table (same encoding as rows)."""
-    return pa.table(
-        {
-            "text": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.asarray(text, np.float32).reshape(-1)), int(np.size(text))
-            ),
-            "text_mask": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.asarray(mask, np.int8).reshape(-1)), int(np.size(mask))
-            ),
-        }
-    )
+def empty_prompt_table(
+    text: np.ndarray, mask: np.ndarray, pooled: np.ndarray | None = None
+) -> pa.Table:
+    """The empty prompt's text (L, D), mask (L,) [and pooled (P,)] as a one-row table."""
+
+    def one(arr: np.ndarray, dtype: Any) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(arr, dtype).reshape(-1)), int(np.size(arr))
+        )
+
+    cols = {"text": one(text, np.float32), "text_mask": one(mask, np.int8)}
+    if pooled is not None:
+        cols[POOLED] = one(pooled, np.float32)
+    return pa.table(cols)
 
 
 # ---------------------------------------------------------------- manifest
@@ -180,6 +191,7 @@ class LatentManifest:
     video: dict[str, Any]  # num_frames, height, width, target_fps, clips_per_video
     counts: dict[str, int]  # inputs, videos, clips, rejects, shards
     shards: list[dict[str, Any]] = field(default_factory=list)  # {file, rows}
+    pooled_dim: int = 0  # P of the 'pooled' column (HunyuanVideo), 0 = no such column
     empty_prompt: str = EMPTY_PROMPT
     rejects: str = REJECTS
     schema_version: int = LATENTS_SCHEMA_VERSION
@@ -195,7 +207,7 @@ def write_manifest(root: str | Path, manifest: LatentManifest) -> str:
     """Write ``manifest.json`` into a latents folder (local or URI); return its path."""
     fs, base = filesystem(root)
     path = join(base, MANIFEST)
-    write_atomic(fs, path, manifest.to_json().encode())
+    write_atomic(path, manifest.to_json(), fs)
     return path
 
 
@@ -250,6 +262,19 @@ def read_empty_prompt(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if text.size != length * dim or mask.size != length:
         raise LatentsError(f"'{path}' does not match the text shape {(length, dim)}: re-run ingest")
     return text.astype(np.float32).reshape(length, dim), mask.astype(np.int8)
+
+
+def read_empty_pooled(root: str | Path) -> np.ndarray | None:
+    """The empty prompt's pooled text (P,) float32 of a folder, None when it has none."""
+    manifest = read_manifest(root)
+    if not manifest.pooled_dim:
+        return None
+    fs, base = filesystem(root)
+    table = pq.read_table(join(base, manifest.empty_prompt), filesystem=fs)
+    if POOLED not in table.column_names:
+        raise LatentsError(f"'{root}' lacks the empty prompt's pooled text: re-run ingest")
+    values = table.column(POOLED).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32).reshape(manifest.pooled_dim)
 
 
 def read_rejects(root: str | Path) -> list[dict[str, str]]:

@@ -88,13 +88,29 @@ def gathered(module: nn.Module, zero_stage: int) -> Iterator[None]:
         yield
 
 
+def master_weights(student: nn.Module) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 master copies of the trained low-precision parameters, by name, on
+    the CPU. Collective (the partitions are all-reduced): every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in student.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                out[name] = full.detach().to("cpu", torch.float32)
+    return out
+
+
 def export_artifact(
     student: nn.Module, out_dir: str | Path, cfg: Config, bundle_path: str, rank: int
 ) -> Path | None:
-    """Write the inference artifact (rank 0); every rank must call it (ZeRO-3 gathers)."""
+    """Write the inference artifact (rank 0) from the fp32 master weights under bf16;
+    every rank must call it (ZeRO-3 gathers, the masters are all-reduced)."""
     with gathered(student, cfg.train.zero_stage):
+        masters = master_weights(student)
         if rank == 0:
-            return student.save_artifact(out_dir, cfg, bundle_path)
+            return student.save_artifact(out_dir, cfg, bundle_path, masters)
     return None
 
 
@@ -164,6 +180,15 @@ def restore(
         if rng_file.is_file():  # absent when the worker count changed: keep the fresh seed
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), generator)
     return state
+
+
+def check_detail_start(stage: str, init_from: str, init_checkpoint: Any = None) -> None:
+    """The detail stage starts from a semantic artifact: the semantic stage's checkpoint
+    (``init_checkpoint``) or ``train.init_from``; anything else is a one-line ConfigError."""
+    if stage == "detail" and init_checkpoint is None and not init_from:
+        raise ConfigError(
+            "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
+        )
 
 
 def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:

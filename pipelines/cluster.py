@@ -2,8 +2,10 @@
 
 Inside `ray job submit` (or with RAY_ADDRESS / `ray.address` set) we connect to that
 cluster. Otherwise we start a local one bound to 127.0.0.1 with an explicit auth mode,
-detected CPUs/GPUs and a bounded object store (RUNTIME.md: Ray 2.60 enables token auth by
-default and binds eth0 unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set).
+detected CPUs/GPUs and an object store Ray sizes from the machine unless
+``ray.object_store_mb`` is set (RUNTIME.md: Ray 2.60 enables token auth by default and
+binds eth0 unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set). HF_HUB_OFFLINE=1 is set
+only when the stage's model is a local folder or bundled: a hub id may download.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dcm.config import RayConfig
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # listen on loopback only
     "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
     # imageio-ffmpeg's preexec_fn forces fork() of a multi-threaded Ray worker, which can
@@ -34,13 +35,34 @@ class RayContext:
     started_here: bool
 
 
-def local_env(auth_mode: str = "disabled") -> dict[str, str]:
-    """The environment for a loopback-only local cluster with the given auth mode."""
-    return {**LOCAL_ENV, "RAY_AUTH_MODE": auth_mode}
+def local_env(auth_mode: str = "disabled", model: str | None = None) -> dict[str, str]:
+    """The environment for a loopback-only local cluster with the given auth mode; offline
+    (HF_HUB_OFFLINE=1) unless ``model`` is a hub id."""
+    return {**LOCAL_ENV, **hub_env(model), "RAY_AUTH_MODE": auth_mode}
 
 
-def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> RayContext:
-    """Connect to the configured/ambient cluster, or start a local loopback one."""
+def hub_env(model: str | None) -> dict[str, str]:
+    """{'HF_HUB_OFFLINE': '1'} for a local or bundled model (nothing to download, no network
+    lookups), {} for a hub id 'owner/name', which downloads where there is network."""
+    from dcm.bundle import is_hub_id
+
+    return {} if model and is_hub_id(model) else {"HF_HUB_OFFLINE": "1"}
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (what the 'auto' GPU settings follow)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def init_ray(
+    cfg: RayConfig | None = None, quiet: bool = False, model: str | None = None
+) -> RayContext:
+    """Connect to the configured/ambient cluster, or start a local loopback one.
+
+    ``model``: the stage's model path; a hub id leaves HF_HUB_OFFLINE unset (module doc).
+    """
     import ray
 
     cfg = cfg or RayConfig()
@@ -58,18 +80,19 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> RayContext:
         ray.init(address=address, log_to_driver=True)
         return RayContext(address, _dashboard_url(), started_here=False)
 
-    for key, val in local_env(os.environ.get("RAY_AUTH_MODE", cfg.auth_mode)).items():
+    env = local_env(os.environ.get("RAY_AUTH_MODE", cfg.auth_mode), model)
+    for key, val in env.items():
         os.environ.setdefault(key, val)
     num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else _detect_gpus()
     info = ray.init(
         num_cpus=cfg.num_cpus or os.cpu_count(),
         num_gpus=num_gpus,
-        object_store_memory=cfg.object_store_mb * 1024 * 1024,
+        object_store_memory=cfg.object_store_mb * 1024 * 1024 or None,  # None: Ray sizes it
         include_dashboard=cfg.dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=cfg.dashboard_port,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": dict(LOCAL_ENV)},
+        runtime_env={"env_vars": {**LOCAL_ENV, **hub_env(model)}},
         log_to_driver=True,
     )
     url = info.dashboard_url

@@ -11,6 +11,7 @@ model.path, `--steps` -> sample.steps, sizes -> sample.*), so `--set` and `--con
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="height in pixels (default data.height)")
     p.add_argument("--width", type=int, help="width in pixels (default data.width)")
     p.add_argument("--out", required=True, help="output file, .mp4 or .gif")
+    p.add_argument(
+        "--base-model",
+        help="for an artifact: its base model folder when the recorded one is not found",
+    )
     p.add_argument(
         "--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"
     )
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             "sample.num_frames": args.frames,
             "sample.height": args.height,
             "sample.width": args.width,
+            "model.base": args.base_model,
         },
     )
     from dcm.config import ConfigError
@@ -92,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher_steps=cfg.sample.teacher_steps,
     )
     path = write_video(out, frames[0], fps=gen.fps)
+    # what made the video (split, trained split, sizes, seed) next to it
+    meta = out.with_name(out.name + ".json")
+    meta.write_text(json.dumps({**gen.last_meta, "prompt": args.prompt}, indent=2) + "\n")
     t = gen.last_timings
     who = (
         gen.teacher_description(cfg.sample.teacher_steps)

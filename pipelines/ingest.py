@@ -86,6 +86,11 @@ def _build(
     from ray.data import ActorPoolStrategy
 
     d, ing = cfg.data, cfg.ingest
+    gpus = ing.actor_gpus
+    if gpus == "auto":  # one GPU per encoder actor when the cluster has GPUs
+        from pipelines.cluster import cluster_gpus
+
+        gpus = 1.0 if cluster_gpus() >= 1 else 0.0
     geometry = {
         "num_frames": d.num_frames,
         "height": d.height,
@@ -96,7 +101,7 @@ def _build(
     model = {
         "path": cfg.model.path,
         "dtype": cfg.model.dtype,
-        "gpus": ing.actor_gpus,
+        "gpus": gpus,
         "posterior": d.posterior,
         "seed": cfg.train.seed,
         "text_max_length": cfg.model.text_max_length,
@@ -119,7 +124,7 @@ def _build(
         batch_size=ing.encode_batch_size,
         compute=ActorPoolStrategy(size=ing.encode_actors),
         num_cpus=ing.actor_cpus,
-        num_gpus=ing.actor_gpus,
+        num_gpus=gpus,
         fn_constructor_kwargs={"model": model, "ledger": ledger, "keep_index": keep_index},
     )
 
@@ -129,10 +134,10 @@ def check_model(cfg: Config) -> Any:
     from dcm.bundle import load_bundle
 
     geo = load_bundle(cfg.model.path, components=())
-    if geo.backbone_kind != "wan":
+    if geo.backbone_kind != cfg.model.backbone:
         raise ConfigError(
-            f"model.path '{cfg.model.path}' is a {geo.backbone_kind} bundle: ingest encodes "
-            "captions with Bundle.encode_text, which supports Wan bundles only"
+            f"model.path '{cfg.model.path}' is a {geo.backbone_kind} bundle but "
+            f"model.backbone is '{cfg.model.backbone}': use the {geo.backbone_kind} preset"
         )
     return geo
 
@@ -159,7 +164,7 @@ def run_ingest(cfg: Config) -> IngestSummary:
     resumed = len(done)
     geo = check_model(cfg)
     latent_shape = geo.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
-    ctx = init_ray(cfg.ray)
+    ctx = init_ray(cfg.ray, model=cfg.model.path)
     t0 = time.perf_counter()
     try:
         ledger = make_ledger(gsize)
@@ -219,7 +224,7 @@ def stream_latents(cfg: Config) -> Any:
 
     uri, kind = check_input(cfg.data.input)
     check_model(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, model=cfg.model.path)
     rejects_file = lt.join(input_uri(cfg.ingest.out), lt.REJECTS) if cfg.ingest.out else ""
     ledger = make_ledger(group_size(cfg), rejects_file)
     ds = _build(cfg, ledger, uri, kind, frozenset(), keep_index=False)
@@ -258,12 +263,16 @@ def read_latents(path: str | Path) -> Any:
         )
     fs, _ = lt.filesystem(path)
     ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=0.25)
-    return ds.select_columns(list(lt.COLUMNS)).map_batches(
+    return ds.select_columns(lt.columns(manifest.pooled_dim)).map_batches(
         lt.table_to_rows,
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.25,
-        fn_kwargs={"latent_shape": manifest.latent_shape, "text_shape": manifest.text_shape},
+        fn_kwargs={
+            "latent_shape": manifest.latent_shape,
+            "text_shape": manifest.text_shape,
+            "pooled_dim": manifest.pooled_dim,
+        },
     )
 
 

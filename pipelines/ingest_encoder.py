@@ -55,6 +55,9 @@ class Encoder:
                     "device": self.device.type,
                     "empty_text": empty.text[0].float().cpu().numpy(),  # (L, D)
                     "empty_mask": empty.mask[0].cpu().numpy().astype(np.int8),  # (L,)
+                    "empty_pooled": None
+                    if empty.pooled is None
+                    else empty.pooled[0].float().cpu().numpy(),  # (P,) HunyuanVideo
                 }
             )
         )
@@ -71,12 +74,15 @@ class Encoder:
         raw = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.device)
         pixels = to_pixels(raw).to(self.dtype)  # (B, 3, F, H, W) in [-1, 1]
         z = self.bundle.encode_video(pixels, self.posterior, gen)  # (B, C, T, h, w) RAW
-        cond = self.bundle.encode_text(captions)  # text (B, L, D), mask (B, L)
-        return {
+        cond = self.bundle.encode_text(captions)  # text (B, L, D), mask (B, L)[, pooled (B, P)]
+        out = {
             "latents": z.float().cpu().numpy(),
             "text": cond.text.float().cpu().numpy(),
             "text_mask": cond.mask.cpu().numpy().astype(np.int8),
         }
+        if cond.pooled is not None:
+            out["pooled"] = cond.pooled.float().cpu().numpy()
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         import ray

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 
 from dcm import latents as lt
 from dcm.config import Config, ConfigError
+from dcm.files import write_atomic
 from pipelines.ingest_ledger import reject_rows
 
 STATE_DIR = "_ingest"
@@ -61,7 +62,7 @@ def prepare_out(fs: pafs.FileSystem, base: str, fingerprint: dict[str, Any]) -> 
                 f"{fingerprint[k]!r}: use another --out or delete that folder"
             )
     else:
-        lt.write_atomic(fs, state, json.dumps(fingerprint, indent=2).encode())
+        write_atomic(state, json.dumps(fingerprint, indent=2), fs)
     done = {}
     for info in fs.get_file_info(pafs.FileSelector(state_dir)):
         if info.base_name.startswith("done-") and info.base_name.endswith(".json"):
@@ -126,7 +127,7 @@ def flush_group(
         "rejected_inputs": len(rejected),
         "rejects": reject_rows(status["rejects"]),
     }
-    lt.write_atomic(fs, lt.join(base, STATE_DIR, f"done-{g:05d}.json"), json.dumps(rec).encode())
+    write_atomic(lt.join(base, STATE_DIR, f"done-{g:05d}.json"), json.dumps(rec), fs)
     return rec
 
 
@@ -146,13 +147,19 @@ def finish_folder(
     lt.write_table(fs, lt.join(base, lt.REJECTS), lt.rejects_table(rejects))
     empty_path = lt.join(base, lt.EMPTY_PROMPT)
     text_shape = [cfg.model.text_max_length, 0]
+    pooled_dim = 0
     if encoder is not None:
         text_shape = list(encoder["empty_text"].shape)
+        pooled = encoder.get("empty_pooled")
+        pooled_dim = 0 if pooled is None else int(pooled.shape[0])
         lt.write_table(
-            fs, empty_path, lt.empty_prompt_table(encoder["empty_text"], encoder["empty_mask"])
+            fs,
+            empty_path,
+            lt.empty_prompt_table(encoder["empty_text"], encoder["empty_mask"], pooled),
         )
     elif lt.exists(fs, lt.join(base, lt.MANIFEST)):
-        text_shape = list(lt.read_manifest(out).text_shape)
+        old = lt.read_manifest(out)
+        text_shape, pooled_dim = list(old.text_shape), old.pooled_dim
     counts = {
         "inputs": sum(r["inputs"] for r in recs),
         "videos": sum(r["videos"] for r in recs),
@@ -181,6 +188,7 @@ def finish_folder(
         },
         counts=counts,
         shards=[{"file": r["file"], "rows": r["rows"]} for r in recs if r["file"]],
+        pooled_dim=pooled_dim,
     )
     lt.write_manifest(out, manifest)
     return counts

@@ -63,7 +63,9 @@ def write_tiny_model(backbone: str, out: str | Path, seed: int = 0) -> Path:
     folder = Path(out).expanduser().resolve()
     if (folder / "model_index.json").exists():
         raise ConfigError(f"--out {folder} already holds a model: choose an empty folder")
-    build_tiny_bundle(folder, backbone=backbone, seed=seed)
+    # Wan's VAE compresses 8x in space (the shapes teacher's tiny default is 4x)
+    dims = {"vae_spatial_factor": 8} if backbone == "wan" else {}
+    build_tiny_bundle(folder, backbone=backbone, seed=seed, **dims)
     cfg = smoke_config(backbone, folder)
     text = yaml.safe_dump(cfg, sort_keys=False)
     file = folder / SMOKE_CONFIG

@@ -238,6 +238,31 @@ class Backbone(nn.Module, abc.ABC):
             )
 
 
+def cast_keeping_fp32(module: nn.Module, dtype: torch.dtype, keep: Sequence[str] = ()) -> nn.Module:
+    """Cast ``module``'s floating weights to ``dtype`` in place, except those under a module
+    named in ``keep`` (diffusers' ``_keep_in_fp32_modules``: rope, time embedder, adaLN
+    tables), which stay float32 as ``from_pretrained(torch_dtype=...)`` leaves them."""
+    if dtype == torch.float32:
+        return module
+    keep = set(keep)
+    for mod_name, sub in module.named_modules():
+        kept = bool(keep & set(mod_name.split(".")))
+        for key, p in sub.named_parameters(recurse=False):
+            if p.is_floating_point() and not (kept or key in keep):
+                p.data = p.data.to(dtype)
+        for key, buf in sub.named_buffers(recurse=False):
+            if buf.is_floating_point() and not (kept or key in keep):
+                setattr(sub, key, buf.to(dtype))
+    return module
+
+
+def fp32_modules(transformer: nn.Module) -> tuple[str, ...]:
+    """The module names a diffusers transformer keeps in float32 under half precision."""
+    if isinstance(transformer, Backbone):
+        transformer = transformer.transformer
+    return tuple(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+
+
 def make_backbone(transformer: nn.Module) -> Backbone:
     """The adapter for a diffusers transformer, chosen by its class."""
     if isinstance(transformer, Backbone):
