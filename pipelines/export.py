@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from dcm.export import export_diffusers, export_lora
     from pipelines.registry import local_model
 
-    source = local_model(args.model)
+    source = local_model(args.model, cfg.tracking.uri, part="artifact")
     write = export_diffusers if args.format == "diffusers" else export_lora
     out = write(source, args.out, cfg, overwrite=args.overwrite)
     print(json.dumps({"format": args.format, "out": str(out), "source": str(source)}))

@@ -47,8 +47,9 @@ def _cache_root() -> Path:
     return Path(os.environ.get("DCM_MODEL_CACHE", Path.home() / ".cache" / "dcm" / "models"))
 
 
-def local_model(path: str | Path, tracking_uri: str | None = None) -> str:
-    """``--model`` as a local path: registry URIs are fetched (once) to their exported folder."""
+def local_model(path: str | Path, tracking_uri: str | None = None, part: str = "model") -> str:
+    """``--model`` as a local path: registry URIs are fetched (once) to their exported folder
+    (``part="model"``) or the distilled artifact it was exported from (``part="artifact"``)."""
     text = str(path)
     if not is_model_uri(text):
         return text
@@ -73,19 +74,19 @@ def local_model(path: str | Path, tracking_uri: str | None = None) -> str:
                 f"could not fetch '{text}' from the MLflow store {store}: {first}"
             ) from None
         (dest / DONE).write_text(text)
-    return str(_exported_folder(dest, text))
+    return str(_model_part(dest, text, part))
 
 
-def _exported_folder(model_dir: Path, uri: str) -> Path:
-    """The exported diffusers folder inside a downloaded MLflow pyfunc model."""
+def _model_part(model_dir: Path, uri: str, part: str) -> Path:
+    """An artifact ('model': the exported folder, 'artifact') of a downloaded pyfunc model."""
     from mlflow.models import Model
 
     if not (model_dir / "MLmodel").is_file():
         raise ConfigError(f"'{uri}' is not an MLflow model (no MLmodel file): register it with dcm")
     flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
-    entry = (flavor.get("artifacts") or {}).get("model")
+    entry = (flavor.get("artifacts") or {}).get(part)
     if not entry:
-        raise ConfigError(f"'{uri}' is not a DCM pyfunc model (no 'model' artifact)")
+        raise ConfigError(f"'{uri}' is not a DCM pyfunc model with a '{part}' artifact")
     return model_dir / entry["path"]
 
 
@@ -95,8 +96,10 @@ def register_model(
     run_id: str,
     name: str,
     metrics: dict[str, Any] | None = None,
+    artifact: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Log the exported folder as a pyfunc in ``run_id`` and register it as ``name``.
+    """Log the exported folder (and the ``artifact`` it came from, for ``dcm export`` of a
+    registered model) as a pyfunc in ``run_id`` and register it as ``name``.
 
     Returns {"name", "version", "uri" ("models:/NAME/VERSION"), "model_id", "run_id"}.
     The run's numeric metrics go on the logged model and, as tags, on the version.
@@ -118,7 +121,10 @@ def register_model(
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=DCMVideoModel(),
-            artifacts={ARTIFACT_KEY: str(exported)},
+            artifacts={
+                ARTIFACT_KEY: str(exported),
+                **({"artifact": str(artifact)} if artifact else {}),
+            },
             signature=signature(),
             registered_model_name=name,
             pip_requirements=_requirements(),
@@ -185,7 +191,9 @@ def publish(cfg: Any, result: Any, tracker: Any) -> Any:
     exported = export_diffusers(
         result.artifact_dir, base / "export" / "diffusers", cfg, overwrite=True
     )
-    result.registered = register_model(exported, uri, run_id, name, result.metrics)
+    result.registered = register_model(
+        exported, uri, run_id, name, result.metrics, artifact=result.artifact_dir
+    )
     print(f"[dcm distill] registered {result.registered['uri']} ({uri})", file=sys.stderr)
     return result
 

@@ -94,6 +94,13 @@ def test_dcm_generate_takes_a_models_uri(registered, tmp_path, capsys, monkeypat
     assert frames.shape == (5, 64, 64, 3)
     folder = local_model(f"models:/{NAME}/1", uri)
     assert VideoGenerator.load(folder).source == "exported"
+    # dcm export of a registered model starts from the artifact logged with it
+    from pipelines.export import main as export_main
+
+    lora = tmp_path / "lora"
+    assert run_main(export_main, ["--model", f"models:/{NAME}/1", "--format", "lora",
+                                  "--out", str(lora), "--set", f"tracking.uri={uri}"]) == 0  # fmt: skip
+    assert (lora / "dcm_detail_lora.safetensors").is_file()
     # unknown versions and missing stores are one sentence
     argv[1] = f"models:/{NAME}/9"
     assert run_main(main, argv) == 2
