@@ -39,16 +39,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dcm.backbones.base import Backbone, Cond, make_backbone
+from dcm.backbones.base import Backbone, Cond, cast_keeping_fp32, fp32_modules, make_backbone
 from dcm.bundle import load_bundle
 from dcm.config import Config, ConfigError, from_dict
 from dcm.discriminator import Discriminator
+from dcm.ema import ema_update
 from dcm.evaluation import is_shapes
 from dcm.experts import DualExpert
+from dcm.files import is_remote
+from dcm.guidance import with_embedded_guidance
 from dcm.schedule import Schedule
 from dcm.steps import DetailStep, SemanticStep
 from dcm.teacher_sampler import TeacherSampler
-from pipelines.checkpoints import ARTIFACT, TrainState, restore, write_checkpoint
+from pipelines.checkpoints import (
+    ARTIFACT,
+    TrainState,
+    check_detail_start,
+    restore,
+    write_checkpoint,
+)
 from pipelines.tracking import RunLogger
 
 STAGES = ("semantic", "detail")
@@ -97,7 +106,7 @@ def _autocast(device: torch.device) -> Any:
 
 def _bundle_path(path: str) -> str:
     """What the artifact records as its bundle: 'bundled:..' as is, local folders absolute."""
-    if path.startswith("bundled:") or "://" in path or not Path(path).exists():
+    if path.startswith("bundled:") or is_remote(path) or not Path(path).exists():
         return path
     return str(Path(path).resolve())
 
@@ -110,12 +119,14 @@ def build_student(cfg: Config, stage: str, teacher_transformer: nn.Module, init:
     if init is not None:  # the semantic stage's ray.train.Checkpoint
         with init.as_directory() as folder:
             student = DualExpert.load_artifact(Path(folder) / ARTIFACT)
-    elif cfg.train.init_from:
-        student = DualExpert.load_artifact(cfg.train.init_from)
+        import pyarrow.fs
+
+        # a temporary copy (remote storage) is gone now: no fp32 source for frozen weights
+        if not isinstance(init.filesystem, pyarrow.fs.LocalFileSystem):
+            student.frozen_source = None
     else:
-        raise ConfigError(
-            "stage 'detail' needs a semantic artifact: set train.init_from or run stage 'both'"
-        )
+        check_detail_start(stage, cfg.train.init_from)
+        student = DualExpert.load_artifact(cfg.train.init_from)
     if student.has_detail:
         raise ConfigError("the detail stage must start from a semantic-only artifact")
     student.enable_detail_expert(cfg.lora)
@@ -123,10 +134,14 @@ def build_student(cfg: Config, stage: str, teacher_transformer: nn.Module, init:
 
 
 # ---------------------------------------------------------------- data
-def _cond(text: Any, mask: Any, device: torch.device) -> Cond:
+def _cond(text: Any, mask: Any, device: torch.device, pooled: Any = None) -> Cond:
     return Cond(
         text=torch.as_tensor(np.asarray(text, np.float32)).to(device),  # (B, L, D)
         mask=torch.as_tensor(np.asarray(mask)).long().to(device),  # (B, L)
+        # (B, P) HunyuanVideo's pooled CLIP text; the steps add the embedded guidance
+        pooled=None
+        if pooled is None
+        else torch.as_tensor(np.asarray(pooled, np.float32)).to(device),
     )
 
 
@@ -152,7 +167,7 @@ def to_batch(rows: dict[str, np.ndarray], bundle: Any, null: Cond, device: torch
     raw = torch.as_tensor(np.asarray(rows["latents"], np.float32))  # (B, C, T, h, w) RAW
     return {
         "x0": bundle.normalize(raw).to(device),
-        "cond": _cond(rows["text"], rows["text_mask"], device),
+        "cond": _cond(rows["text"], rows["text_mask"], device, rows.get("pooled")),
         "null_cond": null,
     }
 
@@ -179,8 +194,10 @@ class Validator:
     def __init__(self, cfg: Config, val: dict[str, Any], device: torch.device, rank: int) -> None:
         self.cfg, self.device, self.rank = cfg, device, rank
         self.captions: list[str] = list(val["captions"])
-        self.cond = _cond(val["text"], val["mask"], device)
-        self.null = _cond(val["null_text"], val["null_mask"], device)
+        self.cond = _cond(val["text"], val["mask"], device, val.get("pooled"))
+        self.null = _cond(val["null_text"], val["null_mask"], device, val.get("null_pooled"))
+        # the student samples with the embedded guidance it was trained with (HunyuanVideo)
+        self.student_cond = with_embedded_guidance(self.cond, cfg.method, len(self.captions))
         self.shape = tuple(int(s) for s in val["latent_shape"])  # (C, T, h, w)
         self.schedule = Schedule.from_config(cfg.method)
         self.counts = sorted({*cfg.sample.eval_steps, cfg.sample.steps})
@@ -210,7 +227,9 @@ class Validator:
             videos = []
             for seed in self.cfg.sample.seeds:
                 with _autocast(self.device):
-                    x = sample(model, self._noise(seed), self.cond, self._sigmas(n), self.schedule)
+                    x = sample(
+                        model, self._noise(seed), self.student_cond, self._sigmas(n), self.schedule
+                    )
                 if self.rank == 0:
                     videos.append(to_uint8(self.decoder.decode(x)))  # (P, F, H, W, 3)
             if self.rank != 0:
@@ -410,19 +429,13 @@ def optimizer_step(
         disc_opt.step()
         disc_opt.zero_grad(set_to_none=True)
     if target is not None:
-        _ema_update(target, engine.module, ema_decay)
+        pairs = [(t, p) for t, p in zip(target.parameters(), engine.module.parameters(), strict=True)
+                 if p.requires_grad]  # fmt: skip
+        ema_update([t for t, _ in pairs], [p for _, p in pairs], ema_decay)
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
         sums["grad_norm"] = float(grad_norm)
     return sums
-
-
-@torch.no_grad()
-def _ema_update(target: nn.Module, student: nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * student, on the trained parameters."""
-    for p_t, p in zip(target.parameters(), student.parameters(), strict=True):
-        if p.requires_grad:
-            p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - decay)
 
 
 # ---------------------------------------------------------------- the loop
@@ -461,7 +474,9 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     student = build_student(cfg, stage, bundle.transformer, config.get("init_checkpoint"))
     student.set_checkpointing(t.activation_checkpointing)
-    teacher = make_backbone(bundle.transformer).to(device=device, dtype=dtype)
+    # bf16 on GPU except the modules diffusers keeps in float32 (rope, time embedder, norms)
+    teacher = make_backbone(bundle.transformer).to(device=device)
+    cast_keeping_fp32(teacher, dtype, fp32_modules(teacher))
     teacher.eval().requires_grad_(False)
     teacher.set_checkpointing(t.activation_checkpointing)  # the fake taps keep a graph
     bundle.transformer = None  # the teacher holds the only reference
@@ -510,7 +525,8 @@ def train_loop(config: dict[str, Any]) -> None:
     resumed_from = state.step
 
     # 5. data: this worker's shard, cycled; the null prompt for CFG and prompt dropout
-    null = _cond(config["val"]["null_text"], config["val"]["null_mask"], device)
+    val = config["val"]
+    null = _cond(val["null_text"], val["null_mask"], device, val.get("null_pooled"))
     shard = ray.train.get_dataset_shard("train")
     data = micro_batches(shard, micro, state.epoch, state.batch_in_epoch)
     validator = Validator(cfg, config["val"], device, rank)
