@@ -157,11 +157,12 @@ def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
 
 
 def _use_gpu(cfg: Config) -> bool:
+    """train.use_gpu: true / false, or 'auto' = a GPU per worker when Ray sees GPUs."""
     if cfg.train.use_gpu != "auto":
-        return cfg.train.use_gpu == "true"
-    import ray
+        return bool(cfg.train.use_gpu)
+    from pipelines.cluster import cluster_gpus
 
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return cluster_gpus() >= 1
 
 
 # ---------------------------------------------------------------- one stage
