@@ -202,7 +202,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(st.threads)
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
-    use_cuda = torch.cuda.is_available() and cfg.train.use_gpu != "false"
+    use_cuda = torch.cuda.is_available() and cfg.train.use_gpu is not False
     dev = torch.device("cuda" if use_cuda else "cpu")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on a GPU (cuDNN convs default to it)
     dgen = torch.Generator(device=dev).manual_seed(cfg.train.seed)  # noise drawn on `dev`
@@ -418,7 +418,7 @@ def run_pretrain(
     from pipelines.cluster import init_ray
 
     init_ray(cfg.ray, quiet=True)
-    use_gpu = cfg.train.use_gpu == "true" or (
+    use_gpu = cfg.train.use_gpu is True or (
         cfg.train.use_gpu == "auto" and torch.cuda.is_available()
     )
     trainer = TorchTrainer(
@@ -461,7 +461,7 @@ def evaluate_teacher(cfg: Config, settings: PretrainSettings, bundle: str | Path
     from dcm.shapes.grammar import all_captions
 
     torch.set_num_threads(settings.threads)
-    device = "cuda" if cfg.train.use_gpu != "false" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if cfg.train.use_gpu is not False and torch.cuda.is_available() else "cpu"
     prompts = all_captions("heldout")[: settings.eval_prompts]
     scales = [float(w) for w in settings.eval_cfg.split(",") if w.strip()]
     results: dict[str, Any] = {"prompts": len(prompts), "seeds": list(cfg.sample.seeds)}
