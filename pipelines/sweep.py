@@ -334,7 +334,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     base = cfg.replace(**{
         "train.out": f"{storage_root(cfg)}/trials",
         "train.cpus_per_worker": cfg.sweep.trial_cpus,
-        "train.use_gpu": "true" if cfg.sweep.trial_gpus else "false",
+        "train.use_gpu": bool(cfg.sweep.trial_gpus),
         "tracking.uri": uri if cfg.tracking.enabled else cfg.tracking.uri,
     })  # fmt: skip
     parent = _open_parent(tracker, cfg, dims)
