@@ -326,7 +326,7 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
         raise ConfigError(
             "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
         )
-    ctx = init_ray(cfg.ray)
+    ctx = init_ray(cfg.ray, model=cfg.model.path)
     try:
         dataset = training_data(cfg) if dataset is None else dataset  # bad input fails first
         val = validation_inputs(cfg, dataset)
