@@ -57,7 +57,7 @@ def ray_cluster():
             num_gpus=0,
             object_store_mb=384,
             dashboard=True,
-            dashboard_port=8266,
+            dashboard_port=free_port(),  # concurrent test sessions must not collide
         ),
         quiet=True,
     )
