@@ -127,9 +127,12 @@ def pipeline_throughput(cfg) -> dict[str, float]:
 
     t0 = time.perf_counter()
     ds = stream_latents(cfg)
-    clips = 0
+    clips, row_bytes = 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         clips += len(batch["clip"])
+        if not row_bytes:  # what one latent row weighs as stored (float32 latents + text)
+            tensors = ("latents", "text", "text_mask", "pooled")
+            row_bytes = sum(batch[k].nbytes for k in tensors if k in batch) // len(batch["clip"])
     end = time.perf_counter()
     summary = stream_summary(ds)
     steady = summary["steady_clips_per_s"]  # encoder-side window, first batch excluded
@@ -142,6 +145,7 @@ def pipeline_throughput(cfg) -> dict[str, float]:
         "pipeline_clips_per_s": steady,
         "decode_task_s": summary["times"]["decode"],
         "encode_task_s": summary["times"]["encode"],
+        "row_bytes": row_bytes,
     }
 
 
@@ -254,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{pipe['end_to_end_s']:.1f} s); VAE alone {vae['vae_clips_per_s']:.3f} clips/s; "
         f"ratio {ratio:.2f}{' (target >= 0.80)' if args.gpu else ''}\n"
         f"[bench] time split: decode {pipe['decode_task_s']:.1f} task-s, encode "
-        f"{pipe['encode_task_s']:.1f} actor-s (encoder busy {100 * busy:.0f}% of the wall time)"
+        f"{pipe['encode_task_s']:.1f} actor-s (encoder busy {100 * busy:.0f}% of the wall time)\n"
+        f"[bench] {pipe['row_bytes'] / 2**20:.2f} MiB per latent row (latents + text + mask); "
+        f"{pipe['row_bytes'] * pipe['pipeline_clips_per_s'] / 2**20:.1f} MiB/s to storage at that rate"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
