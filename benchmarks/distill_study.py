@@ -1,0 +1,208 @@
+"""Why does (or doesn't) distillation improve the shapes student? A single-process study.
+
+Runs the library's own training steps (``dcm.steps``) with a plain torch AdamW, no Ray and
+no DeepSpeed, so that one knob at a time can be varied quickly on a CPU, and measures the
+student as it trains against two baselines on fixed held-out prompts and noise:
+
+- fid: mean squared distance (normalised latents) of the student's n-step sample to the
+  teacher's own 50-step guided sample from the SAME noise: what a consistency model is
+  trained to reproduce, with far less noise than a pixel metric;
+- score: the shapes summary score of the decoded n-step sample (dcm/shapes/metrics.py).
+
+Step 0 is the untrained student (the teacher's weights, no CFG). Example:
+
+    python benchmarks/distill_study.py --steps 300 --lr 1e-4 --cfg 5 --split 34
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dcm.backbones.base import Cond, make_backbone
+from dcm.bundle import load_bundle
+from dcm.config import LoraConfig, load_config
+from dcm.experts import DualExpert
+from dcm.generate import to_uint8
+from dcm.sampler import sample, teacher_sample
+from dcm.schedule import Schedule
+from dcm.shapes.dataset import iter_clips
+from dcm.shapes.metrics import score_batch
+from dcm.steps import DetailStep, SemanticStep
+
+
+def encode_clips(bundle, n: int, seed: int, split: str) -> tuple[torch.Tensor, Cond, list[str]]:
+    """n rendered clips -> normalised latents (n, C, T, h, w), their Cond and captions."""
+    lat, caps = [], []
+    for scene, frames in iter_clips(n, seed=seed, split=split):
+        px = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
+        lat.append(bundle.encode_video(px[None], posterior="mean"))
+        caps.append(scene.caption())
+    return bundle.normalize(torch.cat(lat)), bundle.encode_text(caps), caps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per stage")
+    ap.add_argument("--stage", default="semantic", choices=["semantic", "detail", "both"])
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr-detail", type=float, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--cfg", type=float, default=5.0, help="teacher CFG w inside the target")
+    ap.add_argument("--split", type=int, default=34)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--ema", type=float, default=0.0, help="EMA target decay (0 = off)")
+    ap.add_argument("--loss", default="huber", choices=["huber", "l2"])
+    ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
+    ap.add_argument("--train-clips", type=int, default=256)
+    ap.add_argument("--val", type=int, default=16)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--eval-steps", default="2,4")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--cache", default="", help="folder caching encoded data + reference")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+
+    over = {
+        "method.cfg_scale": args.cfg,
+        "method.split": args.split,
+        "method.ema_decay": args.ema,
+        "method.adv_weight": args.adv,
+        "method.consistency_loss": "pseudo_huber" if args.loss == "huber" else "l2",
+    }
+    cfg = load_config(None, "shapes-tiny", [f"{k}={v}" for k, v in over.items()])
+    bundle = load_bundle(cfg.model.path, text_max_length=cfg.model.text_max_length)
+    teacher = make_backbone(bundle.transformer).eval().requires_grad_(False)
+    sch = Schedule.from_config(cfg.method)
+    null = bundle.null_cond(1)
+    steps_list = [int(s) for s in args.eval_steps.split(",")]
+
+    t0 = time.time()
+    key = f"{args.train_clips}-{args.seed}-{args.val}-{args.cfg}-{args.split}"
+    cache = Path(args.cache) / f"study-{key}.pt" if args.cache else None
+    if cache is not None and cache.exists():
+        x0_all, cond_all, vcond, vcaps, vnoise, ref = torch.load(cache, weights_only=False)
+    else:
+        x0_all, cond_all, _ = encode_clips(bundle, args.train_clips, args.seed, "train")
+        # validation: held-out captions, fixed noise, the teacher's 50-step guided sample
+        _, vcond, vcaps = encode_clips(bundle, args.val, 123, "heldout")
+        shape = (args.val, *x0_all.shape[1:])
+        vnoise = torch.randn(shape, generator=torch.Generator().manual_seed(777))
+        ref = teacher_sample(teacher, vnoise, vcond, null, sch.teacher_sigmas(50), cfg.method)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((x0_all, cond_all, vcond, vcaps, vnoise, ref), cache)
+    print(f"data + teacher reference: {time.time() - t0:.0f} s", flush=True)
+
+    def decode_score(z: torch.Tensor) -> float:
+        frames = to_uint8(bundle.decode(z))
+        return float(score_batch(list(frames), vcaps)["summary"])
+
+    curves: list[dict] = []
+    ref_score = decode_score(ref)
+    for n in steps_list:
+        zt = teacher_sample(teacher, vnoise, vcond, null, sch.teacher_sigmas(n), cfg.method)
+        print(f"teacher@{n} score {decode_score(zt):.3f}  teacher@50 {ref_score:.3f}", flush=True)
+
+    def to_split(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
+        """Euler with ``model`` along the part of ``sigmas`` above sigma_b, landing on sigma_b."""
+        head = [s for s in sigmas if s > sch.sigma_split] + [sch.sigma_split]
+        for cur, nxt in zip(head, head[1:], strict=False):
+            sig = torch.full((x.shape[0],), cur, dtype=torch.float32)
+            x = x + (nxt - cur) * model(x, 1000.0 * sig, vcond, sch.route(sig)).float()
+        return x
+
+    def finish_with_teacher(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
+        """The SemE part of ``sigmas`` by ``model`` (down to sigma_b), then the teacher's
+        own guided grid from sigma_b to 0: isolates what the semantic expert gets right."""
+        x = to_split(x, sigmas, model)
+        tail = [s for s in sch.teacher_sigmas(50) if s <= sch.sigma_split]
+        return teacher_sample(teacher, x, vcond, null, tail, cfg.method)
+
+    class _GuidedTeacher(torch.nn.Module):  # the teacher + CFG as a DualExpert-like model
+        def forward(self, x, t, cond, expert):
+            from dcm.guidance import teacher_velocity
+
+            return teacher_velocity(teacher, x, t, cond, null, cfg.method)
+
+    def evaluate(model, step: int, stage: str, score: bool = True) -> dict:
+        row: dict = {"stage": stage, "step": step}
+        with torch.no_grad():
+            for n in steps_list:
+                sig = sch.sampling_sigmas(n)
+                xb = to_split(vnoise.clone(), sig, model)
+                row[f"bfid{n}"] = round(float(((xb - ref_b) ** 2).mean()), 5)
+                zs = finish_with_teacher(vnoise.clone(), sig, model)
+                row[f"semfid{n}"] = round(float(((zs - ref) ** 2).mean()), 5)
+                z = sample(model, vnoise, vcond, sig, sch)
+                row[f"fid{n}"] = round(float(((z - ref) ** 2).mean()), 5)
+                if score:
+                    row[f"score{n}"] = round(decode_score(z), 3)
+        curves.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    grid_head = [float(v) for v in sch.sigmas.flip(0) if v > sch.sigma_split]
+    ref_b = to_split(vnoise.clone(), grid_head, _GuidedTeacher())  # teacher grid at sigma_b
+
+    evaluate(_GuidedTeacher(), 0, "teacher-cfg-same-sigmas")
+    student = DualExpert(copy.deepcopy(bundle.transformer))
+    stages = ["semantic", "detail"] if args.stage == "both" else [args.stage]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    student.eval()  # no dropout anywhere; eval() only matters for the study's sampling
+    evaluate(student, 0, "init")
+    for stage in stages:
+        if stage == "detail":
+            student.enable_detail_expert(LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
+        params = student.trainable_parameters()
+        lr = args.lr_detail if (stage == "detail" and args.lr_detail) else args.lr
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-3)
+        step_fn = (SemanticStep if stage == "semantic" else DetailStep)(sch, cfg.method)
+        disc, dopt = None, None
+        if stage == "detail":
+            from dcm.discriminator import Discriminator
+
+            disc = Discriminator(
+                teacher.num_taps(cfg.method.tap_every), teacher.dim, cfg.method.disc_hidden
+            )
+            dopt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.999))
+        ema = copy.deepcopy(student).requires_grad_(False) if args.ema > 0 else None
+        t1 = time.time()
+        for it in range(1, args.steps + 1):
+            idx = torch.randint(0, x0_all.shape[0], (args.batch,), generator=gen)
+            batch = {"x0": x0_all[idx], "cond": cond_all.index(idx), "null_cond": null}
+            if stage == "semantic":
+                out = step_fn(student, teacher, batch, gen, target=ema)
+                loss = out["loss"]
+            else:
+                out = step_fn(student, teacher, disc, batch, gen, target=ema)
+                loss = out["loss_g"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if disc is not None:
+                dopt.zero_grad(set_to_none=True)
+                out["loss_d"].backward()
+                dopt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, ps in zip(ema.parameters(), student.parameters(), strict=True):
+                        pe.lerp_(ps, 1.0 - args.ema)
+            if it % args.every == 0 or it == args.steps:
+                parts = " ".join(f"{k} {float(v):.4f}" for k, v in out.items())
+                print(f"{stage} {it} {parts} {time.time() - t1:.0f}s", flush=True)
+                evaluate(student, it, stage, score=it == args.steps)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "curves": curves}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
