@@ -193,7 +193,10 @@ def test_teacher_baseline_follows_the_folders_scheduler(tmp_path_factory, tmp_pa
     argv = ["--model", str(folder), "--prompt", "a dog", "--teacher", "--teacher-steps", "2",
             "--frames", "5", "--out", str(tmp_path / "t.mp4")]  # fmt: skip
     assert generate_cli(argv) == 0
-    assert "teacher, UniPCMultistep flow_shift 3.0, 2 steps + CFG w=5" in capsys.readouterr().out
+    w = load_config().method.cfg_scale  # no --preset: the default preset's guidance
+    assert (
+        f"teacher, UniPCMultistep flow_shift 3.0, 2 steps + CFG w={w:g}" in capsys.readouterr().out
+    )
 
     # the folder's UniPC steps are what diffusers' own loop computes from the same velocities
     torch.manual_seed(0)
@@ -288,7 +291,8 @@ def test_cli_free_text_prompts_tiny_wan_and_tiny_clip(tmp_path_factory, tmp_path
     res = json.loads((out / "metrics.json").read_text())
     assert list(res["methods"]) == ["teacher@3", "teacher@2", "dcm@2"] and not res["shapes"]
     t3, t2, d2 = (res["methods"][k] for k in ("teacher@3", "teacher@2", "dcm@2"))
-    assert t3["sampler"] == "teacher, UniPCMultistep flow_shift 3.0, 3 steps + CFG w=5"
+    w = load_config().method.cfg_scale  # no --preset: the default preset's guidance
+    assert t3["sampler"] == f"teacher, UniPCMultistep flow_shift 3.0, 3 steps + CFG w={w:g}"
     assert t3["nfe"] == 6 and t2["nfe"] == 4 and d2["nfe"] == 2
     for key in ("psnr", "ssim", "lpips", "clip", "temporal_flicker", "motion_smoothness"):
         assert np.isfinite(d2[key]) and np.isfinite(t2[key]), key
