@@ -7,7 +7,10 @@ Methods (``method_names``), every one run on every prompt x seed with the same n
   pipeline samples it);
 - ``teacher@n`` for each DCM step count n: the same sampler cut to n steps, i.e. what the
   steps alone give without distillation;
-- ``dcm@n``: the experts, no guidance.
+- ``dcm@n``: the experts, no guidance;
+- ``untrained@n`` (when an ``untrained`` generator is given): the student's starting point,
+  the teacher's own weights in the DCM sampler without guidance, so that a table shows what
+  distillation added.
 
 Per video (``dcm.video_metrics``): fidelity to the reference video of the same prompt and seed
 (PSNR, SSIM; LPIPS with user weights), temporal flicker, motion smoothness, edge sharpness,
@@ -75,6 +78,10 @@ def is_shapes(prompts: Sequence[str]) -> bool:
 
 def _describe(generator: Any, name: str, steps: int) -> str:
     """The sampler of a method in words (every table names it)."""
+    if name.startswith("untrained@"):
+        return (
+            f"untrained student (the teacher's weights in the DCM sampler), {steps} steps, no CFG"
+        )
     if name.startswith("teacher@"):
         describe = getattr(generator, "teacher_description", None)
         return describe(steps) if describe else f"teacher, {steps} steps + guidance"
@@ -98,6 +105,7 @@ def evaluate(
     lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
     video_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    untrained: Any | None = None,
 ) -> dict[str, Any]:
     """Score every method on ``prompts`` x ``seeds``; see the module docstring for the result.
 
@@ -118,6 +126,8 @@ def evaluate(
         raise ConfigError("LPIPS compares with the teacher: drop --no-teacher or --lpips")
     shapes = is_shapes(prompts)
     names = method_names(steps_list, teacher_steps, teacher, teacher_at_steps)
+    if untrained is not None:
+        names += [f"untrained@{n}" for n in steps_list]
     reference = names[0] if teacher else None
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     totals = {n: dict.fromkeys(TIMINGS, 0.0) for n in names}
@@ -130,13 +140,14 @@ def evaluate(
                 is_teacher = name.startswith("teacher@")
                 steps = int(name.split("@")[1])
                 # A batch shares one noise draw from the seed; every method sees the same one.
-                videos = generator.generate(
+                source = untrained if name.startswith("untrained@") else generator
+                videos = source.generate(
                     chunk, steps=steps, seed=seed * 100_003 + start, teacher=is_teacher,
                     teacher_steps=steps if is_teacher else teacher_steps,
                 )  # fmt: skip
                 for key in TIMINGS:
                     # nfe is per video already; timings are per batch, spread over its videos
-                    value = float(generator.last_timings.get(key, 0.0))
+                    value = float(source.last_timings.get(key, 0.0))
                     totals[name][key] += value * (len(chunk) if key == "nfe" else 1.0)
                 if name == reference:
                     ref_videos = videos

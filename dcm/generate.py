@@ -117,6 +117,15 @@ class VideoGenerator:
         self.last_meta: dict[str, Any] = {}
         self._split_warned = False
 
+    def untrained(self) -> VideoGenerator:
+        """The student's starting point on the same bundle and grid: the teacher's own
+        weights in the DCM sampler without guidance (what distillation is compared with)."""
+        teacher = self.teacher
+        student = DualExpert(teacher).eval().requires_grad_(False)
+        gen = VideoGenerator(self.bundle, student, self.cfg, self.method, teacher, "untrained")
+        gen.teacher_root = self.teacher_root
+        return gen
+
     # ------------------------------------------------------------ loading
     @classmethod
     def load(

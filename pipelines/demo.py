@@ -143,7 +143,7 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def run_demo(
-    cfg: Config, out: Path, fresh: bool = False, num_videos: int = 64, num_prompts: int = 4
+    cfg: Config, out: Path, fresh: bool = False, num_videos: int = 64, num_prompts: int = 16
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and return the final state."""
     from pipelines.cluster import init_ray, shutdown
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="re-run every stage from scratch")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--videos", type=int, default=64, help="shapes videos to generate")
-    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to evaluate")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to evaluate")
     pipelines.args.add_common(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.preset:

@@ -134,8 +134,11 @@ def run_evaluate(
     lpips: str = "",
     vbench: list[str] | None = None,
     teacher_at_steps: bool = True,
+    untrained: bool = False,
 ) -> dict:
-    """Evaluate cfg.model.path; write metrics.json, metrics.md, samples/ and an MLflow run."""
+    """Evaluate cfg.model.path; write metrics.json, metrics.md, samples/ and an MLflow run.
+
+    ``untrained`` adds the student's starting point (``untrained@n``) to the comparison."""
     import torch
 
     from dcm.evaluation import evaluate, markdown_table
@@ -171,6 +174,7 @@ def run_evaluate(
         sample_dir=out / "samples",
         video_dir=out / "videos" if vbench else None,
         progress=lambda line: print(f"[evaluate] {line}", file=sys.stderr, flush=True),
+        untrained=generator.untrained() if untrained else None,
         **scorers,
     )
     result.update(model=cfg.model.path, device=device, cfg_scale=cfg.method.cfg_scale,
@@ -235,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="prompts file: lines, JSONL with 'prompt', or CSV")
     parser.add_argument("--no-teacher", action="store_true", help="skip every teacher run")
     parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="also score the untrained student (the teacher's weights in the DCM sampler)",
+    )
+    parser.add_argument(
         "--no-teacher-at-steps", action="store_true",
         help="skip the teacher at the DCM step counts (keep the reference)",
     )  # fmt: skip
@@ -264,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     run_evaluate(
         cfg, args.out, prompts, teacher=not args.no_teacher, device=args.device, clip=args.clip,
         lpips=args.lpips, vbench=vbench, teacher_at_steps=not args.no_teacher_at_steps,
+        untrained=args.untrained,
     )  # fmt: skip
     return 0
 

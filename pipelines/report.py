@@ -31,7 +31,9 @@ def evaluate_models(cfg: Config, artifact: str, prompts: list[str], out: Path) -
     out.mkdir(parents=True, exist_ok=True)
     gen = VideoGenerator.load(artifact, cfg=cfg)
     s = cfg.sample
-    results = evaluate(gen, prompts, list(s.seeds), list(s.eval_steps), s.teacher_steps)
+    results = evaluate(
+        gen, prompts, list(s.seeds), list(s.eval_steps), s.teacher_steps, untrained=gen.untrained()
+    )
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
 
     gifs = []

@@ -48,6 +48,30 @@ class RenderingGenerator:
         return out
 
 
+def test_untrained_student_is_scored_on_the_same_prompts_and_noise(tmp_path):
+    prompts = all_captions("heldout")[:2]
+    gen, start = RenderingGenerator(), RenderingGenerator()
+    res = evaluate(gen, prompts, seeds=[3], steps_list=[2], teacher_steps=50, untrained=start)
+    assert list(res["methods"]) == ["teacher@50", "teacher@2", "dcm@2", "untrained@2"]
+    # the untrained generator made exactly its own rows, with the distilled one's seed
+    assert [c[1:] for c in start.calls] == [(2, 300_009, False, 50)]
+    assert {c[2] for c in gen.calls} == {300_009}
+    row = res["methods"]["untrained@2"]
+    assert row["sampler"].startswith("untrained student") and "psnr" in row
+
+
+def test_untrained_generator_is_the_teacher_in_the_dcm_sampler():
+    from dcm.generate import VideoGenerator
+
+    gen = VideoGenerator.load("bundled:shapes")
+    start = gen.untrained()
+    assert start.source == "untrained" and start.method == gen.method
+    assert start.student.base is gen.teacher and not start.student.has_detail
+    a = start.generate([all_captions("heldout")[0]], steps=2, seed=5, num_frames=5)
+    b = gen.generate([all_captions("heldout")[0]], steps=2, seed=5, num_frames=5)
+    np.testing.assert_array_equal(a, b)  # a bundle's own student is the untrained one
+
+
 def test_evaluate_scores_fidelity_quality_and_time(tmp_path):
     prompts = all_captions("heldout")[:3]
     gen = RenderingGenerator()
