@@ -51,7 +51,7 @@ def _videos(folder):
     return folder
 
 
-@pytest.mark.timeout(1500)  # ~4 min alone on 2 cores; much longer when the cores are shared
+@pytest.mark.timeout(3000)  # minutes alone on 2 cores; far longer on shared, loaded cores
 @pytest.mark.parametrize("backbone", ["wan", "hunyuanvideo"])
 def test_tiny_model_through_every_stage(backbone, ray_cluster, tmp_path, capsys):
     model = tmp_path / f"tiny-{backbone}"
@@ -102,8 +102,8 @@ def test_tiny_model_through_every_stage(backbone, ray_cluster, tmp_path, capsys)
     shutil.move(str(tmp_path / "elsewhere" / model.name), str(tmp_path / "kept"))
     capsys.readouterr()
     assert dcm(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and model.name in err and "--base-model" in err
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and model.name in errors[0] and "--base-model" in errors[0]
     assert dcm([*argv, "--base-model", str(tmp_path / "kept")]) == 0
 
     # Serve: the artifact's config is the app's config (as `dcm serve --model ARTIFACT`)
