@@ -36,6 +36,9 @@ import numpy as np
 import torch
 
 from dcm.config import Config, ConfigError, from_dict
+from dcm.decode import to_pixels
+from dcm.ema import Ema
+from dcm.schedule import shifted
 from dcm.shapes.grammar import VOCAB
 from pipelines.args import add_common, resolve, run_main
 
@@ -114,31 +117,6 @@ class PretrainSettings:
 
 
 # ---------------------------------------------------------------- shared pieces
-def clips_tensor(frames: list[np.ndarray]) -> torch.Tensor:
-    """uint8 clips [(F, H, W, 3)] -> pixels (B, 3, F, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.stack(frames)).float() / 127.5 - 1.0  # (B, F, H, W, 3)
-    return x.permute(0, 4, 1, 2, 3).contiguous()
-
-
-def encode_text_train(tokenizer: Any, text_encoder: Any, prompts: list[str], max_len: int):
-    """Bundle.encode_text with gradients (same tokenisation, padding and zeroed pad states)."""
-    from dcm.backbones.base import Cond
-
-    tok = tokenizer(
-        [p.strip() for p in prompts],
-        padding="max_length",
-        max_length=max_len,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    dev = next(text_encoder.parameters()).device
-    ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)  # (B, L)
-    hidden = text_encoder(ids, mask).last_hidden_state  # (B, L, D)
-    return Cond(text=hidden * mask.unsqueeze(-1).to(hidden.dtype), mask=mask.long())
-
-
 def recon_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """VAE reconstruction loss: MSE + 0.1 L1, coloured (object) pixels weighted FG_WEIGHT x.
 
@@ -157,29 +135,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10.0 * math.log10(4.0 / max(mse, 1e-12)))
 
 
-class Ema:
-    """Exponential moving average of parameters, warmed up as min(decay, (1 + n) / (10 + n))."""
-
-    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay, self.n = decay, 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange live and EMA weights (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params, strict=True):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
-
-
 def _lr_factor(step: int, progress: float, warmup: int) -> float:
     """Linear warmup, then cosine from 1 to 0.1 over the run's progress (steps or minutes)."""
     warm = min(1.0, (step + 1) / max(warmup, 1))
@@ -190,10 +145,8 @@ def _lr_factor(step: int, progress: float, warmup: int) -> float:
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: all phases of the teacher pretraining, reporting bundle checkpoints."""
     import ray.train
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from dcm.bundle import resolve_model_path
+    from dcm.bundle import load_bundle, resolve_model_path
     from dcm.shapes.dataset import iter_clips
     from dcm.tiny import build_tiny_bundle
 
@@ -226,16 +179,15 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             patch_size=tuple(cfg.model.patch_size),
             **st.dims(),
         )
-    vae = AutoencoderKLWan.from_pretrained(base / "vae").to(dev)
-    transformer = WanTransformer3DModel.from_pretrained(base / "transformer").to(dev)
-    text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder").to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+    # The library's loader and text encoding; this worker trains what it loads.
+    bundle = load_bundle(base, device=dev, text_max_length=cfg.model.text_max_length)
+    vae, transformer, text_encoder = bundle.vae, bundle.transformer, bundle.text_encoder
 
     def render(
         n: int, seed: int, frames: int, split: str = "train"
     ) -> tuple[list[str], torch.Tensor]:
         pairs = list(iter_clips(n, seed, split, st.two_prob, frames, d.height, d.width))
-        return [s.caption() for s, _ in pairs], clips_tensor([f for _, f in pairs])
+        return [s.caption() for s, _ in pairs], to_pixels(np.stack([f for _, f in pairs]))
 
     # 2. VAE: MSE + L1 reconstruction and a small KL, on clips never reused. A fresh VAE
     # starts with posterior std ~1, which drowns its small latent means: the decoder then
@@ -334,8 +286,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     norm_mean, norm_std = ch_mean.view(shape).to(dev), ch_std.view(shape).to(dev)
 
     # 4. transformer + text encoder, rectified flow with the preset's shift
-    transformer.train()
-    text_encoder.train()
+    transformer.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=st.lr, betas=(0.9, 0.99), weight_decay=1e-4)
     ema = Ema([transformer, text_encoder], st.ema)
@@ -373,9 +325,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         z = z_mean[rows] + std * torch.randn(std.shape, generator=dgen, device=dev)
         x0 = (z - norm_mean) / norm_std  # (B, C, T, h, w)
         prompts = ["" if rng.random() < drop else captions[i] for i in idx]
-        cond = encode_text_train(tokenizer, text_encoder, prompts, cfg.model.text_max_length)
+        cond = bundle.encode_text(prompts, grad=True)
         u = torch.rand(st.batch, generator=dgen, device=dev)
-        sigma = shift * u / (1 + (shift - 1) * u)  # METHOD.md section 2
+        sigma = shifted(u, shift)  # METHOD.md section 2
         eps = torch.randn(x0.shape, generator=dgen, device=dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xs = (1 - s) * x0 + s * eps

@@ -122,15 +122,24 @@ def test_token_grid_and_shape_errors():
         make_backbone(torch.nn.Linear(2, 2))
 
 
-def test_timestep_is_float32_even_from_bf16_input():
-    bb = make_backbone(tiny_wan())
+@pytest.mark.parametrize("build", [tiny_wan, tiny_hunyuan])
+def test_timestep_reaches_the_embedder_in_float32_from_a_bf16_model(build):
+    # METHOD.md section 1: bf16 would turn 977.64 into 976 and 981.76 into 980. With bf16
+    # latents and weights, the time embedder must still get the float32 timesteps exactly.
+    tr = build().to(torch.bfloat16)
+    bb = make_backbone(tr)
     x, _ = _inputs()
-    cond = Cond(torch.randn(2, 3, 24))
     t32 = torch.tensor([977.64, 981.76])
+    if bb.kind == "wan":
+        cond, embedder = Cond(torch.randn(2, 3, 24)), tr.condition_embedder
+    else:
+        cond, embedder = hunyuan_cond(), tr.time_text_embed
+    seen = []
+    embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     with torch.no_grad():
-        a = bb(x, t32.double(), cond)  # any float input is taken to float32, never bf16
-        b = bb(x, t32, cond)
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+        bb(x.bfloat16(), t32.double(), cond.to(dtype=torch.bfloat16))
+    assert seen and seen[0].dtype == torch.float32
+    assert torch.equal(seen[0], t32)  # not bf16's 976 / 980
 
 
 def test_cond_index_cat_to():

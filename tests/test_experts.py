@@ -159,13 +159,19 @@ def test_checkpointing_a_mixed_batch_gives_the_same_gradients():
     perturb(model)
     x, t, cond = batch("wan")
     expert = torch.tensor([SEMANTIC, DETAIL, SEMANTIC, DETAIL])
-    grads = []
+    calls = []
+    model.base.transformer.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    grads, runs = [], []
     for flag in (False, True):
+        calls.clear()
         model.set_checkpointing(flag)
         model.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_(True)
         model(xg, t, cond, expert).square().mean().backward()
         grads.append([xg.grad] + [p.grad for p in model.trainable_parameters()])
+        runs.append(len(calls))
+    # each expert's rows run block 0 once forward; checkpointing runs it again in backward
+    assert runs[1] == 2 * runs[0] and runs[0] >= 1
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
