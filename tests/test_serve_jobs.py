@@ -222,7 +222,7 @@ def served(ray_cluster, tmp_path_factory):
             "serve.max_batch_size": 2,
             "serve.max_ongoing_requests": 2,
             "serve.max_queued_jobs": 2,
-            "serve.job_lease_s": 8.0,
+            "serve.job_lease_s": 30.0,  # the kill test needs no lease: Serve reports the death
             "serve.retry_after_s": 3,
             "serve.replica_cpus": 0.5,
         }
@@ -276,7 +276,7 @@ def running_at_step(job: dict) -> bool:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)  # the first user of the app: the budget includes starting it
 def test_submit_poll_progress_and_download(served, tmp_path):
     url, _ = served
     resp = submit(url, steps=200, seed=5)
@@ -357,7 +357,6 @@ def test_cancel_a_queued_and_a_running_job(served):
     assert gone.status_code == 200 and gone.json()["status"] == CANCELLED
     stopped = requests.delete(f"{url}/v1/videos/{first['id']}", headers=ME, timeout=30)
     assert stopped.status_code == 200 and stopped.json()["status"] == CANCELLED
-    step_at_cancel = stopped.json()["progress"]["step"]
 
     # the replica stops at its next step: a new job runs right away, the first stays cancelled
     third = submit(url, steps=4).json()
@@ -366,7 +365,8 @@ def test_cancel_a_queued_and_a_running_job(served):
     )
     final = status(url, first["id"])
     assert final["status"] == CANCELLED and final["progress"]["step"] < LONG_STEPS, final
-    assert final["progress"]["step"] <= step_at_cancel + 5
+    time.sleep(1.0)
+    assert status(url, first["id"]) == final  # stopped: no more steps, no late overwrite
     assert status(url, second["id"])["started_at"] is None  # never ran
     content = requests.get(f"{url}/v1/videos/{first['id']}/content", headers=ME, timeout=30)
     assert content.status_code == 409
