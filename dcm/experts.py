@@ -40,7 +40,7 @@ from dcm.backbones.base import (
     make_backbone,
 )
 from dcm.config import DETAIL, SECTIONS, SEMANTIC, Config, LoraConfig, all_keys, plain_data
-from dcm.files import write_atomic
+from dcm.files import is_remote, write_atomic
 
 ARTIFACT_SCHEMA_VERSION = 1
 ARTIFACT_JSON = "dcm_artifact.json"
@@ -301,7 +301,7 @@ def is_artifact(path: str | Path) -> bool:
     """True for a local folder holding dcm_artifact.json."""
     text = str(path)
     return (
-        "://" not in text
+        not is_remote(text)
         and not text.startswith("bundled:")
         and (Path(text).expanduser() / ARTIFACT_JSON).is_file()
     )
@@ -340,7 +340,7 @@ def find_bundle(root: str | Path, meta: dict[str, Any], base_model: str = "") ->
     path = str(meta.get("bundle_path") or "")
     if not path:
         raise ValueError(f"'{root / ARTIFACT_JSON}' has no bundle_path: re-save the artifact")
-    if path.startswith("bundled:") or "://" in path:
+    if path.startswith("bundled:") or is_remote(path):
         return path
     saved = Path(path).expanduser()
     for cand in (saved, root / saved) if not saved.is_absolute() else (saved,):
