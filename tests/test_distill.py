@@ -59,7 +59,7 @@ def both_run(ray_cluster, tmp_path_factory):
     cfg = distill_config(
         bundle, latents, out,
         "train.steps_semantic=2", "train.steps_detail=2", "train.checkpoint_every=1",
-        "train.keep_checkpoints=1", "train.run_name=both1",
+        "train.keep_checkpoints=1", "train.run_name=both1", "tracking.register_as=dcm-both1",
     )  # fmt: skip
     return cfg, run_distill(cfg)
 
@@ -92,6 +92,34 @@ def test_both_stages_export_loadable_artifacts(both_run):
     gen = VideoGenerator.load(str(det.artifact_dir))
     frames = gen.generate(["a red circle moves left on a plain background"], steps=2, seed=0)
     assert frames.dtype == np.uint8 and frames.shape == (1, 17, 64, 64, 3)
+
+
+@pytest.mark.timeout(600)
+def test_the_distilled_model_leaves_the_platform(both_run, tmp_path, monkeypatch):
+    """Export both formats; stock WanPipeline (no dcm import) matches dcm generate; the
+    run registered its model, which loads back by its models:/ URI."""
+    import mlflow.pyfunc
+    from test_export import lora_gap, stock_matches
+
+    from pipelines.distill import run_dir
+    from pipelines.export import main as export_main
+    from pipelines.tracking import tracking_uri
+
+    cfg, result = both_run
+    art = result.artifact_dir
+    for fmt in ("diffusers", "lora"):
+        assert (
+            export_main(["--model", str(art), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        )
+    stock_matches(art, tmp_path / "diffusers", 4, 0, tmp_path)
+    assert lora_gap(art, tmp_path / "diffusers", tmp_path / "lora")[0] <= 1e-5
+    assert result.registered["uri"] == "models:/dcm-both1/1"
+    assert result.registered["run_id"] == result.mlflow_run_id  # the parent run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(cfg, run_dir(cfg)))
+    monkeypatch.setenv("DCM_MODEL_CACHE", str(tmp_path / "cache"))
+    model = mlflow.pyfunc.load_model("models:/dcm-both1/1")
+    videos = model.predict(["a red circle moves left"], params={"steps": 2, "num_frames": 5})
+    assert videos.dtype == np.uint8 and videos.shape == (1, 5, 64, 64, 3)
 
 
 @pytest.mark.timeout(420)
