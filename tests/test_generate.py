@@ -142,7 +142,7 @@ def test_artifact_with_missing_bundle_is_clear(gen, bundle_path, tmp_path):
         gen.bundle.transformer.__class__.from_pretrained(bundle_path / "transformer")
     )
     art = student.save_artifact(tmp_path / "a", cfg, str(tmp_path / "gone"))
-    with pytest.raises(ConfigError, match="needs its bundle"):
+    with pytest.raises(ConfigError, match="needs its base model folder 'gone'.*--base-model"):
         VideoGenerator.load(art, cfg=cfg)
 
 
