@@ -8,9 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = {".safetensors", ".png", ".gif", ".mp4", ".parquet", ".db"}
-# A relative path that climbs out of its folder, or an absolute path into the workstation
-# this was written on (cluster paths such as /home/ray/dcm or /mnt/dcm are fine).
-ESCAPE = re.compile(r"(?<![\w.])(?:\.\./)+[\w.-][\w./-]*|(?<![\w.])/work/[\w./-]+")
+# A relative path to a document that climbs out of its folder, or an absolute path into
+# the workstation this was written on (cluster paths such as /home/ray/dcm or /mnt/dcm are
+# fine, and so is a path-traversal string a test feeds to the job store).
+ESCAPE = re.compile(
+    r"(?<![\w.])(?:\.\./)+[\w.-][\w./-]*\.(?:md|rst|txt|pdf|html)\b|(?<![\w.])/work/[\w./-]+"
+)
 # A named document (METHOD.md, docs/RUNTIME.md, ...): upper-case stems are our documents.
 DOCUMENT = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[A-Z][A-Z_]+\.md)\b")
 
