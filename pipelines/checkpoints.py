@@ -44,7 +44,8 @@ STATE_VERSION = 1
 
 @dataclass
 class TrainState:
-    """Where a stage stands: enough to continue it exactly (with the DeepSpeed state)."""
+    """Where a stage stands: with the DeepSpeed state, enough to continue it (the data
+    position is a count of micro-batches, not the rows themselves: see pipelines.distill)."""
 
     stage: str
     step: int = 0  # optimiser steps done

@@ -12,7 +12,10 @@ Run directory ``<train.out>/<run name>/``: ``<stage>/checkpoint_*`` (Ray Train s
 best ``train.keep_checkpoints`` by ``train.checkpoint_metric`` plus the latest),
 ``<stage>/result.json`` (the finished stage) and ``mlflow.db`` + ``mlartifacts/`` (default
 tracking store). Re-running the same run name resumes: finished stages are skipped, an
-unfinished one continues from its latest checkpoint (step, optimiser, data position, RNG).
+unfinished one continues from its latest checkpoint (step, optimiser, RNG, and the count of
+micro-batches used in the current epoch, which it skips). Resume is not bit-exact: Ray Data
+streams blocks to the workers in whatever order they finish, so the skipped and the following
+batches need not be the rows an uninterrupted run would have seen at those steps.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import pipelines.args
 from dcm.config import Config, ConfigError
 from dcm.files import is_remote
-from pipelines.checkpoints import ARTIFACT, best_checkpoint
+from pipelines.checkpoints import ARTIFACT, best_checkpoint, check_detail_start
 from pipelines.registry import publish
 from pipelines.tracking import PARENT, RunLogger, Tracker
 from pipelines.train_loop import STAGES, record_selection, train_loop
@@ -171,8 +174,6 @@ def make_trainer(
     stage: str,
     init_checkpoint: Any = None,
     callbacks: Any = (),
-    storage_path: str | None = None,
-    name: str | None = None,
     *,
     dataset: Any = None,
     logger: RunLogger | None = None,
@@ -181,18 +182,16 @@ def make_trainer(
     """The TorchTrainer of one stage ('semantic' or 'detail').
 
     ``init_checkpoint``: the semantic stage's Checkpoint for the detail stage (else
-    ``train.init_from``). Re-using ``storage_path`` + ``name`` resumes from the latest
-    checkpoint. ``dataset`` defaults to ``training_data(cfg)``, ``logger`` to no MLflow.
+    ``train.init_from``). Ray Train keeps its state in ``<run_dir>/<stage>``: the same run
+    name resumes from the latest checkpoint. ``dataset`` defaults to ``training_data(cfg)``,
+    ``logger`` to no MLflow.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if stage not in STAGES:
         raise ConfigError(f"stage '{stage}' is not allowed: choose one of {', '.join(STAGES)}")
-    if stage == "detail" and init_checkpoint is None and not cfg.train.init_from:
-        raise ConfigError(
-            "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
-        )
+    check_detail_start(stage, cfg.train.init_from, init_checkpoint)
     dataset = training_data(cfg) if dataset is None else dataset
     val = validation_inputs(cfg, dataset) if val is None else val
     gpu = _use_gpu(cfg)
@@ -214,8 +213,8 @@ def make_trainer(
             num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=name or stage,
-            storage_path=storage_path or run_dir(cfg),
+            name=stage,
+            storage_path=run_dir(cfg),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
                 checkpoint_score_attribute=t.checkpoint_metric,
@@ -275,8 +274,13 @@ def run_stage(
     init_checkpoint: Any = None,
     dataset: Any = None,
     val: dict[str, Any] | None = None,
+    callbacks: Any = (),
 ) -> DistillResult:
-    """Fit one stage (or pick up its recorded result) and log its artifact to MLflow."""
+    """Fit one stage (or pick up its recorded result) and log its artifact to MLflow.
+
+    The one stage runner: ``dcm distill`` and every sweep trial (which adds its Tune
+    ``callbacks``) run a stage through here.
+    """
     done = _finished(cfg, stage)
     if done is not None:
         print(f"[dcm distill] stage {stage} already finished: {done.artifact_dir}", file=sys.stderr)
@@ -284,7 +288,9 @@ def run_stage(
     dataset = training_data(cfg) if dataset is None else dataset
     val = validation_inputs(cfg, dataset) if val is None else val  # its captions name val/score
     logger = tracker.open_run(stage, parent_id)
-    trainer = make_trainer(cfg, stage, init_checkpoint, dataset=dataset, logger=logger, val=val)
+    trainer = make_trainer(
+        cfg, stage, init_checkpoint, callbacks, dataset=dataset, logger=logger, val=val
+    )
     try:
         result = trainer.fit()
     except Exception:
@@ -322,10 +328,7 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
     stage = stage or cfg.train.stage
     if stage not in (*STAGES, "both"):
         raise ConfigError(f"stage '{stage}' is not allowed: choose semantic, detail or both")
-    if stage == "detail" and not cfg.train.init_from:
-        raise ConfigError(
-            "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
-        )
+    check_detail_start(stage, cfg.train.init_from)
     ctx = init_ray(cfg.ray, model=cfg.model.path)
     try:
         dataset = training_data(cfg) if dataset is None else dataset  # bad input fails first

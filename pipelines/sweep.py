@@ -9,9 +9,10 @@ range; ``sweep.variants`` adds named override sets (the ablation's model variant
 more dimension. Searchers: grid, random, or Optuna's TPE (model-based); ASHA stops weak
 trials early on ``sweep.metric``.
 
-Ray 2.60 / Train V2 (RUNTIME.md): a trial is a driver function holding 0.01 CPU that
-builds and fits one TorchTrainer per stage (``pipelines.distill.make_trainer``) with a
-``TuneReportCallback``; Tune never wraps a trainer. ASHA needs the dashboard on (without it
+Ray 2.60 / Train V2 (RUNTIME.md): a trial is a driver function holding 0.01 CPU that runs
+each stage through ``pipelines.distill.run_stage`` (the runner of ``dcm distill``) with a
+``TuneReportCallback``; Tune never wraps a trainer. MLflow goes through
+``pipelines.tracking``. ASHA needs the dashboard on (without it
 a stopped trial's workers are never released).
 
 Run directory ``<train.out>/<run name>/``: ``trials/<run name>-<trial id>/`` (each trial's
@@ -35,9 +36,10 @@ from typing import Any
 
 import pipelines.args
 from dcm.config import Config, ConfigError, SweepConfig, all_keys, explain, from_dict
-from dcm.files import is_remote
+from dcm.files import is_remote, write_atomic, write_json
 
 VARIANT = "variant"  # the Tune parameter that selects one of sweep.variants
+TRIAL, SWEEP = "trial", "sweep"  # dcm_stage tags of a trial's run and the parent run
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.json"
@@ -159,12 +161,6 @@ def storage_root(cfg: Config) -> str:
     return str(sweep_dir(cfg))
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- one trial
 def _report_callback(metric: str, stage: str) -> Any:
     """TuneReportCallback that forwards only reports carrying ``metric``, tagged with the stage.
@@ -185,79 +181,45 @@ def _report_callback(metric: str, stage: str) -> Any:
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str | None) -> None:
-    """Tune's function trainable: one distill run (one stage or both) as an MLflow child run."""
+    """Tune's function trainable: one distill run (one stage or both) as an MLflow child run.
+
+    Each stage goes through ``pipelines.distill.run_stage``, the runner of ``dcm distill``,
+    with a Tune report callback added.
+    """
     from ray import tune
 
-    from pipelines.checkpoints import best_checkpoint
-    from pipelines.distill import make_trainer, run_dir, training_data, validation_inputs
+    from pipelines.distill import run_dir, run_stage, training_data, validation_inputs
     from pipelines.tracking import Tracker
 
     base_cfg = from_dict(base)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_cfg, params, f"{base_cfg.run_name}-{trial_id}")
     tracker = Tracker(cfg, run_dir(cfg))
-    trial_run = _open_trial_run(tracker, cfg, params, trial_id, parent_run_id)
+    trial = tracker.open_run(
+        TRIAL, parent_run_id, name=cfg.run_name, tags={"dcm_trial": trial_id},
+        params={f"sweep/{k}": v for k, v in params.items()},
+    )  # fmt: skip
     stages = ("semantic", "detail") if cfg.train.stage == "both" else (cfg.train.stage,)
-    dataset = training_data(cfg)
-    val = validation_inputs(cfg, dataset)
     init, summary = None, {}
-    for stage in stages:
-        logger = tracker.open_run(stage, trial_run)
-        trainer = make_trainer(
-            cfg, stage, init, callbacks=[_report_callback(cfg.sweep.metric, stage)],
-            storage_path=run_dir(cfg), name=stage, dataset=dataset, logger=logger, val=val,
-        )  # fmt: skip
-        try:
-            result = trainer.fit()
-        except Exception:
-            tracker.close_run(logger, "FAILED")
-            _close_trial_run(tracker, trial_run, {}, "FAILED")
-            raise
-        init, metrics = best_checkpoint(result, cfg.train.checkpoint_metric)
-        tracker.close_run(logger)
-        summary.update({f"{stage}/{k}": v for k, v in metrics.items() if k.startswith("val/")})
-        summary.update({k: v for k, v in metrics.items() if k.startswith("val/")})
-    _close_trial_run(tracker, trial_run, summary, "FINISHED", checkpoint=init.path)
-
-
-def _client(tracker: Any) -> Any:
-    """An MlflowClient on the tracker's store (the sweep's, shared by every trial)."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracker.uri)
-
-
-def _open_trial_run(
-    tracker: Any, cfg: Config, params: dict[str, Any], trial_id: str, parent: str | None
-) -> str | None:
-    if not tracker.enabled:
-        return None
-    client = _client(tracker)
-    tags = {"dcm_run": cfg.run_name, "dcm_stage": "trial", "dcm_trial": trial_id}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client.create_run(tracker.experiment_id(), run_name=cfg.run_name, tags=tags)
-    flat = {**cfg.flat(), **{f"sweep/{k}": v for k, v in params.items()}}
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
-    return run.info.run_id
-
-
-def _close_trial_run(
-    tracker: Any, run_id: str | None, metrics: dict[str, Any], status: str, checkpoint: str = ""
-) -> None:
-    if run_id is None:
-        return
-    from pipelines.tracking import RunLogger
-
-    RunLogger(tracker.uri, run_id).log_metrics(metrics, step=0)
-    client = _client(tracker)
-    if checkpoint:
-        client.set_tag(run_id, "dcm_checkpoint", checkpoint)
-    client.set_terminated(run_id, status=status)
+    try:
+        dataset = training_data(cfg)
+        val = validation_inputs(cfg, dataset)
+        for stage in stages:
+            callback = _report_callback(cfg.sweep.metric, stage)
+            result = run_stage(
+                cfg, stage, tracker, trial.run_id, init, dataset=dataset, val=val,
+                callbacks=[callback],
+            )  # fmt: skip
+            init = result.checkpoint
+            scores = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
+            summary.update({f"{stage}/{k}": v for k, v in scores.items()})
+            summary.update(scores)
+    except Exception:
+        tracker.close_run(trial, "FAILED")
+        raise
+    trial.log_metrics(summary, step=0)
+    trial.set_tags({"dcm_checkpoint": init.path})
+    tracker.close_run(trial)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -309,10 +271,9 @@ def check_sweep(cfg: Config) -> list[Dimension]:
             "sweep.asha needs ray.dashboard=true: without the dashboard Ray 2.60 never releases "
             "a stopped trial's workers (RUNTIME.md)"
         )
-    if cfg.train.stage == "detail" and not cfg.train.init_from:
-        raise ConfigError(
-            "train.stage='detail' in a sweep needs train.init_from (a semantic artifact)"
-        )
+    from pipelines.checkpoints import check_detail_start
+
+    check_detail_start(cfg.train.stage, cfg.train.init_from)
     return parse_space(cfg)
 
 
@@ -337,8 +298,10 @@ def run_sweep(cfg: Config) -> SweepResult:
         "train.use_gpu": bool(cfg.sweep.trial_gpus),
         "tracking.uri": uri if cfg.tracking.enabled else cfg.tracking.uri,
     })  # fmt: skip
-    parent = _open_parent(tracker, cfg, dims)
-    _write_json(out / SWEEP_FILE, {
+    parent = tracker.open_run(
+        SWEEP, name=cfg.run_name, params=_sweep_params(cfg, dims), config=False, resume=False
+    ).run_id
+    write_json(out / SWEEP_FILE, default=str, data={
         "name": cfg.run_name, "parent_run_id": parent, "tracking_uri": uri,
         "metric": cfg.sweep.metric, "mode": cfg.sweep.mode, "searcher": cfg.sweep.searcher,
         "dimensions": [d.key for d in dims], "config": cfg.to_dict(),
@@ -368,12 +331,11 @@ def run_sweep(cfg: Config) -> SweepResult:
     finally:
         shutdown(ctx)
     trials = _collect(grid, cfg, tracker, parent)
-    _write_json(out / TRIALS_FILE, trials)
+    write_json(out / TRIALS_FILE, trials, default=str)
     if baseline:
         info = json.loads((out / SWEEP_FILE).read_text())
-        _write_json(out / SWEEP_FILE, {**info, "baseline": baseline})
-        if parent is not None:
-            _client(tracker).log_metric(parent, f"teacher/{cfg.sweep.metric}", baseline["value"])
+        write_json(out / SWEEP_FILE, default=str, data={**info, "baseline": baseline})
+        tracker.logger(parent).log_metrics({f"teacher/{cfg.sweep.metric}": baseline["value"]}, 0)
     return _finish(cfg, out, trials, tracker, parent)
 
 
@@ -385,17 +347,14 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
     with the teacher on its own scheduler (``sampler`` names it). Elsewhere ``val/score`` is
     the PSNR to this very teacher, so there is no baseline value to draw: ``{}``.
     """
+    from dcm.evaluation import is_shapes
     from dcm.generate import VideoGenerator
-    from dcm.shapes.grammar import CaptionError, parse_caption
     from dcm.shapes.metrics import score_batch
     from pipelines.distill import training_data, validation_inputs
 
     captions = validation_inputs(cfg, training_data(cfg))["captions"]
     steps = cfg.sample.teacher_steps
-    try:
-        for caption in captions:
-            parse_caption(caption)
-    except CaptionError:
+    if not is_shapes(captions):
         return {}
     gen = VideoGenerator.load(cfg.model.path, cfg=cfg)
     videos = [
@@ -408,27 +367,19 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
             "adherence": float(res["adherence"]), "quality": float(res["quality"])}  # fmt: skip
 
 
-def _open_parent(tracker: Any, cfg: Config, dims: list[Dimension]) -> str | None:
-    if not tracker.enabled:
-        return None
-    client = _client(tracker)
-    tags = {"dcm_run": cfg.run_name, "dcm_stage": "sweep"}
-    run = client.create_run(tracker.experiment_id(), run_name=cfg.run_name, tags=tags)
-    from mlflow.entities import Param
-
-    params = {
+def _sweep_params(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
+    """What the parent MLflow run records of the sweep itself."""
+    return {
         "searcher": cfg.sweep.searcher, "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
         "asha": cfg.sweep.asha, "num_samples": cfg.sweep.num_samples,
         "space": json.dumps({d.key: {d.kind: list(d.values)} for d in dims}),
     }  # fmt: skip
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    return run.info.run_id
 
 
 def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[dict[str, Any]]:
     """One record per trial: params, status, final and best metric, metric history."""
     metric, sign = cfg.sweep.metric, 1 if cfg.sweep.mode == "max" else -1
-    children = _child_runs(tracker, parent)
+    children = {r.data.tags["dcm_trial"]: r for r in tracker.child_runs(parent, TRIAL)}
     trials = []
     for result in grid:
         history: list[list[float]] = []
@@ -439,16 +390,14 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
         values = [v for _, v in history if math.isfinite(v)]
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         run = children.get(trial_id)
+        logger = tracker.logger(run.info.run_id if run else None)
         status = "error" if result.error else "finished"
         if run is not None and run.info.status == "RUNNING":
             # An error outside fit(), or ASHA ended the trial between two validations.
             status = "error" if result.error else "stopped"
-            ended = "FAILED" if result.error else "KILLED"
-            _client(tracker).set_terminated(run.info.run_id, status=ended)
-        if run is not None and values:
-            _client(tracker).log_metric(
-                run.info.run_id, "sweep/best", sign * max(sign * v for v in values)
-            )
+            tracker.close_run(logger, "FAILED" if result.error else "KILLED")
+        if values:
+            logger.log_metrics({"sweep/best": sign * max(sign * v for v in values)}, step=0)
         trials.append({
             "trial_id": trial_id, "params": dict(result.config), "status": status,
             "error": str(result.error).splitlines()[0][:500] if result.error else "",
@@ -457,17 +406,6 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
             "history": history, "mlflow_run_id": run.info.run_id if run else None,
         })  # fmt: skip
     return trials
-
-
-def _child_runs(tracker: Any, parent: str | None) -> dict[str, Any]:
-    if parent is None:
-        return {}
-    runs = _client(tracker).search_runs(
-        [tracker.experiment_id()],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.dcm_stage = 'trial'",
-        max_results=10000,
-    )
-    return {r.data.tags["dcm_trial"]: r for r in runs}
 
 
 def _finish(
@@ -488,17 +426,15 @@ def _finish(
             f"# Searched: {json.dumps(best['params'], sort_keys=True)}\n"
             f"#   python -m pipelines.distill --config {best_file}\n"
         )
-        best_file.write_text(header + chosen.to_yaml())
-    if parent is not None:
-        client = _client(tracker)
-        if best is not None:
-            client.log_metric(parent, f"best/{cfg.sweep.metric}", best["best"])
-            client.log_artifact(parent, str(best_file))
-        client.log_metric(parent, "trials", len(trials))
-        client.log_metric(parent, "trials_stopped", sum(t["status"] == "stopped" for t in trials))
+        write_atomic(best_file, header + chosen.to_yaml())
+    logger = tracker.logger(parent)
+    if best is not None:
+        logger.log_metrics({f"best/{cfg.sweep.metric}": best["best"]}, step=0)
+        logger.log_artifact(best_file)
+    stopped = sum(t["status"] == "stopped" for t in trials)
+    logger.log_metrics({"trials": len(trials), "trials_stopped": stopped}, step=0)
     write_report(out)  # table + plots, logged to the parent run
-    if parent is not None:
-        _client(tracker).set_terminated(parent, status="FINISHED" if best else "FAILED")
+    tracker.close_run(logger, "FINISHED" if best else "FAILED")
     return SweepResult(
         out, best_file, best["params"] if best else {}, best["best"] if best else None,
         parent, trials,

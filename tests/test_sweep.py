@@ -1,7 +1,7 @@
 """Ray Tune sweeps: space parsing, searchers, best-config YAML, the report, and a real sweep.
 
 The integration test runs a 2-trial ASHA sweep on the session's local Ray cluster, each
-trial a real (tiny) distill run through ``pipelines.distill.make_trainer``, with MLflow on
+trial a real (tiny) distill run through ``pipelines.distill.run_stage``, with MLflow on
 sqlite, then checks the parent run and its children, the best-config YAML (loads and passes
 ``python -m pipelines.distill --dry-run``) and the report.
 """
@@ -263,6 +263,40 @@ def test_shortened_ablation_runs_as_a_two_trial_asha_sweep(shapes_latents, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["distill", "--config", str(result.best_config), "--dry-run"])
     assert exit_info.value.code == 0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_asha_stops_a_deliberately_bad_trial_early(shapes_latents, tmp_path):
+    """Two trials, one after the other: a sane learning rate, then lr 1.0, which wrecks the
+    student in its first step. ASHA (grace 1, factor 2) must stop the second at its first
+    validation, below the first trial's value at that rung, instead of training it on."""
+    from mlflow import MlflowClient
+
+    bundle, latents = shapes_latents
+    cfg = _cfg(
+        "name=asha-test", f"model.path={bundle}", f"data.latents={latents}",
+        f"train.out={tmp_path / 'runs'}", "data.mode=parquet", "train.stage=semantic",
+        "train.steps_semantic=3",
+        "train.global_batch=2", "train.checkpoint_every=1", "train.log_every=1",
+        "train.val_prompts=1", "sample.seeds=[0]", "sample.eval_steps=[]",
+        "sample.prompts=[a lamp on a wooden table]",  # free text: val/score = PSNR to teacher
+        "sweep.space={train.lr_semantic: {grid: [1.0e-6, 1.0]}}", "sweep.searcher=grid",
+        "sweep.asha=true", "sweep.grace_period=1", "sweep.reduction_factor=2",
+        "sweep.max_concurrent=1", "sweep.teacher_baseline=false", "sweep.trial_cpus=0.5",
+    )  # fmt: skip
+    result = sw.run_sweep(cfg)
+
+    by_lr = {t["params"]["train.lr_semantic"]: t for t in result.trials}
+    good, bad = by_lr[1.0e-6], by_lr[1.0]
+    assert good["status"] == "finished" and good["iterations"] == 3
+    assert bad["status"] == "stopped" and bad["iterations"] == 1, bad
+    assert bad["history"][0][1] < good["history"][0][1]  # worse at the first rung
+    client = MlflowClient(
+        tracking_uri=json.loads((result.run_dir / "sweep.json").read_text())["tracking_uri"]
+    )
+    assert client.get_run(bad["mlflow_run_id"]).info.status == "KILLED"
+    assert result.best_params == {"train.lr_semantic": 1.0e-6}
 
 
 def test_relative_paths_become_absolute_for_trials(tmp_path, monkeypatch):
