@@ -27,6 +27,7 @@ import torch
 from dcm.backbones.base import Cond, make_backbone
 from dcm.bundle import load_bundle
 from dcm.config import LoraConfig, load_config
+from dcm.ema import ema_update
 from dcm.experts import DualExpert
 from dcm.generate import to_uint8
 from dcm.sampler import sample, teacher_sample
@@ -192,9 +193,7 @@ def main() -> None:
                 out["loss_d"].backward()
                 dopt.step()
             if ema is not None:
-                with torch.no_grad():
-                    for pe, ps in zip(ema.parameters(), student.parameters(), strict=True):
-                        pe.lerp_(ps, 1.0 - args.ema)
+                ema_update(ema.parameters(), student.parameters(), args.ema)
             if it % args.every == 0 or it == args.steps:
                 parts = " ".join(f"{k} {float(v):.4f}" for k, v in out.items())
                 print(f"{stage} {it} {parts} {time.time() - t1:.0f}s", flush=True)
