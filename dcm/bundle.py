@@ -20,7 +20,18 @@ from torch import Tensor
 from dcm.backbones.base import Cond
 from dcm.config import ConfigError, ModelConfig
 
-BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "bundle"}
+_SHAPES = Path(__file__).parent / "shapes"
+# Models shipped inside the package: the shapes teacher (a diffusers folder) and the student
+# distilled from it by `dcm distill` (an artifact whose base model is 'bundled:shapes').
+BUNDLED = {"shapes": _SHAPES / "bundle", "shapes-dcm": _SHAPES / "student"}
+# name -> (the file a built model has, the command that builds it)
+_BUILT = {
+    "shapes": ("model_index.json", "python -m pipelines.pretrain"),
+    "shapes-dcm": ("dcm_artifact.json", "make student"),
+}
+# What generate and Serve use when no model is given (pipelines/args.default_model).
+DEFAULT_TEACHER = "bundled:shapes"
+DEFAULT_STUDENT = "bundled:shapes-dcm"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 # Transformer class in model_index.json -> backbone kind.
 KINDS = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuanvideo"}
@@ -52,10 +63,11 @@ def resolve_model_path(path: str | Path) -> Path:
                 + ", ".join(f"'bundled:{n}'" for n in BUNDLED)
             )
         folder = BUNDLED[name]
-        if not (folder / "model_index.json").is_file():
+        marker, how = _BUILT[name]
+        if not (folder / marker).is_file():
             raise BundleError(
-                f"the bundled {name} teacher is not built yet ({folder} has no model_index.json): "
-                "run `python -m pipelines.pretrain` or pass --model PATH"
+                f"the bundled model '{text}' is not built yet ({folder} has no {marker}): "
+                f"run `{how}` or pass --model PATH"
             )
         return folder
     if is_hub_id(text):

@@ -10,7 +10,9 @@ Methods (``method_names``), every one run on every prompt x seed with the same n
 - ``dcm@n``: the experts, no guidance;
 - ``untrained@n`` (when an ``untrained`` generator is given): the student's starting point,
   the teacher's own weights in the DCM sampler without guidance, so that a table shows what
-  distillation added.
+  distillation added;
+- ``<label>@n`` for each other student given in ``others`` (e.g. ``bundled@n``, the
+  bundled distilled student beside a freshly distilled one), same noise.
 
 Per video (``dcm.video_metrics``): fidelity to the reference video of the same prompt and seed
 (PSNR, SSIM; LPIPS with user weights), temporal flicker, motion smoothness, edge sharpness,
@@ -30,7 +32,7 @@ reference row has no fidelity values (it is what they are measured against).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,8 @@ def is_shapes(prompts: Sequence[str]) -> bool:
 
 
 def _describe(generator: Any, name: str, steps: int) -> str:
-    """The sampler of a method in words (every table names it)."""
+    """The sampler of a method in words (every table names it); ``generator`` is the one
+    that made the method's videos."""
     if name.startswith("untrained@"):
         return (
             f"untrained student (the teacher's weights in the DCM sampler), {steps} steps, no CFG"
@@ -106,6 +109,7 @@ def evaluate(
     video_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     untrained: Any | None = None,
+    others: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score every method on ``prompts`` x ``seeds``; see the module docstring for the result.
 
@@ -114,6 +118,8 @@ def evaluate(
     ``Lpips``). With ``sample_dir`` each method's first ``samples_per_method`` videos are
     written there as one animated GIF contact sheet; with ``video_dir`` every video is
     written as ``<video_dir>/<method>/<prompt>-<seed>.mp4`` (VBench's custom-input naming).
+    ``untrained`` (the student's starting point) and ``others`` (label -> another student
+    generator) add ``untrained@n`` / ``<label>@n`` rows.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts:
@@ -126,8 +132,12 @@ def evaluate(
         raise ConfigError("LPIPS compares with the teacher: drop --no-teacher or --lpips")
     shapes = is_shapes(prompts)
     names = method_names(steps_list, teacher_steps, teacher, teacher_at_steps)
-    if untrained is not None:
-        names += [f"untrained@{n}" for n in steps_list]
+    sources = {"untrained": untrained} if untrained is not None else {}
+    sources.update(others or {})
+    for label in sources:
+        if label in ("teacher", "dcm"):
+            raise ConfigError(f"another student cannot be labelled '{label}': pick another name")
+        names += [f"{label}@{n}" for n in steps_list]
     reference = names[0] if teacher else None
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     totals = {n: dict.fromkeys(TIMINGS, 0.0) for n in names}
@@ -140,7 +150,7 @@ def evaluate(
                 is_teacher = name.startswith("teacher@")
                 steps = int(name.split("@")[1])
                 # A batch shares one noise draw from the seed; every method sees the same one.
-                source = untrained if name.startswith("untrained@") else generator
+                source = sources.get(name.split("@")[0], generator)
                 videos = source.generate(
                     chunk, steps=steps, seed=seed * 100_003 + start, teacher=is_teacher,
                     teacher_steps=steps if is_teacher else teacher_steps,
@@ -177,7 +187,7 @@ def evaluate(
         row: dict[str, Any] = {
             "steps": steps,
             "teacher": name.startswith("teacher@"),
-            "sampler": _describe(generator, name, steps),
+            "sampler": _describe(sources.get(name.split("@")[0], generator), name, steps),
         }
         row.update({key: totals[name][key] / n for key in TIMINGS})
         row["seconds"] = totals[name]["total_s"]

@@ -298,13 +298,16 @@ def artifact_defaults(cfg: Config) -> dict[str, Any]:
 
 
 def is_artifact(path: str | Path) -> bool:
-    """True for a local folder holding dcm_artifact.json."""
+    """True for a local artifact folder (holding dcm_artifact.json) or a bundled student."""
+    from dcm.bundle import BUNDLED
+
     text = str(path)
-    return (
-        not is_remote(text)
-        and not text.startswith("bundled:")
-        and (Path(text).expanduser() / ARTIFACT_JSON).is_file()
-    )
+    if is_remote(text):
+        return False
+    if text.startswith("bundled:"):
+        folder = BUNDLED.get(text.split(":", 1)[1])
+        return folder is not None and (folder / ARTIFACT_JSON).is_file()
+    return (Path(text).expanduser() / ARTIFACT_JSON).is_file()
 
 
 def artifact_config(path: str | Path) -> dict[str, Any] | None:

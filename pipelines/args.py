@@ -78,13 +78,12 @@ def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
     base = None
     model = dotted.get("model.path")
     if model and not args.config and not args.preset:
-        from dcm.experts import ARTIFACT_JSON
+        from dcm.bundle import resolve_model_path
+        from dcm.experts import artifact_config, is_artifact
 
-        if (Path(str(model)).expanduser() / ARTIFACT_JSON).is_file():
-            from dcm.experts import artifact_config
-
+        if is_artifact(str(model)):
             try:
-                base = artifact_config(model)
+                base = artifact_config(resolve_model_path(str(model)))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
     cfg = load_config(args.config, args.preset, [*args.overrides, *extra], base=base)
@@ -92,6 +91,20 @@ def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
         print(explain() if args.explain else cfg.to_yaml(), end="")
         sys.exit(0)
     return cfg
+
+
+def model_or_default(args: argparse.Namespace, model: str | None) -> str | None:
+    """``--model`` as given. Without it (and without --config, --preset or --set model.path)
+    the bundled distilled student when it is built, so that `dcm generate` and `dcm serve`
+    show DCM out of the box; else None (the preset's model, the bundled teacher)."""
+    from dcm.bundle import DEFAULT_STUDENT
+    from dcm.experts import is_artifact
+
+    if model or args.config or args.preset:
+        return model
+    if any(o.split("=", 1)[0].strip() == "model.path" for o in args.overrides):
+        return None
+    return DEFAULT_STUDENT if is_artifact(DEFAULT_STUDENT) else None
 
 
 def _yaml_scalar(value: Any) -> str:

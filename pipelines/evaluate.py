@@ -135,10 +135,12 @@ def run_evaluate(
     vbench: list[str] | None = None,
     teacher_at_steps: bool = True,
     untrained: bool = False,
+    compare: dict[str, str] | None = None,
 ) -> dict:
     """Evaluate cfg.model.path; write metrics.json, metrics.md, samples/ and an MLflow run.
 
-    ``untrained`` adds the student's starting point (``untrained@n``) to the comparison."""
+    ``untrained`` adds the student's starting point (``untrained@n``) to the comparison;
+    ``compare`` (label -> model path) other students as ``<label>@n``, on the same noise."""
     import torch
 
     from dcm.evaluation import evaluate, markdown_table
@@ -175,6 +177,7 @@ def run_evaluate(
         video_dir=out / "videos" if vbench else None,
         progress=lambda line: print(f"[evaluate] {line}", file=sys.stderr, flush=True),
         untrained=generator.untrained() if untrained else None,
+        others={k: VideoGenerator.load(v, device=device) for k, v in (compare or {}).items()},
         **scorers,
     )
     result.update(model=cfg.model.path, device=device, cfg_scale=cfg.method.cfg_scale,
@@ -226,6 +229,19 @@ def log_to_mlflow(cfg: Config, out: Path, result: dict[str, Any]) -> str | None:
     return run.info.run_id
 
 
+def parse_compare(items: list[str]) -> dict[str, str]:
+    """['bundled=bundled:shapes-dcm', ...] -> {'bundled': 'bundled:shapes-dcm'}."""
+    out = {}
+    for item in items:
+        label, sep, model = item.partition("=")
+        if not sep or not label.strip().isidentifier() or not model.strip():
+            raise ConfigError(
+                f"--compare {item!r}: write LABEL=MODEL, e.g. bundled=bundled:shapes-dcm"
+            )
+        out[label.strip()] = model.strip()
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcm evaluate",
@@ -243,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also score the untrained student (the teacher's weights in the DCM sampler)",
     )
+    parser.add_argument(
+        "--compare", action="append", default=[], metavar="LABEL=MODEL",
+        help="also score another student (artifact, bundled:shapes-dcm) as LABEL@n; repeatable",
+    )  # fmt: skip
     parser.add_argument(
         "--no-teacher-at-steps", action="store_true",
         help="skip the teacher at the DCM step counts (keep the reference)",
@@ -273,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     run_evaluate(
         cfg, args.out, prompts, teacher=not args.no_teacher, device=args.device, clip=args.clip,
         lpips=args.lpips, vbench=vbench, teacher_at_steps=not args.no_teacher_at_steps,
-        untrained=args.untrained,
+        untrained=args.untrained, compare=parse_compare(args.compare),
     )  # fmt: skip
     return 0
 

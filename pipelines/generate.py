@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.args import add_common, resolve, run_main
+from pipelines.args import add_common, model_or_default, resolve, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dcm generate",
         description="Generate a video with the DCM experts (or the teacher) and write it as mp4/GIF.",
     )
-    p.add_argument("--model", help="bundle folder, distilled artifact, 'bundled:shapes' or hub id")
+    p.add_argument(
+        "--model",
+        help="bundle folder, distilled artifact, bundled:shapes-dcm (default, when built), bundled:shapes (the teacher) or hub id",
+    )
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--steps", type=int, help="student steps (default sample.steps)")
     p.add_argument("--split", type=int, help="expert boundary index b (default: the model's)")
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(
         args,
         **{
-            "model.path": args.model,
+            # no --model: the bundled distilled student (the teacher with --teacher)
+            "model.path": args.model if args.teacher else model_or_default(args, args.model),
             "sample.steps": args.steps,
             "sample.teacher_steps": args.teacher_steps,
             "sample.num_frames": args.frames,

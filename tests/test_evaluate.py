@@ -60,6 +60,19 @@ def test_untrained_student_is_scored_on_the_same_prompts_and_noise(tmp_path):
     assert row["sampler"].startswith("untrained student") and "psnr" in row
 
 
+def test_other_students_get_their_own_rows_from_the_same_noise():
+    prompts = all_captions("heldout")[:2]
+    gen, start, shipped = RenderingGenerator(), RenderingGenerator(), RenderingGenerator()
+    shipped.source = "artifact"
+    res = evaluate(gen, prompts, seeds=[3], steps_list=[2, 4], teacher_steps=50,
+                   untrained=start, others={"bundled": shipped})  # fmt: skip
+    assert list(res["methods"])[-4:] == ["untrained@2", "untrained@4", "bundled@2", "bundled@4"]
+    assert [c[1:3] for c in shipped.calls] == [(2, 300_009), (4, 300_009)]
+    assert "DCM experts (artifact)" in res["methods"]["bundled@4"]["sampler"]
+    with pytest.raises(ConfigError, match="cannot be labelled 'dcm'"):
+        evaluate(gen, prompts, steps_list=[2], others={"dcm": shipped})
+
+
 def test_untrained_generator_is_the_teacher_in_the_dcm_sampler():
     from dcm.generate import VideoGenerator
 
