@@ -32,8 +32,9 @@ def evaluate_models(cfg: Config, artifact: str, prompts: list[str], out: Path) -
     gen = VideoGenerator.load(artifact, cfg=cfg)
     s = cfg.sample
     results = evaluate(
-        gen, prompts, list(s.seeds), list(s.eval_steps), s.teacher_steps, untrained=gen.untrained()
-    )
+        gen, prompts, list(s.seeds), list(s.eval_steps), s.teacher_steps,
+        untrained=gen.untrained(), others=shapes_students(cfg),
+    )  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
 
     gifs = []
@@ -47,6 +48,18 @@ def evaluate_models(cfg: Config, artifact: str, prompts: list[str], out: Path) -
         )
         gifs.append({"prompt": prompt, "seed": seed, "path": str(path)})
     return {"metrics": str(out / "metrics.json"), "results": results, "gifs": gifs}
+
+
+def shapes_students(cfg: Config) -> dict[str, Any]:
+    """The bundled distilled student ('bundled') beside a fresh one distilled from the
+    bundled teacher, when it is built; nothing for other teachers."""
+    from dcm.bundle import DEFAULT_STUDENT, DEFAULT_TEACHER
+    from dcm.experts import is_artifact
+    from dcm.generate import VideoGenerator
+
+    if cfg.model.path != DEFAULT_TEACHER or not is_artifact(DEFAULT_STUDENT):
+        return {}
+    return {"bundled": VideoGenerator.load(DEFAULT_STUDENT)}
 
 
 # ---------------------------------------------------------------- tables
