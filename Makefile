@@ -56,7 +56,7 @@ browser:
 
 test: lint browser
 	$(PY) -m pipelines.prebuild
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 demo: $(STAMP)
 	$(VENV)/bin/dcm demo

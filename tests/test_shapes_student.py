@@ -1,0 +1,69 @@
+"""The shipped distilled student ('bundled:shapes-dcm', built by `make student`).
+
+It is a small artifact on the bundled teacher, `dcm generate` uses it when no model is given,
+and it still scores what its README and eval.json say: the 2- and 4-step students are
+re-run on the recorded prompts and seeds (same noise) through the real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from dcm.bundle import DEFAULT_STUDENT, resolve_model_path
+from dcm.experts import ARTIFACT_JSON, read_artifact_meta
+
+STUDENT = resolve_model_path(DEFAULT_STUDENT)
+RECORD = json.loads((STUDENT / "eval.json").read_text())
+README = (STUDENT / "README.md").read_text()
+TOLERANCE = 0.01  # float rounding across CPUs; a broken student or sampler moves it by 0.1+
+
+
+def test_student_is_a_small_portable_artifact_on_the_bundled_teacher():
+    meta = read_artifact_meta(STUDENT)
+    assert meta["bundle_path"] == "bundled:shapes" and meta["has_detail"]
+    assert sum(f.stat().st_size for f in STUDENT.iterdir()) <= 10 * 2**20
+    # nothing of the building machine: no absolute paths in the saved config
+    assert not re.search(r'"/(work|tmp|home|root)/', (STUDENT / ARTIFACT_JSON).read_text())
+
+
+def test_readme_table_is_the_recorded_evaluation():
+    methods = RECORD["methods"]
+    for name in ("teacher@50", "teacher@4", "untrained@4", "dcm@2", "dcm@4", "dcm@8"):
+        assert f"{methods[name]['summary']:.3f}" in README, name
+    assert len(RECORD["prompts"]) * len(RECORD["seeds"]) >= 48
+
+
+def test_generate_uses_the_student_unless_a_model_or_teacher_is_asked_for(capsys):
+    from pipelines.generate import main
+
+    def resolved(*flags: str) -> dict:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--prompt", "a red circle moves left", "--out", "x.mp4", "--dry-run", *flags])
+        assert exit_.value.code == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    got = resolved()
+    assert got["model"]["path"] == str(STUDENT)
+    # sizes come from the artifact's own training config
+    assert (got["data"]["num_frames"], got["model"]["fps"]) == (17, 8)
+    assert resolved("--teacher")["model"]["path"] == "bundled:shapes"
+    assert resolved("--model", "bundled:shapes")["model"]["path"] == "bundled:shapes"
+    assert resolved("--set", "model.path=bundled:shapes")["model"]["path"] == "bundled:shapes"
+
+
+@pytest.mark.timeout(900)
+def test_student_scores_held_out_captions_as_recorded():
+    from dcm.evaluation import evaluate
+    from dcm.generate import VideoGenerator
+
+    gen = VideoGenerator.load(DEFAULT_STUDENT)
+    got = evaluate(gen, RECORD["prompts"], RECORD["seeds"], (2, 4), teacher=False)["methods"]
+    for name in ("dcm@2", "dcm@4"):
+        want = RECORD["methods"][name]["summary"]
+        assert got[name]["summary"] == pytest.approx(want, abs=TOLERANCE), name
+        # and distillation added something: the recorded untrained start is lower
+        assert want > RECORD["methods"][name.replace("dcm", "untrained")]["summary"]
