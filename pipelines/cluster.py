@@ -90,7 +90,7 @@ def init_ray(
         object_store_memory=cfg.object_store_mb * 1024 * 1024 or None,  # None: Ray sizes it
         include_dashboard=cfg.dashboard,
         dashboard_host="127.0.0.1",
-        dashboard_port=cfg.dashboard_port,
+        dashboard_port=_free_dashboard_port(cfg.dashboard_port) if cfg.dashboard else None,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {**LOCAL_ENV, **hub_env(model)}},
         log_to_driver=True,
@@ -101,6 +101,26 @@ def init_ray(
         where = f"; dashboard: {url}" if url else ""
         print(f"[dcm] started a local Ray cluster on 127.0.0.1{where}", file=sys.stderr)
     return RayContext(info.address_info["gcs_address"], url, started_here=True)
+
+
+def _free_dashboard_port(port: int) -> int:
+    """``port``, or a free one when another local cluster (a second `dcm` command on this
+    machine) already holds it: Ray would refuse to start rather than pick another."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    print(
+        f"[dcm] port {port} is taken (another Ray cluster?): dashboard on {free}", file=sys.stderr
+    )
+    return free
 
 
 def _detect_gpus() -> int:

@@ -109,3 +109,19 @@ def test_the_listener_check_sees_wildcard_binds_on_ipv4_and_ipv6():
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_taken_dashboard_port_gives_way_to_a_free_one(capsys):
+    """Two `dcm` commands on one machine: the second cluster's dashboard moves, not fails."""
+    import socket
+
+    from pipelines.cluster import _free_dashboard_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        got = _free_dashboard_port(taken)
+        assert got != taken and got > 0
+        assert f"port {taken} is taken" in capsys.readouterr().err
+    assert _free_dashboard_port(got) == got  # a free port is kept
