@@ -37,14 +37,13 @@ def demo_run(ray_cluster, tmp_path_factory):
 
 def test_every_stage_finished(demo_run):
     out, state = demo_run
-    assert [s for s in ("data", "distill", "evaluate", "serve", "report") if state[s]["done"]] == [
-        "data",
-        "distill",
-        "evaluate",
-        "serve",
-        "report",
-    ]
+    stages = ("data", "ingest", "distill", "evaluate", "serve", "report")
+    assert [s for s in stages if state[s]["done"]] == list(stages)
     assert json.loads((out / "state.json").read_text())["report"]["done"]
+    # the clips were encoded once into parquet shards, which both stages read
+    ingest = state["ingest"]["result"]
+    assert ingest["clips"] == 8 and ingest["rejects"] == 0 and ingest["reconciled"]
+    assert list((out / "latents").glob("*.parquet"))
 
 
 def test_videos_decode(demo_run):
@@ -65,6 +64,8 @@ def test_report_holds_tables_and_images(demo_run):
     html = (out / "report.html").read_text()
     assert "## Quality" in md and "## Speed" in md and "teacher" in md
     assert re.search(r"\| dcm\S*4", md), md
+    # the untrained start and the shipped student are scored beside the fresh one
+    assert re.search(r"\| untrained\S*4", md) and re.search(r"\| bundled\S*4", md), md
     for src in re.findall(r"src='([^']+)'", html):
         assert (out / src).is_file(), src
     assert "<table>" in html and ".gif" in html
