@@ -273,10 +273,38 @@ def _index(kind: str, bundle: str, two: bool, ratio: float | None) -> dict[str, 
     return index
 
 
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def save_dtype(name: str) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' -> the dtype exported weights are written in."""
+    if name not in SAVE_DTYPES:
+        raise ExportError(f"--dtype {name!r}: choose one of {', '.join(SAVE_DTYPES)}")
+    return SAVE_DTYPES[name]
+
+
+def cast_like_diffusers(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``module``'s floating weights to ``dtype`` except the modules diffusers keeps in
+    fp32 (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation table), by
+    the rule ``from_pretrained(torch_dtype=)`` applies: a name part equals a kept name."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    return module
+
+
 def export_diffusers(
-    artifact: str | Path, out: str | Path, cfg: Config | None = None, overwrite: bool = False
+    artifact: str | Path,
+    out: str | Path,
+    cfg: Config | None = None,
+    overwrite: bool = False,
+    dtype: str = "float32",
 ) -> Path:
-    """Write ``artifact`` as a stock diffusers pipeline folder under ``out``; returns it."""
+    """Write ``artifact`` as a stock diffusers pipeline folder under ``out``; returns it.
+
+    The weights come from the artifact's fp32 copy; ``dtype`` 'bfloat16' / 'float16' halves
+    the transformers on disk (kept-in-fp32 modules stay fp32, as diffusers loads them)."""
     root = Path(artifact).expanduser().resolve()
     meta = _meta(root)
     cfg = _config(root, cfg)
@@ -290,9 +318,12 @@ def export_diffusers(
     sem, det = expert_transformers(model, meta)
     if det is not None and schedule.single_expert:
         raise ExportError(f"'{root}' has a detail expert but method.split=-1: re-save it")
-    sem.save_pretrained(dest / "transformer", safe_serialization=True)
+    to = save_dtype(dtype)
+    cast_like_diffusers(sem, to).save_pretrained(dest / "transformer", safe_serialization=True)
     if det is not None:
-        det.save_pretrained(dest / "transformer_2", safe_serialization=True)
+        cast_like_diffusers(det, to).save_pretrained(
+            dest / "transformer_2", safe_serialization=True
+        )
     bundle = artifact_bundle(root, meta)
     for name in _bundle_parts(bundle):
         _copy_component(bundle, name, dest)
@@ -323,6 +354,7 @@ def export_diffusers(
         "teacher": bundle,
         "training": _training(meta),
         "artifact": str(root),
+        "weights_dtype": dtype,
         "created_by": meta.get("created_by", ""),
     }
     (dest / SAMPLING_JSON).write_text(json.dumps(info, indent=2) + "\n")

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from dcm.config import ConfigError
 from pipelines.args import add_common, resolve, run_main
 
 FORMATS = ("diffusers", "lora")
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="diffusers", help="what to write")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="weights on disk for --format diffusers (default float32, the master weights)",
+    )  # fmt: skip
     return add_common(p)
 
 
@@ -40,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.registry import local_model
 
     source = local_model(args.model, cfg.tracking.uri, part="artifact")
-    write = export_diffusers if args.format == "diffusers" else export_lora
-    out = write(source, args.out, cfg, overwrite=args.overwrite)
+    if args.format == "diffusers":
+        out = export_diffusers(source, args.out, cfg, overwrite=args.overwrite, dtype=args.dtype)
+    elif args.dtype != "float32":
+        raise ConfigError("--dtype applies to --format diffusers; a LoRA is written in float32")
+    else:
+        out = export_lora(source, args.out, cfg, overwrite=args.overwrite)
     print(json.dumps({"format": args.format, "out": str(out), "source": str(source)}))
     return 0
 

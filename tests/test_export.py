@@ -360,3 +360,35 @@ def test_hunyuan_export_samples_like_dcm_generate(tmp_path):
     gen.generate([PROMPT], steps=4, seed=3)
     assert (stock["z"] - seen["z"]).abs().max().item() <= TOL
     assert (stock["semantic_only"] - seen["z"]).abs().max().item() > 100 * TOL
+
+
+def test_bfloat16_export_keeps_diffusers_fp32_modules(exported, tmp_path):
+    """--dtype bfloat16 halves the transformers: every weight is the fp32 export's value
+    rounded to bf16, except the modules diffusers keeps in fp32 (kept exactly)."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from pipelines.export import main
+
+    art, fp32_folder, _ = exported
+    out = tmp_path / "bf16"
+    assert main(["--model", str(art), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    keep = set(WanTransformer3DModel._keep_in_fp32_modules)
+    for part in ("transformer", "transformer_2"):
+        full = load_file(fp32_folder / part / "diffusion_pytorch_model.safetensors")
+        half = load_file(out / part / "diffusion_pytorch_model.safetensors")
+        assert full.keys() == half.keys()
+        kept = [k for k in half if keep.intersection(k.split("."))]
+        assert kept and all(half[k].dtype == torch.float32 for k in kept)
+        assert torch.equal(torch.cat([half[k].flatten() for k in kept]),
+                           torch.cat([full[k].flatten() for k in kept]))  # fmt: skip
+        cast = [k for k in half if k not in kept]
+        assert all(half[k].dtype == torch.bfloat16 for k in cast)
+        assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in cast)
+    assert json.loads((out / SAMPLING_JSON).read_text())["weights_dtype"] == "bfloat16"
+    loaded = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.bfloat16)
+    assert loaded.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    # a LoRA has no dtype choice: one sentence (the CLI prints it and exits 2)
+    with pytest.raises(ConfigError, match="--dtype applies to --format diffusers"):
+        main(["--model", str(art), "--format", "lora", "--out", str(tmp_path / "l"),
+              "--dtype", "float16"])  # fmt: skip
