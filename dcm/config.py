@@ -1,7 +1,9 @@
 """One typed configuration tree for every stage of the platform.
 
-Frozen dataclasses, one per concern, each field documented through ``doc(...)``
-metadata and validated on construction. ``Config`` is the root; named presets
+Frozen dataclasses, one per concern, validated by pydantic on construction: each field
+declares its type (strict scalars, literal choices, tuples) and, through ``doc(...)``, its
+docstring and its rules (``ge``/``le``/``multiple_of``...); ``__post_init__`` holds only
+the checks across fields. ``Config`` is the root; named presets
 (``PRESETS``) hold the values of METHOD.md; experiment YAML files and ``--set a.b=c``
 overrides are deep-merged over a preset by ``load_config``. Unknown keys are errors that
 name the closest valid key; bad values name the field, the value and what is allowed.
@@ -12,13 +14,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic.dataclasses
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic.fields import FieldInfo
 
 SEMANTIC = 0  # expert id of the semantic expert (high noise, sigma > sigma_b)
 DETAIL = 1  # expert id of the detail expert (low noise, sigma <= sigma_b)
@@ -29,516 +34,623 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it and what to do."""
 
 
-def doc(default: Any, text: str, **kw: Any) -> Any:
-    """A dataclass field with a docstring kept in its metadata (shown by `--dry-run --explain`)."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": text, **kw})
-    return field(default=default, metadata={"doc": text, **kw})
+# ---------------------------------------------------------------- field types
+# Scalars are strict: YAML's 3.0 is not an int, "1" is not a number, 1 is not a boolean;
+# an int is accepted (and stored) as a float. Lists from YAML become tuples.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Str = Annotated[str, Strict()]
 
 
-# ---------------------------------------------------------------- value checks
-def _range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise ConfigError(f"{name}={value!r} is out of range: allowed [{lo_s}, {hi_s}]")
-
-
-def _auto_or_bool(section: Any, name: str) -> None:
-    """A field that is 'auto' or a boolean; the strings 'true' / 'false' become booleans."""
-    value = getattr(section, name)
+def _true_false(value: Any) -> Any:
+    # the old spelling of an 'auto'-or-boolean field: the strings 'true' / 'false'
     if isinstance(value, str) and value.lower() in ("true", "false"):
-        object.__setattr__(section, name, value.lower() == "true")
-    elif value != "auto" and not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} is not allowed: choose 'auto', true or false")
+        return value.lower() == "true"
+    return value
 
 
-def _choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(
-            f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}"
-        )
+Bool = Annotated[bool, Strict()]
+Positive = Annotated[Int, Field(ge=1)]
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]  # an AdamW beta
+Filled = Annotated[Str, Field(min_length=1)]
+Name = Annotated[Str, Field(pattern=r"\S")]  # not empty, not only spaces
+AutoBool = Annotated[Literal["auto"] | Bool, BeforeValidator(_true_false)]
+
+
+def doc(default: Any, text: str, **rules: Any) -> Any:
+    """A field: its default, its docstring (shown by `--dry-run --explain`) and its rules
+    (pydantic ``Field`` constraints: ``ge``, ``le``, ``lt``, ``multiple_of``, ``min_length``)."""
+    if isinstance(default, (list, dict, set)):
+        return Field(default_factory=lambda: copy.deepcopy(default), description=text, **rules)
+    return Field(default, description=text, **rules)
+
+
+_T = typing.TypeVar("_T")
+
+
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(doc, Field))
+def section(cls: type[_T]) -> type[_T]:
+    """A frozen dataclass validated by pydantic from its annotations and ``doc`` rules;
+    unknown keys and bad values raise a one-line ConfigError naming the field."""
+    cls = pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as err:
+            raise _one_line(type(self), err) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _is_section(hint: Any) -> bool:
+    return isinstance(hint, type) and hasattr(hint, "__pydantic_fields__")
+
+
+def _range_text(lo: Any, hi: Any, lo_open: bool = False, hi_open: bool = False) -> str:
+    lo_s = "-inf" if lo is None else f"{lo:g}"
+    hi_s = "inf" if hi is None else f"{hi:g}"
+    return f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
+
+
+def _range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    """A bound that depends on another field (the static ones are ``doc`` rules)."""
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name}={value!r} is out of range: allowed {_range_text(lo, hi)}")
+
+
+def _bounds(hint: Any, rules: typing.Sequence[Any] = ()) -> str:
+    """The allowed interval of a field from its rules and the Annotated parts of its type."""
+    found: dict[str, Any] = {}
+
+    def visit(items: typing.Iterable[Any]) -> None:
+        for item in items:
+            for key in ("ge", "gt", "le", "lt"):
+                if getattr(item, key, None) is not None:
+                    found[key] = getattr(item, key)
+            visit(getattr(item, "metadata", ()) if isinstance(item, FieldInfo) else ())
+
+    visit(rules)
+    stack = [hint]
+    while stack:  # the Annotated parts of the type, through unions (not into containers)
+        h = stack.pop()
+        if typing.get_origin(h) is Annotated:
+            stack.append(typing.get_args(h)[0])
+            visit(typing.get_args(h)[1:])
+        elif typing.get_origin(h) in (typing.Union, types.UnionType):
+            stack += typing.get_args(h)
+    lo, hi = found.get("ge", found.get("gt")), found.get("le", found.get("lt"))
+    return _range_text(lo, hi, "gt" in found, "lt" in found)
+
+
+def _allowed(hint: Any) -> str:
+    """What a type accepts, in words: 'an integer', "one of 'a', 'b'", 'a list'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _allowed(args[0])
+    if origin in (typing.Union, types.UnionType):
+        words = [_allowed(a) for a in args]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if origin is Literal:
+        listed = ", ".join(map(repr, args))
+        return listed if len(args) == 1 else f"one of {listed}"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "a list"
+        return f"a list of {len(args)} items"
+    named = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return named.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _has_literal(hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _has_literal(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_literal(a) for a in args)
+    return origin is Literal
+
+
+def _leaf(cls: type, loc: tuple[Any, ...]) -> tuple[str, Any, list[Any]]:
+    """The dotted name, type and rules of the value an error location points at: a section
+    field, a tuple item (``betas[1]``) or a mapping entry (``variants.abl``)."""
+    names: list[str] = []
+    hint: Any = cls
+    rules: list[Any] = []
+    for part in loc:
+        if _is_section(hint) and part in hint.__pydantic_fields__:
+            info = hint.__pydantic_fields__[part]
+            names.append(str(part))
+            hint, rules = info.annotation, list(info.metadata)
+            continue
+        bare = hint
+        while typing.get_origin(bare) is Annotated:
+            bare = typing.get_args(bare)[0]
+        origin, args = typing.get_origin(bare), typing.get_args(bare)
+        if isinstance(part, int) and origin is tuple:
+            names[-1] += f"[{part}]"
+            hint, rules = args[0] if args[-1] is Ellipsis else args[min(part, len(args) - 1)], []
+        elif origin is dict and "[key]" in loc:  # the key itself is bad
+            names[-1] += " key"
+            hint, rules = args[0], []
+            break
+        elif origin is dict:
+            names.append(str(part))
+            hint, rules = args[1], []
+        # else: a union member's tag or a dict key marker: the value stays where it is
+    return ".".join(names), hint, rules
+
+
+def _sentence(cls: type, errors: list[Any]) -> str:
+    """One sentence for the first problem: an unknown key (with the closest valid one), a
+    value out of range (with the interval), a value of the wrong type (with what is allowed)."""
+    for err in errors:
+        if err["type"] == "unexpected_keyword_argument":
+            return str(_unknown(".".join(map(str, err["loc"])), cls))
+    err = errors[0]
+    name, hint, rules = _leaf(cls, err["loc"])
+    if err["type"] == "value_error":  # a check across fields, raised by __post_init__
+        prefix = f"{name}." if name else ""
+        return prefix + str(err["ctx"]["error"])
+    # a union reports one error per member: prefer the one about the value, not the type
+    same = [e for e in errors if _leaf(cls, e["loc"])[0] == name]
+    ranged = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+    err = next((e for e in same if e["type"] in ranged + ("multiple_of",)), err)
+    value, ctx = err["input"], err.get("ctx", {})
+    if err["type"] in ranged:
+        return f"{name}={value!r} is out of range: allowed {_bounds(hint, rules)}"
+    if err["type"] == "multiple_of":
+        return f"{name}={value!r} must be a multiple of {ctx['multiple_of']}"
+    if err["type"] in ("string_too_short", "string_pattern_mismatch"):
+        return f"{name}={value!r} must not be empty"
+    if err["type"] == "too_short" and "min_length" in ctx:
+        n = ctx["min_length"]
+        return f"{name}={value!r} must have at least {n} item{'s' if n > 1 else ''}"
+    if err["type"] == "missing" and isinstance(err["loc"][-1], int):
+        # a fixed-length tuple one item short: name the tuple, not the missing item
+        name, hint, _ = _leaf(cls, err["loc"][:-1])
+    if err["type"] in ("dataclass_type", "dataclass_args_type") and _is_section(hint):
+        return f"'{name}' must be a mapping of keys to values, got {value!r}"
+    if _has_literal(hint):
+        return f"{name}={value!r} is not allowed: choose {_allowed(hint)}"
+    return f"{name}={value!r} must be {_allowed(hint)}"
+
+
+def _one_line(cls: type, err: ValidationError) -> ConfigError:
+    return ConfigError(_sentence(cls, err.errors(include_url=False)))
 
 
 # ---------------------------------------------------------------- sections
-@dataclass(frozen=True)
+@section
 class ModelConfig:
-    path: str = doc(
+    path: Str = doc(
         "bundled:shapes",
         "Diffusers-format bundle folder (transformer/, vae/, text_encoder/, tokenizer/), a "
         "distilled artifact folder, 'bundled:shapes' for the tiny teacher shipped in the "
         "package, or a hub id (the only case that downloads).",
     )
-    base: str = doc(
+    base: Str = doc(
         "",
         "For a distilled artifact: its base model (teacher, VAE, text encoder) when the one it "
         "recorded is not found (--base-model); empty = the recorded one.",
     )
-    backbone: str = doc("wan", "Transformer family: 'wan' or 'hunyuanvideo'.")
-    dtype: str = doc(
+    backbone: Literal["wan", "hunyuanvideo"] = doc(
+        "wan", "Transformer family: 'wan' or 'hunyuanvideo'."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = doc(
         "auto", "Compute dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16'."
     )
-    attention: str = doc(
+    attention: Literal["auto", "native", "flash"] = doc(
         "auto",
         "Attention backend: 'auto' (flash-attn on CUDA if installed, else SDPA), 'native', 'flash'.",
     )
-    text_max_length: int = doc(512, "Text tokens kept per prompt (padding and truncation length).")
-    vae_spatial_factor: int = doc(8, "VAE spatial downsampling factor.")
-    vae_temporal_factor: int = doc(
-        4, "VAE temporal downsampling factor (frame counts must be k*factor+1)."
+    text_max_length: Int = doc(
+        512, "Text tokens kept per prompt (padding and truncation length).", ge=1, le=4096
     )
-    patch_size: tuple[int, int, int] = doc(
+    vae_spatial_factor: Int = doc(8, "VAE spatial downsampling factor.", ge=1, le=64)
+    vae_temporal_factor: Int = doc(
+        4, "VAE temporal downsampling factor (frame counts must be k*factor+1).", ge=1, le=16
+    )
+    patch_size: tuple[Positive, Positive, Positive] = doc(
         (1, 2, 2), "Transformer patch size (t, h, w) in latent cells."
     )
-    fps: int = doc(16, "Frames per second of decoded videos.")
-
-    def __post_init__(self) -> None:
-        _choice("backbone", self.backbone, ("wan", "hunyuanvideo"))
-        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        _choice("attention", self.attention, ("auto", "native", "flash"))
-        _range("text_max_length", self.text_max_length, 1, 4096)
-        _range("vae_spatial_factor", self.vae_spatial_factor, 1, 64)
-        _range("vae_temporal_factor", self.vae_temporal_factor, 1, 16)
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ConfigError(
-                f"patch_size={self.patch_size!r} must be three positive integers (t, h, w)"
-            )
-        _range("fps", self.fps, 1, 240)
+    fps: Int = doc(16, "Frames per second of decoded videos.", ge=1, le=240)
 
 
-@dataclass(frozen=True)
+@section
 class MethodConfig:
-    shift: float = doc(17.0, "Flow shift s of the training grid: sigma(u) = s*u / (1 + (s-1)*u).")
-    grid_points: int = doc(
-        50, "Number N of Euler grid points sigma_k = sigma((k+1)/N), k = 0..N-1."
+    shift: Float = doc(
+        17.0, "Flow shift s of the training grid: sigma(u) = s*u / (1 + (s-1)*u).", ge=1e-3, le=1e3
     )
-    split: int = doc(
+    grid_points: Int = doc(
+        50, "Number N of Euler grid points sigma_k = sigma((k+1)/N), k = 0..N-1.", ge=2, le=10000
+    )
+    split: Int = doc(
         34,
-        "Expert boundary index b: SemE trains on k in b+1..N-1, DetE on 0..b; route sigma > sigma_b to SemE.",
+        "Expert boundary index b: SemE trains on k in b+1..N-1, DetE on 0..b; route sigma > "
+        "sigma_b to SemE; -1 = one consistency model (no detail expert); at most N-2.",
+        ge=-1,
     )
-    guidance: str = doc(
+    guidance: Literal["cfg", "embedded"] = doc(
         "cfg", "Teacher guidance: 'cfg' (two passes, Wan) or 'embedded' (one pass, HunyuanVideo)."
     )
-    cfg_scale: float = doc(5.0, "w in v_T = v(c) + w * (v(c) - v(null)); classic scale = w + 1.")
-    embedded_guidance: float = doc(
-        6016.0, "Embedded guidance input (HunyuanVideo) for teacher, student and target."
+    cfg_scale: Float = doc(
+        5.0, "w in v_T = v(c) + w * (v(c) - v(null)); classic scale = w + 1.", ge=0.0, le=100.0
     )
-    consistency_loss: str = doc("pseudo_huber", "'pseudo_huber' (reference) or 'l2' (paper).")
-    huber_c: float = doc(0.001, "Pseudo-Huber constant c.")
-    tc_weight: float = doc(1.0, "lambda_tc: weight of the temporal-coherence loss (stage 1 only).")
-    tc_stride: int = doc(3, "Latent-frame stride l of the temporal-coherence loss.")
-    adv_weight: float = doc(0.1, "lambda_adv: weight of the adversarial block (stage 2 only).")
-    gen_scale: float = doc(
+    embedded_guidance: Float = doc(
+        6016.0,
+        "Embedded guidance input (HunyuanVideo) for teacher, student and target.",
+        ge=0.0,
+        le=1e5,
+    )
+    consistency_loss: Literal["pseudo_huber", "l2"] = doc(
+        "pseudo_huber", "'pseudo_huber' (reference) or 'l2' (paper)."
+    )
+    huber_c: Float = doc(0.001, "Pseudo-Huber constant c.", ge=1e-12, le=10.0)
+    tc_weight: Float = doc(
+        1.0, "lambda_tc: weight of the temporal-coherence loss (stage 1 only).", ge=0.0, le=1e4
+    )
+    tc_stride: Int = doc(3, "Latent-frame stride l of the temporal-coherence loss.", ge=1, le=1000)
+    adv_weight: Float = doc(
+        0.1, "lambda_adv: weight of the adversarial block (stage 2 only).", ge=0.0, le=1e4
+    )
+    gen_scale: Float = doc(
         5.0,
         "Factor on L_G inside the adversarial block: lambda_adv * (gen_scale * L_G + lambda_fm * L_FM).",
+        ge=0.0,
+        le=1e4,
     )
-    fm_weight: float = doc(
-        10.0, "lambda_fm: weight of the feature-matching loss inside the adversarial block."
+    fm_weight: Float = doc(
+        10.0,
+        "lambda_fm: weight of the feature-matching loss inside the adversarial block.",
+        ge=0.0,
+        le=1e4,
     )
-    ema_decay: float = doc(
-        0.0, "EMA decay of the target network; 0 = the current student (reference)."
+    ema_decay: Float = doc(
+        0.0, "EMA decay of the target network; 0 = the current student (reference).", ge=0.0, lt=1.0
     )
-    disc_hidden: int = doc(1024, "Channels of each discriminator head.")
-    tap_every: int = doc(2, "Discriminator taps after every n-th block.")
+    disc_hidden: Int = doc(
+        1024,
+        "Channels of each discriminator head (a multiple of 32: GroupNorm(32)).",
+        ge=32,
+        le=65536,
+        multiple_of=32,
+    )
+    tap_every: Int = doc(2, "Discriminator taps after every n-th block.", ge=1, le=1000)
 
     def __post_init__(self) -> None:
-        _range("shift", self.shift, 1e-3, 1e3)
-        _range("grid_points", self.grid_points, 2, 10000)
         _range("split", self.split, -1, self.grid_points - 2)
-        _choice("guidance", self.guidance, ("cfg", "embedded"))
-        _range("cfg_scale", self.cfg_scale, 0.0, 100.0)
-        _range("embedded_guidance", self.embedded_guidance, 0.0, 1e5)
-        _choice("consistency_loss", self.consistency_loss, ("pseudo_huber", "l2"))
-        _range("huber_c", self.huber_c, 1e-12, 10.0)
-        _range("tc_weight", self.tc_weight, 0.0, 1e4)
-        _range("tc_stride", self.tc_stride, 1, 1000)
-        _range("adv_weight", self.adv_weight, 0.0, 1e4)
-        _range("gen_scale", self.gen_scale, 0.0, 1e4)
-        _range("fm_weight", self.fm_weight, 0.0, 1e4)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay!r} is out of range: allowed [0, 1)")
-        _range("disc_hidden", self.disc_hidden, 32, 65536)
-        if self.disc_hidden % 32:
-            raise ConfigError(
-                f"disc_hidden={self.disc_hidden} must be a multiple of 32 (GroupNorm(32))"
-            )
-        _range("tap_every", self.tap_every, 1, 1000)
 
 
-@dataclass(frozen=True)
+@section
 class LoraConfig:
-    rank: int = doc(128, "LoRA rank r of the detail expert.")
-    alpha: float = doc(256.0, "LoRA alpha (scale = alpha / rank).")
-    target_modules: tuple[str, ...] = doc(
-        ("to_q", "to_k", "to_v", "to_out.0"), "Attention projections that get LoRA."
+    rank: Int = doc(128, "LoRA rank r of the detail expert.", ge=1, le=4096)
+    alpha: Float = doc(256.0, "LoRA alpha (scale = alpha / rank).", ge=1e-6, le=1e6)
+    target_modules: tuple[Str, ...] = doc(
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        "Attention projections that get LoRA (at least one).",
+        min_length=1,
     )
-    dropout: float = doc(0.0, "LoRA dropout.")
-
-    def __post_init__(self) -> None:
-        _range("rank", self.rank, 1, 4096)
-        _range("alpha", self.alpha, 1e-6, 1e6)
-        if not self.target_modules:
-            raise ConfigError("target_modules is empty: name at least one module, e.g. to_q")
-        _range("dropout", self.dropout, 0.0, 0.99)
+    dropout: Float = doc(0.0, "LoRA dropout.", ge=0.0, le=0.99)
 
 
-@dataclass(frozen=True)
+@section
 class DataConfig:
-    input: str = doc(
+    input: Str = doc(
         "",
         "Raw videos: a manifest (JSONL/CSV/parquet with path, caption) or a folder with .txt sidecars; local or a pyarrow URI.",
     )
-    latents: str = doc("", "Folder of ingested parquet shards + manifest.json (parquet mode).")
-    mode: str = doc(
+    latents: Str = doc("", "Folder of ingested parquet shards + manifest.json (parquet mode).")
+    mode: Literal["online", "parquet"] = doc(
         "online", "'online' (ingest streams into training) or 'parquet' (read pre-encoded shards)."
     )
-    num_frames: int = doc(81, "Frames per clip (k * vae_temporal_factor + 1).")
-    height: int = doc(480, "Clip height in pixels.")
-    width: int = doc(832, "Clip width in pixels.")
-    target_fps: float = doc(
-        0.0, "Resample clips to this fps; 0 = stride frames to cover the whole clip."
+    num_frames: Int = doc(81, "Frames per clip (k * vae_temporal_factor + 1).", ge=1, le=10000)
+    height: Int = doc(480, "Clip height in pixels.", ge=8, le=16384)
+    width: Int = doc(832, "Clip width in pixels.", ge=8, le=16384)
+    target_fps: Float = doc(
+        0.0,
+        "Resample clips to this fps; 0 = stride frames to cover the whole clip.",
+        ge=0.0,
+        le=1000.0,
     )
-    clips_per_video: int = doc(1, "Clips taken from each video (evenly spaced).")
-    empty_prompt_prob: float = doc(
-        0.1, "Probability of replacing a caption with the empty prompt in training."
+    clips_per_video: Int = doc(1, "Clips taken from each video (evenly spaced).", ge=1, le=10000)
+    empty_prompt_prob: Float = doc(
+        0.1,
+        "Probability of replacing a caption with the empty prompt in training.",
+        ge=0.0,
+        le=1.0,
     )
-    posterior: str = doc(
+    posterior: Literal["sample", "mean"] = doc(
         "sample", "VAE latent: 'sample' the posterior (reference) or take its 'mean'."
     )
 
-    def __post_init__(self) -> None:
-        _choice("mode", self.mode, ("online", "parquet"))
-        _range("num_frames", self.num_frames, 1, 10000)
-        _range("height", self.height, 8, 16384)
-        _range("width", self.width, 8, 16384)
-        _range("target_fps", self.target_fps, 0.0, 1000.0)
-        _range("clips_per_video", self.clips_per_video, 1, 10000)
-        _range("empty_prompt_prob", self.empty_prompt_prob, 0.0, 1.0)
-        _choice("posterior", self.posterior, ("sample", "mean"))
 
-
-@dataclass(frozen=True)
+@section
 class IngestConfig:
-    out: str = doc(
+    out: Str = doc(
         "",
         "Output folder for parquet shards, manifest.json and rejects (default runs/<name>/latents).",
     )
-    encode_batch_size: int = doc(4, "Clips per VAE/text-encoder batch.")
-    encode_actors: int = doc(1, "Encoder actors in the pool.")
-    actor_cpus: float = doc(
-        0.5, "CPUs per encoder actor (fractional avoids the 2-CPU Ray Data deadlock)."
+    encode_batch_size: Int = doc(4, "Clips per VAE/text-encoder batch.", ge=1, le=4096)
+    encode_actors: Int = doc(1, "Encoder actors in the pool.", ge=1, le=1024)
+    actor_cpus: Float = doc(
+        0.5,
+        "CPUs per encoder actor (fractional avoids the 2-CPU Ray Data deadlock).",
+        ge=0.01,
+        le=256,
     )
-    actor_gpus: float | str = doc(
+    actor_gpus: Literal["auto"] | Annotated[Float, Field(ge=0.0, le=8)] = doc(
         "auto", "GPUs per encoder actor: 'auto' (1 when the cluster has GPUs, else 0) or a number."
     )
-    decode_cpus: float = doc(0.5, "CPUs per decode task.")
-    rows_per_shard: int = doc(64, "Clips per parquet shard.")
-
-    def __post_init__(self) -> None:
-        _range("encode_batch_size", self.encode_batch_size, 1, 4096)
-        _range("encode_actors", self.encode_actors, 1, 1024)
-        _range("actor_cpus", self.actor_cpus, 0.01, 256)
-        if self.actor_gpus != "auto":
-            _coerce("actor_gpus", self.actor_gpus, float)
-            _range("actor_gpus", self.actor_gpus, 0.0, 8)
-        _range("decode_cpus", self.decode_cpus, 0.01, 256)
-        _range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
+    decode_cpus: Float = doc(0.5, "CPUs per decode task.", ge=0.01, le=256)
+    rows_per_shard: Int = doc(64, "Clips per parquet shard.", ge=1, le=1_000_000)
 
 
-@dataclass(frozen=True)
+@section
 class TrainConfig:
-    stage: str = doc(
+    stage: Literal["semantic", "detail", "both"] = doc(
         "both", "'semantic', 'detail' or 'both' (semantic, then detail from its checkpoint)."
     )
-    out: str = doc(
+    out: Str = doc(
         "runs", "Root folder of run directories (local path or a pyarrow URI for checkpoints)."
     )
-    run_name: str = doc(
+    run_name: Str = doc(
         "", "Run name; re-running the same name resumes. Default: the experiment name."
     )
-    init_from: str = doc(
+    init_from: Str = doc(
         "", "For stage 'detail' alone: the semantic artifact folder to start from."
     )
-    steps_semantic: int = doc(1000, "Optimiser steps of stage 1.")
-    steps_detail: int = doc(1000, "Optimiser steps of stage 2.")
-    lr_semantic: float = doc(1e-6, "Stage-1 learning rate (constant).")
-    lr_detail: float = doc(5e-6, "Stage-2 generator learning rate (constant).")
-    lr_disc: float = doc(1e-5, "Discriminator learning rate.")
-    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas of the student.")
-    disc_betas: tuple[float, float] = doc((0.0, 0.999), "AdamW betas of the discriminator.")
-    adam_eps: float = doc(1e-8, "AdamW epsilon.")
-    weight_decay: float = doc(1e-3, "AdamW weight decay (student and discriminator).")
-    grad_clip: float = doc(1.0, "Gradient-norm clip.")
-    global_batch: int = doc(
-        4, "Samples per optimiser step across all workers and accumulation steps."
+    steps_semantic: Int = doc(1000, "Optimiser steps of stage 1.", ge=1, le=10**9)
+    steps_detail: Int = doc(1000, "Optimiser steps of stage 2.", ge=1, le=10**9)
+    lr_semantic: Float = doc(1e-6, "Stage-1 learning rate (constant).", ge=0.0, le=1.0)
+    lr_detail: Float = doc(5e-6, "Stage-2 generator learning rate (constant).", ge=0.0, le=1.0)
+    lr_disc: Float = doc(1e-5, "Discriminator learning rate.", ge=0.0, le=1.0)
+    betas: tuple[Beta, Beta] = doc((0.9, 0.999), "AdamW betas of the student.")
+    disc_betas: tuple[Beta, Beta] = doc((0.0, 0.999), "AdamW betas of the discriminator.")
+    adam_eps: Float = doc(1e-8, "AdamW epsilon.", ge=0.0, le=1.0)
+    weight_decay: Float = doc(
+        1e-3, "AdamW weight decay (student and discriminator).", ge=0.0, le=10.0
     )
-    grad_accum: int = doc(1, "Gradient-accumulation micro-steps per optimiser step.")
-    num_workers: int = doc(1, "Ray Train workers.")
-    use_gpu: bool | str = doc(
+    grad_clip: Float = doc(1.0, "Gradient-norm clip.", ge=0.0, le=1e6)
+    global_batch: Int = doc(
+        4,
+        "Samples per optimiser step across all workers and accumulation steps.",
+        ge=1,
+        le=10**6,
+    )
+    grad_accum: Int = doc(
+        1, "Gradient-accumulation micro-steps per optimiser step.", ge=1, le=10**4
+    )
+    num_workers: Int = doc(1, "Ray Train workers.", ge=1, le=10**4)
+    use_gpu: AutoBool = doc(
         "auto", "'auto' (a GPU per worker when the cluster has GPUs), true or false."
     )
-    cpus_per_worker: float = doc(1.0, "CPUs per Ray Train worker.")
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage (0-3).")
-    offload: bool = doc(
+    cpus_per_worker: Float = doc(1.0, "CPUs per Ray Train worker.", ge=0.01, le=256)
+    zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage (0-3).")
+    offload: Bool = doc(
         False, "DeepSpeed CPU offload of optimiser state (and parameters at stage 3)."
     )
-    activation_checkpointing: bool = doc(True, "Recompute every transformer block in backward.")
-    checkpoint_every: int = doc(100, "Steps between checkpoints (0 = only at the end).")
-    keep_checkpoints: int = doc(2, "Checkpoints kept (best by checkpoint_metric).")
-    checkpoint_metric: str = doc(
+    activation_checkpointing: Bool = doc(True, "Recompute every transformer block in backward.")
+    checkpoint_every: Int = doc(
+        100, "Steps between checkpoints (0 = only at the end).", ge=0, le=10**9
+    )
+    keep_checkpoints: Int = doc(2, "Checkpoints kept (best by checkpoint_metric).", ge=1, le=1000)
+    checkpoint_metric: Str = doc(
         "val/score", "Validation metric that ranks checkpoints (higher is better)."
     )
-    val_every: int = doc(
+    val_every: Int = doc(
         0,
         "Steps between validations (0 = only at checkpoints); step 0 (the untrained student) "
         "and the last step are always validated.",
+        ge=0,
+        le=10**9,
     )
-    val_prompts: int = doc(
-        2, "Validation prompts taken from the data's captions when sample.prompts is empty."
+    val_prompts: Int = doc(
+        2,
+        "Validation prompts taken from the data's captions when sample.prompts is empty.",
+        ge=1,
+        le=1000,
     )
-    log_every: int = doc(10, "Steps between metric logs.")
-    seed: int = doc(0, "Seed of every random draw of the run.")
-    max_failures: int = doc(0, "Worker-group restarts allowed (Ray Train FailureConfig).")
-
-    def __post_init__(self) -> None:
-        _choice("stage", self.stage, ("semantic", "detail", "both"))
-        for name in ("steps_semantic", "steps_detail"):
-            _range(name, getattr(self, name), 1, 10**9)
-        for name in ("lr_semantic", "lr_detail", "lr_disc"):
-            _range(name, getattr(self, name), 0.0, 1.0)
-        for name in ("betas", "disc_betas"):
-            val = getattr(self, name)
-            if len(val) != 2 or not all(0.0 <= b < 1.0 for b in val):
-                raise ConfigError(f"{name}={val!r} must be two numbers in [0, 1)")
-        _range("adam_eps", self.adam_eps, 0.0, 1.0)
-        _range("weight_decay", self.weight_decay, 0.0, 10.0)
-        _range("grad_clip", self.grad_clip, 0.0, 1e6)
-        _range("global_batch", self.global_batch, 1, 10**6)
-        _range("grad_accum", self.grad_accum, 1, 10**4)
-        _range("num_workers", self.num_workers, 1, 10**4)
-        _auto_or_bool(self, "use_gpu")
-        _range("cpus_per_worker", self.cpus_per_worker, 0.01, 256)
-        _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _range("checkpoint_every", self.checkpoint_every, 0, 10**9)
-        _range("keep_checkpoints", self.keep_checkpoints, 1, 1000)
-        _range("val_every", self.val_every, 0, 10**9)
-        _range("val_prompts", self.val_prompts, 1, 1000)
-        _range("log_every", self.log_every, 1, 10**9)
-        _range("max_failures", self.max_failures, -1, 1000)
+    log_every: Int = doc(10, "Steps between metric logs.", ge=1, le=10**9)
+    seed: Int = doc(0, "Seed of every random draw of the run.")
+    max_failures: Int = doc(
+        0, "Worker-group restarts allowed (Ray Train FailureConfig).", ge=-1, le=1000
+    )
 
 
-@dataclass(frozen=True)
+@section
 class SampleConfig:
-    steps: int = doc(4, "Student sampling steps (any n >= 2; split evenly between the experts).")
-    sigma_preset: str = doc(
+    steps: Int = doc(
+        4, "Student sampling steps (any n >= 2; split evenly between the experts).", ge=2, le=1000
+    )
+    sigma_preset: Literal["", "wan-6", "hunyuan-4"] = doc(
         "", "Reference sigma list instead of the even-split rule: '', 'wan-6', 'hunyuan-4'."
     )
-    teacher_steps: int = doc(50, "Teacher Euler steps (with guidance) for comparisons.")
-    eval_steps: tuple[int, ...] = doc(
+    teacher_steps: Int = doc(
+        50, "Teacher Euler steps (with guidance) for comparisons.", ge=1, le=10000
+    )
+    eval_steps: tuple[Annotated[Int, Field(ge=2, le=1000)], ...] = doc(
         (2, 4, 8), "Student step counts evaluated against the teacher."
     )
-    prompts: tuple[str, ...] = doc(
+    prompts: tuple[Str, ...] = doc(
         (), "Fixed validation prompts (empty: the data's held-out captions)."
     )
-    seeds: tuple[int, ...] = doc((0,), "Fixed validation seeds.")
-    num_frames: int = doc(0, "Frames sampled (0 = data.num_frames).")
-    height: int = doc(0, "Sample height (0 = data.height).")
-    width: int = doc(0, "Sample width (0 = data.width).")
-
-    def __post_init__(self) -> None:
-        _range("steps", self.steps, 2, 1000)
-        _choice("sigma_preset", self.sigma_preset, ("", "wan-6", "hunyuan-4"))
-        _range("teacher_steps", self.teacher_steps, 1, 10000)
-        for n in self.eval_steps:
-            _range("eval_steps", n, 2, 1000)
-        _range("num_frames", self.num_frames, 0, 10000)
-        _range("height", self.height, 0, 16384)
-        _range("width", self.width, 0, 16384)
+    seeds: tuple[Int, ...] = doc((0,), "Fixed validation seeds.")
+    num_frames: Int = doc(0, "Frames sampled (0 = data.num_frames).", ge=0, le=10000)
+    height: Int = doc(0, "Sample height (0 = data.height).", ge=0, le=16384)
+    width: Int = doc(0, "Sample width (0 = data.width).", ge=0, le=16384)
 
 
-@dataclass(frozen=True)
+@section
 class TrackingConfig:
-    enabled: bool = doc(True, "Record runs in MLflow.")
-    uri: str = doc("", "MLflow tracking URI; empty = sqlite:///<run dir>/mlflow.db.")
-    experiment: str = doc("dcm", "MLflow experiment name.")
-    register_as: str = doc(
+    enabled: Bool = doc(True, "Record runs in MLflow.")
+    uri: Str = doc("", "MLflow tracking URI; empty = sqlite:///<run dir>/mlflow.db.")
+    experiment: Str = doc("dcm", "MLflow experiment name.")
+    register_as: Str = doc(
         "",
         "Registered-model name: a finished distill run exports its model (diffusers folder), "
         "logs it as an MLflow pyfunc and registers a new version under this name; empty = no.",
     )
 
 
-@dataclass(frozen=True)
+@section
 class RayConfig:
-    address: str = doc(
+    address: Str = doc(
         "", "Cluster address; empty = RAY_ADDRESS / the job's cluster, else start a local one."
     )
-    num_cpus: int = doc(0, "CPUs of a local cluster (0 = detect).")
-    num_gpus: int = doc(-1, "GPUs of a local cluster (-1 = detect).")
-    object_store_mb: int = doc(
-        0, "Object store of a local cluster in MiB; 0 = sized by Ray from the machine's memory."
+    num_cpus: Int = doc(0, "CPUs of a local cluster (0 = detect).", ge=0, le=10**5)
+    num_gpus: Int = doc(-1, "GPUs of a local cluster (-1 = detect).", ge=-1, le=10**4)
+    object_store_mb: Int = doc(
+        0,
+        "Object store of a local cluster in MiB (at least 64); 0 = sized by Ray from the "
+        "machine's memory.",
+        ge=0,
+        le=10**7,
     )
-    dashboard: bool = doc(True, "Start the dashboard of a local cluster on 127.0.0.1.")
-    dashboard_port: int = doc(8265, "Dashboard port of a local cluster.")
-    auth_mode: str = doc("disabled", "RAY_AUTH_MODE of a local cluster: 'disabled' or 'token'.")
+    dashboard: Bool = doc(True, "Start the dashboard of a local cluster on 127.0.0.1.")
+    dashboard_port: Int = doc(8265, "Dashboard port of a local cluster.", ge=1024, le=65535)
+    auth_mode: Literal["disabled", "token"] = doc(
+        "disabled", "RAY_AUTH_MODE of a local cluster: 'disabled' or 'token'."
+    )
 
     def __post_init__(self) -> None:
-        _range("num_cpus", self.num_cpus, 0, 10**5)
-        _range("num_gpus", self.num_gpus, -1, 10**4)
         if self.object_store_mb:
             _range("object_store_mb", self.object_store_mb, 64, 10**7)
-        _range("dashboard_port", self.dashboard_port, 1024, 65535)
-        _choice("auth_mode", self.auth_mode, ("disabled", "token"))
 
 
-@dataclass(frozen=True)
+@section
 class SweepConfig:
-    space: dict[str, Any] = doc(
+    space: dict[Str, Any] = doc(
         {},
         "Search space: dotted config key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]} (randint: hi inclusive).",
     )
-    variants: dict[str, Any] = doc(
+    variants: dict[Str, dict[Str, Any]] = doc(
         {},
         "Named sets of dotted overrides (e.g. the ablation's 'single-cm', 'dcm'), crossed with the space as one more dimension.",
     )
-    searcher: str = doc("grid", "'grid', 'random' or 'optuna' (model-based, TPE).")
-    num_samples: int = doc(1, "Trials (random/optuna) or repeats of the grid.")
-    metric: str = doc("val/score", "Metric the scheduler and the best-config choice use.")
-    mode: str = doc("max", "'max' or 'min'.")
-    asha: bool = doc(True, "Early-stop weak trials with ASHA.")
-    grace_period: int = doc(1, "ASHA grace period in reports.")
-    reduction_factor: int = doc(2, "ASHA reduction factor (keep the top 1/rf at each rung).")
-    teacher_baseline: bool = doc(
+    searcher: Literal["grid", "random", "optuna"] = doc(
+        "grid", "'grid', 'random' or 'optuna' (model-based, TPE)."
+    )
+    num_samples: Int = doc(1, "Trials (random/optuna) or repeats of the grid.", ge=1, le=10**6)
+    metric: Str = doc("val/score", "Metric the scheduler and the best-config choice use.")
+    mode: Literal["max", "min"] = doc("max", "'max' or 'min'.")
+    asha: Bool = doc(True, "Early-stop weak trials with ASHA.")
+    grace_period: Int = doc(1, "ASHA grace period in reports.", ge=1, le=10**6)
+    reduction_factor: Int = doc(
+        2, "ASHA reduction factor (keep the top 1/rf at each rung).", ge=2, le=100
+    )
+    teacher_baseline: Bool = doc(
         False,
         "Also score the teacher at sample.teacher_steps on the validation prompts and seeds (shapes world), as the reference line of the report.",
     )
-    max_concurrent: int = doc(1, "Trials running at once.")
-    trial_cpus: float = doc(1.0, "CPUs per trial worker.")
-    trial_gpus: float = doc(0.0, "GPUs per trial worker.")
-
-    def __post_init__(self) -> None:
-        _choice("searcher", self.searcher, ("grid", "random", "optuna"))
-        _range("num_samples", self.num_samples, 1, 10**6)
-        _choice("mode", self.mode, ("max", "min"))
-        _range("grace_period", self.grace_period, 1, 10**6)
-        _range("reduction_factor", self.reduction_factor, 2, 100)
-        _range("max_concurrent", self.max_concurrent, 1, 10**4)
-        for name, overrides in self.variants.items():
-            if not isinstance(overrides, dict):
-                raise ConfigError(
-                    f"variants.{name} must be a mapping of dotted keys to values, got {overrides!r}"
-                )
-        _range("trial_cpus", self.trial_cpus, 0.01, 256)
-        _range("trial_gpus", self.trial_gpus, 0.0, 64)
+    max_concurrent: Int = doc(1, "Trials running at once.", ge=1, le=10**4)
+    trial_cpus: Float = doc(1.0, "CPUs per trial worker.", ge=0.01, le=256)
+    trial_gpus: Float = doc(0.0, "GPUs per trial worker.", ge=0.0, le=64)
 
 
-@dataclass(frozen=True)
+@section
 class ServeConfig:
-    host: str = doc("127.0.0.1", "HTTP host.")
-    port: int = doc(8000, "HTTP port.")
-    default_steps: int = doc(4, "Steps when a request gives none.")
-    min_steps: int = doc(2, "Smallest steps a request may ask.")
-    max_steps: int = doc(8, "Largest steps a request may ask.")
-    max_frames: int = doc(81, "Largest frame count a request may ask.")
-    max_height: int = doc(480, "Largest height a request may ask.")
-    max_width: int = doc(832, "Largest width a request may ask.")
-    max_prompt_chars: int = doc(2000, "Longest prompt accepted.")
-    api_key_env: str = doc("", "Environment variable holding the API key; empty = no auth.")
-    request_timeout_s: float = doc(300.0, "Per-request timeout.")
-    max_queued: int = doc(16, "Requests waiting per replica before 503 + Retry-After.")
-    min_replicas: int = doc(1, "Autoscaling minimum replicas.")
-    max_replicas: int = doc(2, "Autoscaling maximum replicas.")
-    target_ongoing_requests: float = doc(1.0, "Autoscaling target of ongoing requests per replica.")
-    replica_cpus: float = doc(0.5, "CPUs per generator replica.")
-    replica_gpus: float | str = doc(
+    host: Str = doc("127.0.0.1", "HTTP host.")
+    port: Int = doc(8000, "HTTP port.", ge=1, le=65535)
+    default_steps: Int = doc(4, "Steps when a request gives none (min_steps..max_steps).")
+    min_steps: Int = doc(2, "Smallest steps a request may ask.", ge=2, le=1000)
+    max_steps: Int = doc(8, "Largest steps a request may ask (>= min_steps).", le=1000)
+    max_frames: Int = doc(81, "Largest frame count a request may ask.", ge=1, le=10000)
+    max_height: Int = doc(480, "Largest height a request may ask.")
+    max_width: Int = doc(832, "Largest width a request may ask.")
+    max_prompt_chars: Int = doc(2000, "Longest prompt accepted.", ge=1, le=10**6)
+    api_key_env: Str = doc("", "Environment variable holding the API key; empty = no auth.")
+    request_timeout_s: Float = doc(300.0, "Per-request timeout.", ge=0.1, le=86400)
+    max_queued: Int = doc(
+        16, "Requests waiting per replica before 503 + Retry-After.", ge=1, le=10**6
+    )
+    min_replicas: Int = doc(1, "Autoscaling minimum replicas.", ge=0, le=10**4)
+    max_replicas: Int = doc(2, "Autoscaling maximum replicas (>= 1 and >= min_replicas).", le=10**4)
+    target_ongoing_requests: Float = doc(
+        1.0, "Autoscaling target of ongoing requests per replica.", ge=0.01, le=10**4
+    )
+    replica_cpus: Float = doc(0.5, "CPUs per generator replica.", ge=0.0, le=256)
+    replica_gpus: Literal["auto"] | Annotated[Float, Field(ge=0.0, le=64)] = doc(
         "auto",
         "GPUs per generator replica: 'auto' (1 when the cluster has GPUs, else 0) or a number (0.5 packs two replicas per GPU).",
     )
-    device: str = doc(
+    device: Literal["auto", "cpu", "cuda"] = doc(
         "auto",
         "Generator device: 'auto' (cuda when Ray gave the replica a GPU, else cpu), 'cpu', 'cuda'.",
     )
-    variants: dict[str, str] = doc(
+    variants: dict[Name, Filled] = doc(
         {},
         "Extra models served by multiplexing: name -> distilled artifact or bundle folder; a request picks one with its 'model' field.",
     )
-    max_models_per_replica: int = doc(
-        3, "Variants kept loaded per replica (least recently used are unloaded)."
+    max_models_per_replica: Int = doc(
+        3, "Variants kept loaded per replica (least recently used are unloaded).", ge=1, le=1000
     )
-    max_batch_size: int = doc(4, "Concurrent same-shape requests generated as one batch.")
-    batch_wait_timeout_s: float = doc(
+    max_batch_size: Int = doc(
+        4, "Concurrent same-shape requests generated as one batch.", ge=1, le=1024
+    )
+    batch_wait_timeout_s: Float = doc(
         0.0,
         "How long a batch waits for more requests after its first; 0 = take those already waiting (they pile up while a batch runs), so a lone request never waits.",
+        ge=0.0,
+        le=60.0,
     )
-    max_ongoing_requests: int = doc(
-        4, "Requests a generator replica holds at once (>= max_batch_size so batches can form)."
+    max_ongoing_requests: Int = doc(
+        4,
+        "Requests a generator replica holds at once (>= max_batch_size so batches can form).",
+        le=10**4,
     )
-    upscale_delay_s: float = doc(
-        5.0, "Autoscaling: load must stay above target this long before adding a replica."
+    upscale_delay_s: Float = doc(
+        5.0,
+        "Autoscaling: load must stay above target this long before adding a replica.",
+        ge=0.0,
+        le=86400,
     )
-    downscale_delay_s: float = doc(
-        60.0, "Autoscaling: load must stay below target this long before removing a replica."
+    downscale_delay_s: Float = doc(
+        60.0,
+        "Autoscaling: load must stay below target this long before removing a replica.",
+        ge=0.0,
+        le=86400,
     )
-    look_back_period_s: float = doc(
-        30.0, "Autoscaling: window over which ongoing requests are averaged."
+    look_back_period_s: Float = doc(
+        30.0, "Autoscaling: window over which ongoing requests are averaged.", ge=0.1, le=86400
     )
-    metrics_interval_s: float = doc(
+    metrics_interval_s: Float = doc(
         10.0,
         "Autoscaling: how often handles and replicas report load (Serve's default 10 s; lower reacts faster).",
+        ge=0.1,
+        le=3600,
     )
-    retry_after_s: int = doc(5, "Retry-After seconds sent with a 503 when the queue is full.")
-    job_store: str = doc(
+    retry_after_s: Int = doc(
+        5, "Retry-After seconds sent with a 503 when the queue is full.", ge=0, le=3600
+    )
+    job_store: Str = doc(
         "",
         "Where /v1/videos jobs keep their JSON records and videos: a folder or a pyarrow/fsspec URI (s3://bucket/prefix); empty = ~/.cache/dcm/serve-jobs. Replicas on several nodes need a shared one.",
     )
-    job_ttl_s: float = doc(86400.0, "Seconds a finished job and its video are kept.")
-    max_queued_jobs: int = doc(64, "Jobs waiting for a generator before POST /v1/videos gets 503.")
-    job_lease_s: float = doc(
+    job_ttl_s: Float = doc(
+        86400.0, "Seconds a finished job and its video are kept.", ge=1.0, le=10**8
+    )
+    max_queued_jobs: Int = doc(
+        64, "Jobs waiting for a generator before POST /v1/videos gets 503.", ge=0, le=10**6
+    )
+    job_lease_s: Float = doc(
         60.0,
         "A running job whose replica has not written a heartbeat for this long is retried once, then failed.",
+        ge=1.0,
+        le=86400,
     )
 
     def __post_init__(self) -> None:
-        _range("port", self.port, 1, 65535)
-        _range("min_steps", self.min_steps, 2, 1000)
+        # bounds that depend on another field (the static ones are the fields' rules)
         _range("max_steps", self.max_steps, self.min_steps, 1000)
         _range("default_steps", self.default_steps, self.min_steps, self.max_steps)
-        _range("max_frames", self.max_frames, 1, 10000)
-        _range("max_prompt_chars", self.max_prompt_chars, 1, 10**6)
-        _range("request_timeout_s", self.request_timeout_s, 0.1, 86400)
-        _range("max_queued", self.max_queued, 1, 10**6)
-        _range("min_replicas", self.min_replicas, 0, 10**4)
         _range("max_replicas", self.max_replicas, max(1, self.min_replicas), 10**4)
-        _range("target_ongoing_requests", self.target_ongoing_requests, 0.01, 10**4)
-        _range("replica_cpus", self.replica_cpus, 0.0, 256)
-        if isinstance(self.replica_gpus, str):
-            _choice("replica_gpus", self.replica_gpus, ("auto",))
-        else:
-            _range("replica_gpus", self.replica_gpus, 0.0, 64)
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
-        for name, path in self.variants.items():
-            if (
-                not isinstance(name, str)
-                or not name.strip()
-                or not isinstance(path, str)
-                or not path
-            ):
-                raise ConfigError(
-                    f"variants entry {name!r}: {path!r} must map a name to a model folder"
-                )
-        _range("max_models_per_replica", self.max_models_per_replica, 1, 1000)
-        _range("max_batch_size", self.max_batch_size, 1, 1024)
-        _range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 60.0)
         _range("max_ongoing_requests", self.max_ongoing_requests, self.max_batch_size, 10**4)
-        _range("upscale_delay_s", self.upscale_delay_s, 0.0, 86400)
-        _range("downscale_delay_s", self.downscale_delay_s, 0.0, 86400)
-        _range("look_back_period_s", self.look_back_period_s, 0.1, 86400)
-        _range("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
-        _range("retry_after_s", self.retry_after_s, 0, 3600)
-        _range("job_ttl_s", self.job_ttl_s, 1.0, 10**8)
-        _range("max_queued_jobs", self.max_queued_jobs, 0, 10**6)
-        _range("job_lease_s", self.job_lease_s, 1.0, 86400)
 
 
 SECTIONS: dict[str, type] = {
@@ -556,10 +668,10 @@ SECTIONS: dict[str, type] = {
 }
 
 
-@dataclass(frozen=True)
+@section
 class Config:
-    name: str = doc("dcm", "Experiment name (run folder and MLflow run name).")
-    preset: str = doc("shapes-tiny", "Preset the file starts from.")
+    name: Str = doc("dcm", "Experiment name (run folder and MLflow run name).")
+    preset: Str = doc("shapes-tiny", "Preset the file starts from.")
     model: ModelConfig = doc(ModelConfig(), "Model bundle and backbone.")
     method: MethodConfig = doc(MethodConfig(), "The DCM maths (METHOD.md).")
     lora: LoraConfig = doc(LoraConfig(), "Detail-expert LoRA.")
@@ -743,18 +855,22 @@ def _unflatten(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def all_keys() -> list[str]:
+def all_keys(cls: type | None = None) -> list[str]:
+    """Every valid key of ``cls`` (default: Config), dotted into its sections."""
     keys = []
-    for f in dataclasses.fields(Config):
-        if f.name in SECTIONS:
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(SECTIONS[f.name])]
+    for name, info in (cls or Config).__pydantic_fields__.items():
+        if _is_section(info.annotation):
+            keys += [f"{name}.{key}" for key in all_keys(info.annotation)]
         else:
-            keys.append(f.name)
+            keys.append(name)
     return keys
 
 
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+def _unknown(key: str, cls: type | None = None) -> ConfigError:
+    keys = all_keys(cls)
+    if "." not in key:  # a misspelt section is closest to a section's name
+        keys = list((cls or Config).__pydantic_fields__)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = (
         f"; did you mean '{close[0]}'?"
         if close
@@ -763,68 +879,14 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check a YAML value against a field's type hint; lists become tuples."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}={value!r} must be an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}={value!r} must be a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r} must be a string")
-        return value
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}={value!r} must be a list")
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(name, v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{name}={value!r} must have {len(args)} items")
-        return tuple(_coerce(name, v, a) for v, a in zip(value, args, strict=True))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}={value!r} must be a mapping")
-        return value
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, val in data.items():
-        if key not in names:
-            raise _unknown(prefix + key)
-        if cls is Config and key in SECTIONS:
-            kwargs[key] = _build(SECTIONS[key], val, f"{key}.")
-        else:
-            kwargs[key] = _coerce(prefix + key, val, hints[key])
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        msg = str(err)
-        if prefix and not msg.startswith(prefix):
-            msg = prefix + msg
-        raise ConfigError(msg) from None
-
-
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate a nested dict (already merged over a preset) into a Config."""
-    return _build(Config, data, "")
+    if not isinstance(data, dict):
+        raise ConfigError(f"'config' must be a mapping, got {data!r}")
+    for key in data:
+        if not isinstance(key, str):
+            raise _unknown(str(key))
+    return Config(**data)
 
 
 def preset_dict(name: str) -> dict[str, Any]:
@@ -899,12 +961,12 @@ def load_config(
 def explain() -> str:
     """Every key with its default and docstring (for `--dry-run --explain`)."""
     lines = []
-    for f in dataclasses.fields(Config):
-        if f.name in SECTIONS:
-            lines.append(f"{f.name}:  # {f.metadata['doc']}")
-            for g in dataclasses.fields(SECTIONS[f.name]):
-                default = g.default if g.default is not dataclasses.MISSING else g.default_factory()
-                lines.append(f"  {g.name}: {default!r}  # {g.metadata['doc']}")
+    for name, info in Config.__pydantic_fields__.items():
+        if _is_section(info.annotation):
+            lines.append(f"{name}:  # {info.description}")
+            for key, sub in info.annotation.__pydantic_fields__.items():
+                default = sub.get_default(call_default_factory=True)
+                lines.append(f"  {key}: {default!r}  # {sub.description}")
         else:
-            lines.append(f"{f.name}: {f.default!r}  # {f.metadata['doc']}")
+            lines.append(f"{name}: {info.default!r}  # {info.description}")
     return "\n".join(lines)

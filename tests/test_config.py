@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dcm.config import PRESETS, Config, ConfigError, explain, load_config
+from dcm.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    IngestConfig,
+    LoraConfig,
+    MethodConfig,
+    TrainConfig,
+    all_keys,
+    explain,
+    load_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +82,40 @@ def _write(tmp_path, data) -> Path:
         ),
         ({"sample": {"sigma_preset": "wan-6", "steps": 4}}, "set sample.steps=6"),
         ({"lora": {"target_modules": "to_q"}}, "lora.target_modules='to_q' must be a list"),
+        # one bad value of each kind: range, type, choice, list length, list item, mapping
+        ({"lora": {"rank": 0}}, "lora.rank=0 is out of range: allowed [1, 4096]"),
+        ({"method": {"ema_decay": 1.0}}, "method.ema_decay=1.0 is out of range: allowed [0, 1)"),
+        ({"lora": {"rank": 2.5}}, "lora.rank=2.5 must be an integer"),
+        ({"train": {"seed": True}}, "train.seed=True must be an integer"),
+        ({"tracking": {"enabled": "yes"}}, "tracking.enabled='yes' must be true or false"),
+        ({"model": {"path": 5}}, "model.path=5 must be a string"),
+        (
+            {"train": {"zero_stage": 5}},
+            "train.zero_stage=5 is not allowed: choose one of 0, 1, 2, 3",
+        ),
+        (
+            {"train": {"use_gpu": "maybe"}},
+            "train.use_gpu='maybe' is not allowed: choose 'auto' or true or false",
+        ),
+        (
+            {"ingest": {"actor_gpus": "many"}},
+            "ingest.actor_gpus='many' is not allowed: choose 'auto' or a number",
+        ),
+        ({"ingest": {"actor_gpus": 9}}, "ingest.actor_gpus=9 is out of range: allowed [0, 8]"),
+        ({"model": {"patch_size": [1, 2]}}, "model.patch_size=[1, 2] must be a list of 3 items"),
+        ({"model": {"patch_size": [1, 2, 0]}}, "model.patch_size[2]=0 is out of range"),
+        ({"train": {"betas": [0.9, 1.0]}}, "train.betas[1]=1.0 is out of range: allowed [0, 1)"),
+        ({"sample": {"eval_steps": [1, 4]}}, "sample.eval_steps[0]=1 is out of range"),
+        ({"lora": {"target_modules": []}}, "lora.target_modules=[] must have at least 1 item"),
+        ({"method": {"disc_hidden": 100}}, "method.disc_hidden=100 must be a multiple of 32"),
+        ({"sweep": {"variants": {"abl": 3}}}, "sweep.variants.abl=3 must be a mapping"),
+        ({"serve": {"variants": {"v": ""}}}, "serve.variants.v='' must not be empty"),
+        ({"serve": {"default_steps": 9}}, "serve.default_steps=9 is out of range: allowed [2, 8]"),
+        ({"ray": {"object_store_mb": 10}}, "ray.object_store_mb=10 is out of range"),
+        ({"method": 3}, "'method' must be a mapping"),
+        ({"trian": {"seed": 1}}, "did you mean 'train'?"),
+        # an unknown key is reported before a bad value next to it
+        ({"method": {"split": 60, "splitt": 1}}, "did you mean 'method.split'?"),
     ],
 )
 def test_bad_files_give_one_clear_sentence(tmp_path, data, needle):
@@ -133,3 +179,48 @@ def test_single_consistency_model_needs_semantic_stage():
     assert cfg.method.split == -1
     with pytest.raises(ConfigError, match="set train.stage=semantic"):
         load_config(overrides=["method.split=-1"])
+
+
+def test_values_coerce_as_yaml_writes_them():
+    """Lists become tuples, ints become floats where a number is asked, 'auto' stays,
+    the strings 'true'/'false' of an auto-or-boolean field become booleans."""
+    cfg = load_config(
+        overrides=[
+            "model.patch_size=[1, 4, 4]",
+            "lora.alpha=16",
+            "train.use_gpu=FALSE",
+            "ingest.actor_gpus=1",
+            "sample.prompts=[a red circle]",
+            "data.height=64",
+        ]
+    )
+    assert cfg.model.patch_size == (1, 4, 4) and isinstance(cfg.model.patch_size, tuple)
+    assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float)
+    assert cfg.train.use_gpu is False and cfg.ingest.actor_gpus == 1.0
+    assert cfg.sample.prompts == ("a red circle",)
+    assert load_config().serve.replica_gpus == "auto"
+    assert Config(**cfg.to_dict()) == cfg  # the dict written next to artifacts reads back
+
+
+def test_sections_built_directly_validate_the_same_way():
+    """Code that builds a section (MethodConfig(...), dataclasses.replace) gets the same
+    one-line ConfigError as a YAML file, with the field's own name."""
+    assert LoraConfig(target_modules=["to_q"]).target_modules == ("to_q",)
+    with pytest.raises(ConfigError, match=r"^split=60 is out of range: allowed \[-1, 48\]$"):
+        MethodConfig(split=60)
+    with pytest.raises(ConfigError, match="unknown config key 'rnak'; did you mean 'rank'"):
+        LoraConfig(rnak=4)
+    with pytest.raises(ConfigError, match="^lr_disc=2.0 is out of range"):
+        dataclasses.replace(TrainConfig(), lr_disc=2.0)
+    with pytest.raises(ConfigError, match="^encode_actors='2' must be an integer$"):
+        IngestConfig(encode_actors="2")
+    assert dataclasses.asdict(LoraConfig())["rank"] == 128
+    assert MethodConfig.split == 34  # class attributes hold the defaults
+
+
+def test_every_key_has_a_doc_and_a_default():
+    keys = all_keys()
+    assert "method.split" in keys and "serve.variants" in keys and len(keys) == len(set(keys))
+    lines = [line for line in explain().splitlines() if line.startswith("  ")]
+    assert len(lines) == len([k for k in keys if "." in k])
+    assert all(not line.rstrip().endswith("# None") for line in lines)
