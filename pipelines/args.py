@@ -8,6 +8,8 @@ through the code.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,47 @@ def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--explain", action="store_true", help="with --dry-run: list every key with its doc"
     )
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only (DCM_LOG=warning)"
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug lines too (DCM_LOG=debug)"
+    )
     return parser
+
+
+class _ShortFormatter(logging.Formatter):
+    """``12:03:07 I distill: message``: time, level initial, module without the package."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.short = record.name.removeprefix("pipelines.").removeprefix("dcm.")
+        return super().format(record)
+
+
+def setup_logging(argv: list[str] | None = None) -> None:
+    """Configure logging once, for a command run from the terminal: one line per record on
+    stderr (stdout carries the command's result). The level comes from ``-q``/``-v`` in
+    ``argv`` or the DCM_LOG environment variable (debug, info, warning); debug applies to
+    this project's modules only, not to every library."""
+    argv = argv or []
+    level = os.environ.get("DCM_LOG", "info").upper()
+    if "-q" in argv or "--quiet" in argv:
+        level = "WARNING"
+    if "-v" in argv or "--verbose" in argv:
+        level = "DEBUG"
+    ours = getattr(logging, level, logging.INFO)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "dcm", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.dcm = True  # type: ignore[attr-defined]
+    handler.setFormatter(
+        _ShortFormatter("%(asctime)s %(levelname).1s %(short)s: %(message)s", "%H:%M:%S")
+    )
+    root.addHandler(handler)
+    root.setLevel(max(ours, logging.INFO))
+    for name in ("pipelines", "dcm", "serve"):
+        logging.getLogger(name).setLevel(ours)
 
 
 def data_keys(data: str | None) -> dict[str, Any]:
@@ -120,6 +162,7 @@ def _yaml_scalar(value: Any) -> str:
 
 def run_main(main_fn, argv: list[str] | None = None) -> int:
     """Run a stage's main, turning user errors into one clear line and exit code 2."""
+    setup_logging(sys.argv[1:] if argv is None else argv)
     try:
         return int(main_fn(argv) or 0)
     except ConfigError as err:

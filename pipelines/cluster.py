@@ -10,11 +10,14 @@ only when the stage's model is a local folder or bundled: a hub id may download.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
 
 from dcm.config import RayConfig
+
+log = logging.getLogger(__name__)
 
 # Environment every local Ray process must share (driver, raylet, workers).
 LOCAL_ENV = {
@@ -49,6 +52,38 @@ def hub_env(model: str | None) -> dict[str, str]:
     return {} if model and is_hub_id(model) else {"HF_HUB_OFFLINE": "1"}
 
 
+def progress_env() -> dict[str, str]:
+    """How Ray shows progress, for where this command's output goes.
+
+    In a terminal: nothing to change, Ray's live bars (a worker's bars are drawn by the
+    driver through ray tqdm). Into a file or a pipe (``make demo > log``): no bars, whose
+    carriage-return redraws fill a log; Ray Data logs one line per operator every
+    ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds instead (Ray 2.60 does that by itself
+    for a driver whose stdout is not a terminal, but not for a dataset run inside a worker,
+    e.g. a Train worker's shard, unless ray tqdm is off: ``RAY_TQDM=0``).
+    """
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return {}
+    return {
+        "RAY_TQDM": "0",
+        "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": os.environ.get(
+            "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30"
+        ),
+    }
+
+
+def _apply_progress_env(env: dict[str, str]) -> None:
+    """``progress_env()`` in this (driver) process: the datasets it builds carry its Ray Data
+    context to the workers that run them, so the context must say it too when ray.data was
+    imported before the variable was set."""
+    for key, val in env.items():
+        os.environ.setdefault(key, val)
+    if os.environ.get("RAY_TQDM") == "0" and "ray.data" in sys.modules:
+        from ray.data import DataContext
+
+        DataContext.get_current().use_ray_tqdm = False
+
+
 def cluster_gpus() -> float:
     """GPUs of the connected Ray cluster (what the 'auto' GPU settings follow)."""
     import ray
@@ -66,6 +101,8 @@ def init_ray(
     import ray
 
     cfg = cfg or RayConfig()
+    progress = progress_env()
+    _apply_progress_env(progress)
     if ray.is_initialized():
         ctx = ray.get_runtime_context()
         return RayContext(ctx.gcs_address, _dashboard_url(), started_here=False)
@@ -92,14 +129,14 @@ def init_ray(
         dashboard_host="127.0.0.1",
         dashboard_port=_free_dashboard_port(cfg.dashboard_port) if cfg.dashboard else None,
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {**LOCAL_ENV, **hub_env(model)}},
+        runtime_env={"env_vars": {**LOCAL_ENV, **hub_env(model), **progress}},
         log_to_driver=True,
     )
     url = info.dashboard_url
     url = f"http://{url}" if url and not url.startswith("http") else url
     if not quiet:
         where = f"; dashboard: {url}" if url else ""
-        print(f"[dcm] started a local Ray cluster on 127.0.0.1{where}", file=sys.stderr)
+        log.info("started a local Ray cluster on 127.0.0.1%s", where)
     return RayContext(info.address_info["gcs_address"], url, started_here=True)
 
 
@@ -117,9 +154,7 @@ def _free_dashboard_port(port: int) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    print(
-        f"[dcm] port {port} is taken (another Ray cluster?): dashboard on {free}", file=sys.stderr
-    )
+    log.warning("port %d is taken (another Ray cluster?): dashboard on %d", port, free)
     return free
 
 

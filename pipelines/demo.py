@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -26,6 +27,8 @@ from typing import Any
 import pipelines.args
 from dcm.config import Config
 from dcm.files import write_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 STATE = "state.json"
@@ -50,17 +53,17 @@ class Demo:
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         done = self.state.get(name)
         if done and done.get("done"):
-            print(
-                f"[demo] {name}: already done ({done['seconds']:.0f} s), skipping; --fresh re-runs it"
+            log.info(
+                "%s: already done (%.0f s), skipping; --fresh re-runs it", name, done["seconds"]
             )
             return done["result"]
-        print(f"[demo] {name}: running", flush=True)
+        log.info("%s: running", name)
         start = time.perf_counter()
         result = fn()
         took = time.perf_counter() - start
         self.state[name] = {"done": True, "seconds": took, "result": result}
         self._save_state()
-        print(f"[demo] {name}: done in {took:.0f} s", flush=True)
+        log.info("%s: done in %.0f s", name, took)
         return result
 
     # ------------------------------------------------------------ stages
@@ -179,13 +182,12 @@ def run_demo(
         report = demo.stage("report", demo.report)
     finally:
         shutdown(ctx)
-    print()
-    print(f"[demo] finished. Report: {report['html']} (and {report['md']})")
+    print(f"Report:         {report['html']} (and {report['md']})")
     print(
-        f"[demo] MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {dist['tracking_uri']} --host 127.0.0.1 --port 5000"
+        f"MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {dist['tracking_uri']} --host 127.0.0.1 --port 5000"
     )
     print(
-        "[demo] Ray dashboard:  http://127.0.0.1:8265 while a stage runs (start one with `ray start --head --dashboard-host 127.0.0.1`)"
+        "Ray dashboard:  http://127.0.0.1:8265 while a stage runs (start one with `ray start --head --dashboard-host 127.0.0.1`)"
     )
     return demo.state
 

@@ -22,6 +22,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 
 from dcm.config import Config, ConfigError
 from pipelines.args import add_common, resolve, run_main
+
+log = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "caption")
 
@@ -175,7 +178,7 @@ def run_evaluate(
         teacher_at_steps=teacher_at_steps,
         sample_dir=out / "samples",
         video_dir=out / "videos" if vbench else None,
-        progress=lambda line: print(f"[evaluate] {line}", file=sys.stderr, flush=True),
+        progress=log.info,
         untrained=generator.untrained() if untrained else None,
         others={k: VideoGenerator.load(v, device=device) for k, v in (compare or {}).items()},
         **scorers,

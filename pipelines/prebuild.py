@@ -6,12 +6,18 @@ it here keeps that cost out of test timeouts. The result is cached in TORCH_EXTE
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 
+from pipelines.args import setup_logging
+
+log = logging.getLogger(__name__)
+
 
 def main() -> int:
+    setup_logging(sys.argv[1:])
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".cache/torch_extensions"))
     start = time.perf_counter()
     try:
@@ -19,12 +25,12 @@ def main() -> int:
 
         op = build_shm_op()
     except Exception as err:  # noqa: BLE001 - a missing compiler only costs speed later
-        print(f"[dcm] DeepSpeed shm comm op not built ({err}); training will build it on demand")
+        log.warning("DeepSpeed shm comm op not built (%s); training will build it on demand", err)
         return 0
     state = "ready" if op is not None else "not available on this accelerator"
     took = time.perf_counter() - start
-    print(
-        f"[dcm] DeepSpeed shm comm op {state} in {took:.1f} s ({os.environ['TORCH_EXTENSIONS_DIR']})"
+    log.info(
+        "DeepSpeed shm comm op %s in %.1f s (%s)", state, took, os.environ["TORCH_EXTENSIONS_DIR"]
     )
     return 0
 

@@ -15,6 +15,7 @@ The store is ``tracking.uri`` when set, else ``MLFLOW_TRACKING_URI`` (a registry
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from dcm.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 URI_SCHEMES = ("models:/", "runs:/")
 MODEL_NAME = "model"  # the logged model's name inside its run
@@ -168,7 +171,6 @@ def publish(cfg: Any, result: Any, tracker: Any) -> Any:
     name = cfg.tracking.register_as
     if not name or not tracker.enabled or not result.mlflow_run_id:
         return result
-    import sys
     import tempfile
 
     from mlflow import MlflowClient
@@ -194,7 +196,7 @@ def publish(cfg: Any, result: Any, tracker: Any) -> Any:
     result.registered = register_model(
         exported, uri, run_id, name, result.metrics, artifact=result.artifact_dir
     )
-    print(f"[dcm distill] registered {result.registered['uri']} ({uri})", file=sys.stderr)
+    log.info("registered %s (%s)", result.registered["uri"], uri)
     return result
 
 

@@ -111,7 +111,7 @@ def test_the_listener_check_sees_wildcard_binds_on_ipv4_and_ipv6():
             sock.close()
 
 
-def test_a_taken_dashboard_port_gives_way_to_a_free_one(capsys):
+def test_a_taken_dashboard_port_gives_way_to_a_free_one(caplog):
     """Two `dcm` commands on one machine: the second cluster's dashboard moves, not fails."""
     import socket
 
@@ -123,5 +123,5 @@ def test_a_taken_dashboard_port_gives_way_to_a_free_one(capsys):
         taken = held.getsockname()[1]
         got = _free_dashboard_port(taken)
         assert got != taken and got > 0
-        assert f"port {taken} is taken" in capsys.readouterr().err
+        assert f"port {taken} is taken" in caplog.text
     assert _free_dashboard_port(got) == got  # a free port is kept
