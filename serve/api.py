@@ -228,6 +228,9 @@ def create_api(
             "X-DCM-Steps": str(params.steps),
             "X-DCM-Replica": result["replica"],
             "X-DCM-Batch-Size": str(result["batch_size"]),
+            # times the answering replica has loaded this model (more than 1: it was evicted
+            # by serve.max_models_per_replica and loaded again)
+            "X-DCM-Model-Loads": str(result["loads"]),
             "Content-Disposition": f'inline; filename="dcm-{_safe(request.state.request_id)}.{params.format}"',
         }
         return Response(result["video"], media_type=CONTENT_TYPES[params.format], headers=headers)

@@ -7,9 +7,10 @@
             by the request's ``model`` field; jobs report each step to the job store)
 
 ``build_app(args)`` is the builder ``serve run serve/config.yaml`` / ``serve deploy`` call
-with the config's ``args``; ``app_from_config(cfg)`` is what ``dcm serve`` calls. Every number
-(limits, replicas, batching, queue) comes from the ``serve`` section of ``dcm.config``;
-the Serve YAML's ``deployments`` entries override the deployment options on top.
+with the file's ``args``; ``app_from_config(cfg)`` is what ``dcm serve`` calls. Every number
+(limits, replicas, batching, queues, timeouts) comes from the ``serve`` section of
+``dcm.config``, through ``serve.settings`` (one owner; a Serve file written by
+``dcm serve --write-config`` carries no copy of them).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import Counter
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -32,7 +33,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from dcm.bundle import is_hub_id, resolve_model_path
-from dcm.config import Config, ConfigError, ServeConfig, from_dict, load_config
+from dcm.config import Config, ConfigError, ServeConfig, from_dict
 from serve.api import ApiSettings, create_api, key_digests
 from serve.batching import generate_group, group_by_shape
 from serve.jobs import (
@@ -48,52 +49,16 @@ from serve.jobs import (
 from serve.limits import DEFAULT_MODEL, Limits, RequestError
 from serve.metrics import make_metrics
 from serve.schemas import ModelCard
+from serve.settings import GENERATOR, AppArgs, generator_options
 from serve.store import JobStore
 
-APP_NAME = "dcm"
-GENERATOR = "Generator"
 INGRESS = "Ingress"
-
-
-class AppArgs(BaseModel):
-    """Builder arguments (the ``args`` of an application in serve/config.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: str | None = None  # experiment YAML (dcm.config); its serve section applies
-    preset: str | None = None
-    model: str | None = None  # bundle folder, distilled artifact or 'bundled:shapes'
-    device: str | None = None  # 'auto', 'cpu', 'cuda'
-    default_steps: int | None = None
-    min_steps: int | None = None
-    max_steps: int | None = None
-    max_frames: int | None = None
-    max_height: int | None = None
-    max_width: int | None = None
-    max_prompt_chars: int | None = None
-    request_timeout_s: float | None = None
-    api_key_env: str | None = None
-    job_store: str | None = None  # folder or URI of /v1/videos jobs (shared by all replicas)
-    variants: dict[str, str] | None = None  # name -> artifact folder (multiplexed)
-    set: list[str] = []  # further dotted overrides, e.g. ["serve.max_batch_size=8"]
-
-    def overrides(self) -> dict[str, Any]:
-        """Dotted config keys given by these args (None = not given)."""
-        out: dict[str, Any] = {"model.path": self.model}
-        for name in type(self).model_fields:
-            if name not in ("config", "preset", "model", "set"):
-                out[f"serve.{name}"] = getattr(self, name)
-        return {k: v for k, v in out.items() if v is not None}
-
-    def resolve(self) -> Config:
-        cfg = load_config(self.config, self.preset, self.set)
-        return cfg.replace(**self.overrides())
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application:
     """Serve's application builder: ``import_path: serve.app:build_app``."""
     if not isinstance(args, AppArgs):
-        args = AppArgs.model_validate(args or {})
+        args = AppArgs.parse(args)
     return app_from_config(args.resolve())
 
 
@@ -146,29 +111,6 @@ def replica_gpus(s: ServeConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def generator_options(s: ServeConfig) -> dict[str, Any]:
-    """Deployment options of the generator (serve/config.yaml may override them)."""
-    return {
-        "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued,
-        "autoscaling_config": {
-            "min_replicas": s.min_replicas,
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s,
-            "downscale_delay_s": s.downscale_delay_s,
-            "look_back_period_s": s.look_back_period_s,
-            # Serve marks this knob deprecated (env vars will replace it): only pass it
-            # when it differs from Serve's default, so default configs stay warning-free.
-            **(
-                {"metrics_interval_s": s.metrics_interval_s} if s.metrics_interval_s != 10.0 else {}
-            ),
-        },
-        "max_constructor_retry_count": 3,  # a broken model fails the deploy, not 20 retries
-    }
-
-
 def _model_path(path: str, field: str) -> str:
     """Check a model path where the app is built; make local paths absolute for replicas."""
     try:
@@ -191,6 +133,10 @@ def _device(s: ServeConfig) -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+class GenerationCancelled(Exception):
+    """Raised from the sampler's step callback when no request of a batch is waited for."""
+
+
 # ---------------------------------------------------------------- generator replicas
 @serve.deployment(name=GENERATOR)
 class Generator:
@@ -209,6 +155,9 @@ class Generator:
         self._models = {DEFAULT_MODEL: VideoGenerator.load(cfg.model.path, self._device, cfg)}
         check_geometry(cfg, self._models[DEFAULT_MODEL], cfg.model.path)
         self._replica = serve.get_replica_context().replica_id.unique_id
+        # How often this replica has loaded each model: a variant evicted by the LRU of
+        # max_models_per_replica and asked for again is loaded again (X-DCM-Model-Loads).
+        self._loads: Counter[str] = Counter({DEFAULT_MODEL: 1})
         self._store = JobStore(cfg.serve.job_store)
         # One generation at a time per replica: the Wan VAE keeps its causal-conv caches on
         # the module, so two concurrent decodes corrupt each other (frames lost or doubled).
@@ -223,6 +172,7 @@ class Generator:
             path = cfg.serve.variants[model_id]
             model = await asyncio.to_thread(VideoGenerator.load, path, self._device, cfg)
             check_geometry(cfg, model, path)
+            self._loads[model_id] += 1
             return model
 
         # LRU cache of variants per replica; Serve routes a model id to replicas holding it.
@@ -292,8 +242,15 @@ class Generator:
             await asyncio.to_thread(runner.beat)
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """One validated request -> {video, timings, model, replica, batch_size} or {error}."""
-        return await self._batched({**params, "_arrived": perf_counter()})
+        """One validated request -> {video, timings, model, replica, batch_size, loads} or
+        {error}. Cancelled (the ingress's 504, a client gone): its batch stops at the next
+        step once none of its requests is waited for, so the replica is free again."""
+        stop = threading.Event()
+        try:
+            return await self._batched({**params, "_arrived": perf_counter(), "_stop": stop})
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)  # resized from config in __init__
     async def _batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -316,6 +273,8 @@ class Generator:
                 outs = await asyncio.to_thread(self._run_group, model, [items[i] for i in group])
             except ValueError as err:  # ConfigError and friends: the request, not the server
                 outs = [{"error": {"field": None, "message": str(err)}} for _ in group]
+            except GenerationCancelled as err:  # nobody waits for these results
+                outs = [{"error": {"field": None, "message": str(err), "status": 499}}] * len(group)
             for i, out in zip(group, outs, strict=True):
                 if "timings" in out:
                     out["timings"] = {
@@ -324,15 +283,26 @@ class Generator:
                         **out["timings"],
                     }
                     out.update(
-                        model=items[i]["model"], replica=self._replica, batch_size=len(group)
+                        model=items[i]["model"],
+                        replica=self._replica,
+                        batch_size=len(group),
+                        loads=self._loads[items[i]["model"]],
                     )
                 results[i] = out
         return results
 
     def _run_group(self, model: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Generate one same-shape group in a worker thread, then encode each video."""
+        """Generate one same-shape group in a worker thread, then encode each video; stop
+        at the next step when every request of the group was cancelled."""
+
+        def check(k: int, n: int) -> None:
+            if all(it["_stop"].is_set() for it in items):
+                raise GenerationCancelled(f"cancelled at step {k} of {n}: no request waits")
+
         with self._gen_lock:
-            return self._generate_group(model, items)
+            if all(it["_stop"].is_set() for it in items):  # cancelled while waiting
+                raise GenerationCancelled("cancelled before it started")
+            return self._generate_group(model, items, check)
 
     def _generate_group(
         self, model: Any, items: list[dict[str, Any]], callback: Any = None
@@ -486,7 +456,8 @@ async def call_generator(handle: Any, params: dict[str, Any], timeout_s: float) 
         response.cancel()
         raise RequestError(
             None,
-            f"generation took longer than serve.request_timeout_s={timeout_s:g} s",
+            f"generation took longer than serve.request_timeout_s={timeout_s:g} s: ask for "
+            "fewer steps, frames or pixels, or submit a job to /v1/videos",
             504,
             "timeout",
         ) from None

@@ -3,8 +3,9 @@
 First without Ray (the store on a folder and on an fsspec URI, the JobManager with a fake
 dispatcher, the sampler's step callback), then over real HTTP on a local Serve app on
 127.0.0.1 with one generator replica that takes two jobs at once but generates one at a
-time (the second waits at the replica, still queued; a third waits in the ingress). Every test leaves no job unfinished (an autouse fixture cancels
-leftovers), so they pass in any order.
+time (the second waits at the replica, still queued; a third waits in the ingress), and
+whose synchronous /v1/generate times out after a few seconds (the 504 path). Every test
+leaves no job unfinished (an autouse fixture cancels leftovers), so they pass in any order.
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ def served(ray_cluster, tmp_path_factory):
             "serve.job_lease_s": 30.0,  # the kill test needs no lease: Serve reports the death
             "serve.retry_after_s": 3,
             "serve.replica_cpus": 0.5,
+            # /v1/generate answers 504 past this (jobs have no such limit); the other
+            # synchronous requests here take about a second
+            "serve.request_timeout_s": 12.0,
         }
     )
     url = start(cfg)
@@ -322,7 +326,7 @@ def test_submit_poll_progress_and_download(served, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_jobs_of_another_key_are_404_and_bad_requests_422(served):
     url, _ = served
     job = submit(url).json()
@@ -345,7 +349,7 @@ def test_jobs_of_another_key_are_404_and_bad_requests_422(served):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_cancel_a_queued_and_a_running_job(served):
     url, _ = served
     first = submit(url, steps=LONG_STEPS).json()
@@ -375,7 +379,7 @@ def test_cancel_a_queued_and_a_running_job(served):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_a_full_job_queue_answers_503_with_retry_after(served):
     url, cfg = served
     running = submit(url, steps=LONG_STEPS).json()
@@ -393,7 +397,7 @@ def test_a_full_job_queue_answers_503_with_retry_after(served):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_jobs_sent_to_one_replica_at_once_give_whole_videos(served, tmp_path):
     """Two jobs in flight on one replica: each gets all its frames (the VAE's caches are not
     shared between concurrent decodes)."""
@@ -408,7 +412,7 @@ def test_jobs_sent_to_one_replica_at_once_give_whole_videos(served, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_a_job_whose_replica_is_killed_is_retried_never_left_running(served):
     import ray
 
@@ -431,7 +435,51 @@ def test_a_job_whose_replica_is_killed_is_retried_never_left_running(served):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
+def test_a_generation_past_the_request_timeout_is_504_and_the_replica_answers_on(served):
+    """/v1/generate past serve.request_timeout_s: 504 with a one-sentence JSON error, the
+    generation is stopped on the replica, and the same replica answers the next request."""
+    url, cfg = served
+    small = {"prompt": "x", "steps": 2, **SMALL}
+    first = requests.post(f"{url}/v1/generate", json=small, headers=ME, timeout=120)
+    assert first.status_code == 200, first.text
+    replica = first.headers["x-dcm-replica"]
+    s = cfg.serve  # the largest request: minutes of sampling on two cores
+    slow = {"steps": s.max_steps, "num_frames": s.max_frames, "height": s.max_height}
+    t0 = time.monotonic()
+    resp = requests.post(
+        f"{url}/v1/generate",
+        json={"prompt": "x", **slow, "width": s.max_width},
+        headers=ME,
+        timeout=120,
+    )
+    waited = time.monotonic() - t0
+    assert resp.status_code == 504, resp.text
+    assert s.request_timeout_s <= waited < s.request_timeout_s + 30, waited
+    error = resp.json()["error"]
+    assert error["type"] == "timeout" and error["field"] is None and error["request_id"]
+    message = error["message"]
+    assert f"serve.request_timeout_s={s.request_timeout_s:g} s" in message
+    assert message.count(". ") == 0 and "\n" not in message, message  # one sentence
+
+    # had the slow generation gone on, this one would wait for it (one at a time) and time out
+    t0 = time.monotonic()
+    nxt = requests.post(f"{url}/v1/generate", json=small, headers=ME, timeout=120)
+    assert nxt.status_code == 200, nxt.text
+    assert nxt.headers["x-dcm-replica"] == replica and replica_ids() == [replica]
+    assert time.monotonic() - t0 < s.request_timeout_s
+
+
+def replica_ids() -> list[str]:
+    import ray
+
+    prefix = "SERVE_REPLICA::dcm#Generator#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [n[len(prefix) :] for n in names if n.startswith(prefix)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 def test_metrics_are_scraped_from_rays_prometheus_endpoint(served):
     import ray
 
