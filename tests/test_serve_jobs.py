@@ -227,8 +227,8 @@ def served(ray_cluster, tmp_path_factory):
             "serve.retry_after_s": 3,
             "serve.replica_cpus": 0.5,
             # /v1/generate answers 504 past this (jobs have no such limit); the other
-            # synchronous requests here take about a second
-            "serve.request_timeout_s": 12.0,
+            # synchronous requests here take a second or two
+            "serve.request_timeout_s": 20.0,
         }
     )
     url = start(cfg)
