@@ -389,6 +389,11 @@ class IngestConfig:
     )
     decode_cpus: Float = doc(0.5, "CPUs per decode task.", ge=0.01, le=256)
     rows_per_shard: Int = doc(64, "Clips per parquet shard.", ge=1, le=1_000_000)
+    dtype: Literal["float32", "bfloat16"] = doc(
+        "float32",
+        "Stored latents/text: 'float32' (lossless) or 'bfloat16' (half the bytes; exact when "
+        "the encoders compute in bf16, as on GPU).",
+    )
 
 
 @section
