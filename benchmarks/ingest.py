@@ -1,12 +1,23 @@
 """Ingest throughput: clips/s of the Ray Data pipeline and its decode/encode time split,
-against the VAE's own encode throughput measured in the same run.
+against the VAE's own encode throughput measured in the same run, and the parquet mode's
+rows/s, MB/s and bytes per row.
 
     python benchmarks/ingest.py                 # CPU: shapes bundle, 17 x 64 x 64 clips
+    python benchmarks/ingest.py --tiny wan      # CPU: a `dcm tiny-model --backbone wan` folder
     python benchmarks/ingest.py --gpu           # GPU: full-size Wan2.1 VAE (random weights),
                                                 #      81 x 480 x 832 clips from 720p sources
 
-The pipeline runs in online mode (``stream_latents``: decode tasks -> encoder actor pool ->
-the driver), so no parquet writing is timed. Figures:
+Two passes over the same sources. Online mode (``stream_latents``: decode tasks -> encoder
+actor pool -> the driver) times the pipeline without storage. Parquet mode (``run_ingest``
+into a fresh folder: the writer tasks write the shards) gives:
+
+- parquet_rows_per_s / parquet_mb_per_s: clips and shard bytes written per second of the
+  run (cluster start excluded, model loading included);
+- row_bytes: one latent row in memory (float32 latents + text + mask [+ pooled]);
+  disk_bytes_per_row: shard bytes on disk per row (``ingest.dtype``, zstd);
+- writer_pids: the processes that wrote the shards (never the driver).
+
+Online figures:
 
 - vae_clips_per_s: the bundle's ``encode_video`` alone on ready pixel tensors (same batch
   size, device and dtype as the actors), after a warm-up batch;
@@ -24,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -31,8 +44,31 @@ import tempfile
 import time
 from pathlib import Path
 
+log = logging.getLogger("benchmarks.ingest")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def machine() -> str:
+    """This machine in words: CPU model, cores, memory, load average."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()[0]
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, load average {load:.0f} at the end"
+
+
+def _online_skipped() -> dict[str, float]:
+    nan = float("nan")
+    keys = ("end_to_end_s", "end_to_end_clips_per_s", "pipeline_clips_per_s")
+    return {**dict.fromkeys(keys, nan), "clips": 0, "decode_task_s": nan, "encode_task_s": nan,
+            "row_bytes": 0, "inputs": 0, "rejects": 0}  # fmt: skip
 
 
 def make_sources(folder: Path, count: int, frames: int, height: int, width: int, fps: int) -> Path:
@@ -149,6 +185,38 @@ def pipeline_throughput(cfg) -> dict[str, float]:
     }
 
 
+def parquet_throughput(cfg, out: Path) -> dict[str, float]:
+    """One ``run_ingest`` into a fresh folder: rows/s, MB/s and bytes per row on disk."""
+    import json as _json
+    import shutil
+
+    from dcm import latents as lt
+    from pipelines.ingest import STATE_DIR, run_ingest
+
+    shutil.rmtree(out, ignore_errors=True)
+    summary = run_ingest(cfg.replace(**{"ingest.out": str(out)}))
+    shards = sorted(out.glob("shard-*.parquet"))
+    disk = sum(p.stat().st_size for p in shards)
+    pids = {
+        f["pid"]
+        for p in (out / STATE_DIR).glob("done-*.json")
+        for f in _json.loads(p.read_text())["files"]
+    }
+    m = lt.read_manifest(out)
+    floats = math.prod(m.latent_shape) + math.prod(m.text_shape) + m.pooled_dim
+    return {
+        "memory_bytes_per_row": 4 * floats + m.text_shape[0],  # float32 tensors + int8 mask
+        "parquet_rows": summary.clips,
+        "parquet_s": summary.seconds,
+        "parquet_rows_per_s": summary.clips / summary.seconds,
+        "parquet_mb_per_s": disk / 1e6 / summary.seconds,
+        "disk_bytes_per_row": disk / max(summary.clips, 1),
+        "shards": len(shards),
+        "writer_pids": sorted(pids),
+        "driver_pid": os.getpid(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="full-size Wan VAE at 81x480x832 on a GPU")
@@ -166,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray cluster (0 = all)")
     p.add_argument("--reps", type=int, default=3, help="timed VAE-only batches")
     p.add_argument("--model", default="", help="bundle (CPU default: bundled:shapes or a tiny one)")
+    p.add_argument(
+        "--tiny",
+        choices=("wan", "hunyuanvideo"),
+        default="",
+        help="CPU: a `dcm tiny-model` folder of this backbone with its smoke config",
+    )
+    p.add_argument("--dtype", default="", help="ingest.dtype: float32 (default) or bfloat16")
+    p.add_argument("--rows-per-shard", type=int, default=0, help="ingest.rows_per_shard")
+    p.add_argument("--skip-online", action="store_true", help="parquet mode only")
     p.add_argument("--work", default="", help="folder for sources and bundles (default: temp)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -174,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     from dcm.config import load_config
 
     work = Path(args.work or tempfile.mkdtemp(prefix="dcm-bench-ingest-"))
+    config_file = None
     if args.gpu:
         import torch
 
         if not torch.cuda.is_available():
-            print("error: --gpu needs a CUDA device (use --full-vae to run that model on CPU)")
+            log.error("--gpu needs a CUDA device (use --full-vae to run that model on CPU)")
             return 2
     if args.gpu or args.full_vae:
         frames, height, width = args.frames or 81, args.height or 480, args.width or 832
@@ -198,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         frames, height, width = args.frames or 17, args.height or 64, args.width or 64
         src_h, src_w, src_frames = 96, 128, 2 * frames
         model = args.model
+        if args.tiny:
+            from pipelines.tiny_model import SMOKE_CONFIG, write_tiny_model
+
+            folder = work / f"tiny-{args.tiny}"
+            if not (folder / SMOKE_CONFIG).is_file():
+                write_tiny_model(args.tiny, folder)
+            model, config_file = str(folder), folder / SMOKE_CONFIG
         if not model:
             try:
                 resolve_model_path("bundled:shapes")
@@ -221,21 +306,27 @@ def main(argv: list[str] | None = None) -> int:
         "ray.num_cpus": args.cpus or (os.cpu_count() or 2),
         **device,
     }
+    if args.dtype:
+        overrides["ingest.dtype"] = args.dtype
+    if args.rows_per_shard:
+        overrides["ingest.rows_per_shard"] = args.rows_per_shard
     preset = "wan2.1-t2v-1.3b" if args.gpu or args.full_vae else "shapes-tiny"
-    cfg = load_config(None, preset, [f"{k}={v}" for k, v in overrides.items()])
-    print(
-        f"[bench] {videos} sources {src_frames}x{src_h}x{src_w} -> clips "
-        f"{frames}x{height}x{width}, batch {batch}, model {model}",
-        flush=True,
+    if config_file is not None:
+        preset = None  # the tiny folder's smoke config names its preset
+    cfg = load_config(config_file, preset, [f"{k}={v}" for k, v in overrides.items()])
+    log.info(
+        "%d sources %dx%dx%d -> clips %dx%dx%d, batch %d, model %s",
+        *(videos, src_frames, src_h, src_w, frames, height, width, batch, model),
     )
 
     vae = vae_throughput(cfg, batch, args.reps)
-    print(f"[bench] VAE alone: {vae['vae_clips_per_s']:.3f} clips/s", flush=True)
+    log.info("VAE alone: %.3f clips/s", vae["vae_clips_per_s"])
     from pipelines.cluster import init_ray, shutdown
 
-    ctx = init_ray(cfg.ray)
+    ctx = init_ray(cfg.ray, model=cfg.model.path)
     try:
-        pipe = pipeline_throughput(cfg)
+        pipe = _online_skipped() if args.skip_online else pipeline_throughput(cfg)
+        store = parquet_throughput(cfg, work / "latents")
     finally:
         shutdown(ctx)
     ratio = pipe["pipeline_clips_per_s"] / vae["vae_clips_per_s"]
@@ -248,24 +339,38 @@ def main(argv: list[str] | None = None) -> int:
         "videos": videos,
         **vae,
         **pipe,
+        **store,
         "ratio_vs_vae": ratio,
         "target": 0.8 if args.gpu else None,
+        "backbone": cfg.model.backbone,
+        "dtype": cfg.ingest.dtype,
+        "machine": machine(),
     }
     busy = pipe["encode_task_s"] / max(pipe["end_to_end_s"] * args.actors, 1e-9)
-    print(
-        f"[bench] pipeline {pipe['pipeline_clips_per_s']:.3f} clips/s steady, "
-        f"{pipe['end_to_end_clips_per_s']:.3f} end to end ({pipe['clips']} clips, "
-        f"{pipe['end_to_end_s']:.1f} s); VAE alone {vae['vae_clips_per_s']:.3f} clips/s; "
-        f"ratio {ratio:.2f}{' (target >= 0.80)' if args.gpu else ''}\n"
-        f"[bench] time split: decode {pipe['decode_task_s']:.1f} task-s, encode "
-        f"{pipe['encode_task_s']:.1f} actor-s (encoder busy {100 * busy:.0f}% of the wall time)\n"
-        f"[bench] {pipe['row_bytes'] / 2**20:.2f} MiB per latent row (latents + text + mask); "
-        f"{pipe['row_bytes'] * pipe['pipeline_clips_per_s'] / 2**20:.1f} MiB/s to storage at that rate"
+    log.info(
+        "online: %.3f clips/s steady, %.3f end to end (%d clips, %.1f s); VAE alone %.3f "
+        "clips/s; ratio %.2f%s",
+        *(pipe["pipeline_clips_per_s"], pipe["end_to_end_clips_per_s"], pipe["clips"]),
+        *(pipe["end_to_end_s"], vae["vae_clips_per_s"], ratio),
+        " (target >= 0.80)" if args.gpu else "",
     )
+    log.info(
+        "time split: decode %.1f task-s, encode %.1f actor-s (encoder busy %.0f%% of the wall)",
+        pipe["decode_task_s"], pipe["encode_task_s"], 100 * busy,
+    )  # fmt: skip
+    log.info(
+        "parquet: %d rows in %.1f s = %.3f rows/s, %.3f MB/s; %.0f bytes per row in memory, "
+        "%.0f on disk (%s); %d shards written by pids %s (driver %d)",
+        *(store["parquet_rows"], store["parquet_s"], store["parquet_rows_per_s"]),
+        *(store["parquet_mb_per_s"], store["memory_bytes_per_row"], store["disk_bytes_per_row"]),
+        *(result["dtype"], store["shards"], store["writer_pids"], store["driver_pid"]),
+    )
+    print(json.dumps(result, indent=2))  # the result, for pipes
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if (not args.gpu or ratio >= 0.8) else 1
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     sys.exit(main())

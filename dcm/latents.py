@@ -13,7 +13,11 @@ One row per clip (docs/ARCHITECTURE.md, "Latent rows"):
 | `clip`      | int32, index of the clip within its source                                  |
 
 In parquet the tensors are stored as flat fixed-size lists (plain Arrow, readable by any
-parquet tool) and the shapes live in ``manifest.json``; ``table_to_rows`` restores them. A
+parquet tool) and the shapes live in ``manifest.json``; ``table_to_rows`` restores them.
+The float tensors are stored as float32 (default, lossless) or, with ``ingest.dtype:
+bfloat16``, as bfloat16 bit patterns in uint16 lists (half the bytes; exact when the
+encoders computed in bf16, else rounded to nearest even). ``table_to_rows`` reads either
+kind from the column's type and always returns float32. A
 parquet folder holds ``shard-NNNNN.parquet`` files, ``manifest.json`` (schema version,
 encoder id, latent normalisation, shapes, counts, shard list), ``rejects.parquet`` (path,
 reason) and ``empty_prompt.parquet`` (the empty prompt's ``text`` / ``text_mask`` [/
@@ -42,6 +46,7 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
 EMPTY_PROMPT = "empty_prompt.parquet"
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
+STORAGE_DTYPES = ("float32", "bfloat16")  # how latents/text/pooled are stored in parquet
 
 
 class LatentsError(ValueError):
@@ -97,24 +102,44 @@ def columns(pooled_dim: int) -> list[str]:
     return [*COLUMNS, POOLED] if pooled_dim else list(COLUMNS)
 
 
-def rows_to_table(rows: dict[str, np.ndarray]) -> pa.Table:
-    """Numpy latent rows (leading batch axis) -> an Arrow table of plain fixed-size lists."""
-    n = check_rows(rows)
+def to_bf16_bits(arr: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return np.where(np.isnan(arr), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
-    def flat(arr: np.ndarray, dtype: Any, pa_type: pa.DataType) -> pa.Array:
-        a = np.ascontiguousarray(arr, dtype=dtype).reshape(n, -1)  # (B, prod(shape))
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def rows_to_table(rows: dict[str, np.ndarray], dtype: str = "float32") -> pa.Table:
+    """Numpy latent rows (leading batch axis) -> an Arrow table of plain fixed-size lists;
+    ``dtype`` ('float32' or 'bfloat16') is how the float tensors are stored."""
+    n = check_rows(rows)
+    if dtype not in STORAGE_DTYPES:
+        raise LatentsError(f"storage dtype {dtype!r} is not one of {list(STORAGE_DTYPES)}")
+
+    def flat(arr: np.ndarray, np_type: Any, pa_type: pa.DataType) -> pa.Array:
+        a = np.ascontiguousarray(arr, dtype=np_type).reshape(n, -1)  # (B, prod(shape))
         return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa_type), a.shape[1])
 
+    def floats(arr: np.ndarray) -> pa.Array:
+        if dtype == "bfloat16":
+            return flat(to_bf16_bits(np.asarray(arr)), np.uint16, pa.uint16())
+        return flat(arr, np.float32, pa.float32())
+
     cols = {
-        "latents": flat(rows["latents"], np.float32, pa.float32()),
-        "text": flat(rows["text"], np.float32, pa.float32()),
+        "latents": floats(rows["latents"]),
+        "text": floats(rows["text"]),
         "text_mask": flat(rows["text_mask"], np.int8, pa.int8()),
         "caption": pa.array([str(c) for c in rows["caption"]], pa.string()),
         "source": pa.array([str(s) for s in rows["source"]], pa.string()),
         "clip": pa.array(np.asarray(rows["clip"], dtype=np.int32), pa.int32()),
     }
     if POOLED in rows:
-        cols[POOLED] = flat(rows[POOLED], np.float32, pa.float32())
+        cols[POOLED] = floats(rows[POOLED])
     return pa.table(cols)
 
 
@@ -129,7 +154,10 @@ def table_to_rows(
 
     def unflat(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         col = table.column(name).combine_chunks()
-        values = col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        if values.dtype == np.uint16 and dtype == np.float32:  # stored as bfloat16 bits
+            values = from_bf16_bits(values)
+        values = values.astype(dtype, copy=False)
         if values.size != n * math.prod(shape):
             raise LatentsError(
                 f"column '{name}' holds {values.size // max(n, 1)} values per row, the manifest "
@@ -192,6 +220,7 @@ class LatentManifest:
     counts: dict[str, int]  # inputs, videos, clips, rejects, shards
     shards: list[dict[str, Any]] = field(default_factory=list)  # {file, rows}
     pooled_dim: int = 0  # P of the 'pooled' column (HunyuanVideo), 0 = no such column
+    dtype: str = "float32"  # how latents/text/pooled are stored: float32 or bfloat16 bits
     empty_prompt: str = EMPTY_PROMPT
     rejects: str = REJECTS
     schema_version: int = LATENTS_SCHEMA_VERSION

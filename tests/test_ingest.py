@@ -17,6 +17,7 @@ from dcm import latents as lt
 from dcm.config import ConfigError, load_config
 from dcm.decode import decode_clips, to_pixels
 from pipelines import ingest
+from pipelines.ingest.decode import decode_one
 
 GOOD = {"good0.mp4": 40, "good1.mp4": 17, "good2.mp4": 21, "good3.mp4": 17}  # name -> frames
 
@@ -141,7 +142,7 @@ def test_uri_inputs_list_and_decode(world):
     rows = list(ingest.iter_sources(uri, kind))
     assert rows[0]["source"] == f"file://{world['root']}/vids/good0.mp4"
     geometry = {"num_frames": 17, "height": 64, "width": 64, "target_fps": 0.0, "clips": 2}
-    clips, caption = ingest._decode_one(rows[0], geometry)
+    clips, caption = decode_one(rows[0], geometry)
     assert len(clips) == 2 and clips[0].shape == (17, 64, 64, 3) and caption.startswith("a red")
 
 
@@ -209,16 +210,49 @@ def test_cli_dry_run_and_user_errors(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------- parquet mode
+class Interrupted(Exception):
+    """Stands for a driver killed mid-run."""
+
+
 @pytest.fixture(scope="module")
 def parquet_run(world, ray_cluster, tmp_path_factory):
+    """A parquet run interrupted after its first finished group, then resumed. The driver's
+    parquet writes are recorded (shards must come from the writer tasks, never from here)."""
+    import pipelines.ingest.run as run
+
     out = tmp_path_factory.mktemp("latents")
     cfg = _cfg(world, out, world["manifest"])
-    return cfg, out, ingest.run_ingest(cfg)
+    driver_writes: list[str] = []
+    real_write, real_close = lt.write_table, run.close_group
+
+    def record_write(fs, path, table):
+        driver_writes.append(path)
+        real_write(fs, path, table)
+
+    def close_once(*args, **kwargs):
+        if list((out / ingest.STATE_DIR).glob("done-*.json")):
+            raise Interrupted
+        return real_close(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lt, "write_table", record_write)
+        mp.setattr(run, "close_group", close_once)
+        with pytest.raises(Interrupted):
+            ingest.run_ingest(cfg)
+        mp.setattr(run, "close_group", real_close)
+        done = {p.name: json.loads(p.read_text()) for p in (out / ingest.STATE_DIR).glob("done-*")}
+        kept = {
+            f["file"]: (out / f["file"]).stat().st_mtime_ns
+            for rec in done.values()
+            for f in rec["files"]
+        }
+        summary = ingest.run_ingest(cfg)
+    return cfg, out, summary, {"done": done, "kept": kept, "driver_writes": driver_writes}
 
 
 @pytest.mark.timeout(240)
 def test_parquet_mode_counts_reconcile(parquet_run):
-    cfg, out, summary = parquet_run
+    cfg, out, summary, _ = parquet_run
     assert summary.reconciled
     # good0 has 40 frames -> 2 clips; good1-3 one each; 15 inputs, 4 videos, 11 rejects
     assert (summary.inputs, summary.videos, summary.clips, summary.rejects) == (15, 4, 5, 11)
@@ -244,7 +278,7 @@ def test_parquet_mode_counts_reconcile(parquet_run):
 def test_parquet_rows_are_the_encoders_output(parquet_run, world):
     from dcm.bundle import load_bundle
 
-    cfg, out, _ = parquet_run
+    cfg, out, _, _ = parquet_run
     rows = {}
     for batch in ingest.read_latents(out).iter_batches(batch_size=None, batch_format="numpy"):
         assert set(batch) == set(lt.COLUMNS)
@@ -277,22 +311,44 @@ def test_parquet_rows_are_the_encoders_output(parquet_run, world):
 
 
 @pytest.mark.timeout(240)
-def test_rerun_skips_finished_shards(parquet_run, world):
-    cfg, out, first = parquet_run
-    shards = sorted(out.glob("shard-*.parquet"))
-    assert len(shards) >= 2
-    kept, redo = shards[0], shards[-1]
-    kept_mtime = kept.stat().st_mtime_ns
-    group = int(redo.stem.split("-")[1])
-    redo.unlink()
-    (out / ingest.STATE_DIR / f"done-{group:05d}.json").unlink()
-    again = ingest.run_ingest(cfg)
-    assert again.reconciled and (again.inputs, again.clips, again.rejects) == (15, 5, 11)
-    assert again.resumed_groups == len(list((out / ingest.STATE_DIR).glob("done-*.json"))) - 1
-    assert kept.stat().st_mtime_ns == kept_mtime and redo.is_file()
+def test_resume_after_interruption_loses_nothing(parquet_run):
+    """The interrupted run's finished groups are kept as they were (same files, untouched)
+    and skipped; the resumed folder holds every clip exactly once."""
+    cfg, out, summary, first = parquet_run
+    assert len(first["done"]) >= 1 and summary.resumed_groups == len(first["done"])
+    manifest = lt.read_manifest(out)
+    listed = [s["file"] for s in manifest.shards]
+    for name, mtime in first["kept"].items():
+        assert name in listed and (out / name).stat().st_mtime_ns == mtime
+    clips = []
+    for path in lt.shard_paths(out, manifest):
+        table = pq.read_table(path, columns=["source", "clip"])
+        clips += [(Path(s).name, c) for s, c in zip(*table.to_pydict().values(), strict=True)]
+    assert sorted(clips) == [
+        ("good0.mp4", 0), ("good0.mp4", 1), ("good1.mp4", 0), ("good2.mp4", 0), ("good3.mp4", 0)
+    ]  # fmt: skip
+    # no shard file on disk outside the manifest (the interrupted run's partial groups went)
+    assert sorted(p.name for p in out.glob("shard-*.parquet")) == sorted(listed)
     # other settings into the same folder: one clear error, nothing overwritten
     with pytest.raises(ConfigError, match="data.num_frames"):
         ingest.run_ingest(cfg.replace(**{"data.num_frames": 9}))
+
+
+@pytest.mark.timeout(240)
+def test_shards_are_written_by_workers_not_the_driver(parquet_run):
+    import os
+
+    import ray
+
+    _, out, _, first = parquet_run
+    assert not [p for p in first["driver_writes"] if "shard-" in p]  # only the small tables
+    assert {Path(p).name for p in first["driver_writes"]} <= {lt.REJECTS, lt.EMPTY_PROMPT}
+    files = [f for p in (out / ingest.STATE_DIR).glob("done-*.json") for f in
+             json.loads(p.read_text())["files"]]  # fmt: skip
+    assert len(files) == len(lt.read_manifest(out).shards) >= 2
+    for f in files:  # the process that wrote each shard: a Ray worker on this cluster's node
+        assert f["pid"] != os.getpid() and f["pid"] > 0
+        assert f["node"] == ray.get_runtime_context().get_node_id()
 
 
 # ---------------------------------------------------------------- online mode

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from dcm import latents as lt
 from dcm.decode import SourceError, check_caption, decode_clips, read_caption
 
-log = logging.getLogger("dcm.ingest")
+log = logging.getLogger(__name__)
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -29,7 +29,7 @@ def _read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def _decode_one(row: dict[str, Any], d: dict[str, Any]) -> tuple[list[np.ndarray], str]:
+def decode_one(row: dict[str, Any], d: dict[str, Any]) -> tuple[list[np.ndarray], str]:
     """(clips, caption) of one source row, or SourceError with the reject reason."""
     if row["error"]:
         raise SourceError(row["error"])
@@ -81,7 +81,7 @@ def decode_batch(
             k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys
         }
         try:
-            clips, caption = _decode_one(row, geometry)
+            clips, caption = decode_one(row, geometry)
             reason = ""
         except SourceError as err:
             clips, caption, reason = [], "", str(err)

@@ -17,7 +17,7 @@ import numpy as np
 
 from dcm.decode import to_pixels
 
-log = logging.getLogger("dcm.ingest")
+log = logging.getLogger(__name__)
 
 
 class Encoder:

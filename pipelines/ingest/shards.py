@@ -1,9 +1,12 @@
 """Ingest's resumable parquet folder: settings check, shard groups, done records, manifest.
 
-Inputs are cut, in listing order, into groups of ``group_size``; group g becomes
-``shard-<g>.parquet`` plus a done record ``_ingest/done-<g>.json`` (its counts and rejects),
-both written atomically. ``_ingest/state.json`` holds the settings that change what a shard
-holds; a re-run must match them and skips the groups already done.
+Inputs are cut, in listing order, into groups of ``group_size``. The writer tasks write a
+group's rows as one or more ``shard-<g>-*.parquet`` files; when every input of the group is
+accounted for, the driver writes the group's done record ``_ingest/done-<g>.json`` (its
+files, counts and rejects), atomically and after its files. ``_ingest/state.json`` holds the
+settings that change what a shard holds; a re-run must match them, skips the groups already
+done and deletes the files of groups without a done record (an interrupted run's partial
+groups, written again).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import pyarrow.fs as pafs
 from dcm import latents as lt
 from dcm.config import Config, ConfigError
 from dcm.files import write_atomic
-from pipelines.ingest_ledger import reject_rows
+from pipelines.ingest.ledger import reject_rows
+from pipelines.ingest.writer import shard_group
 
 STATE_DIR = "_ingest"
 
@@ -26,6 +30,11 @@ STATE_DIR = "_ingest"
 def group_size(cfg: Config) -> int:
     """Inputs per shard group: about ``ingest.rows_per_shard`` clips per shard."""
     return max(1, cfg.ingest.rows_per_shard // cfg.data.clips_per_video)
+
+
+def storage_dtype(cfg: Config) -> str:
+    """The float dtype of stored latents/text (``ingest.dtype``; docs/ARCHITECTURE.md)."""
+    return cfg.ingest.dtype
 
 
 def fingerprint(cfg: Config, uri: str) -> dict[str, Any]:
@@ -43,11 +52,13 @@ def fingerprint(cfg: Config, uri: str) -> dict[str, Any]:
         "data.posterior": d.posterior,
         "group_size": group_size(cfg),
         "train.seed": cfg.train.seed,
+        "ingest.dtype": storage_dtype(cfg),
     }
 
 
 def prepare_out(fs: pafs.FileSystem, base: str, fingerprint: dict[str, Any]) -> dict[int, dict]:
-    """Create the folder, check a previous run's settings, load its done records."""
+    """Create the folder, check a previous run's settings, load its done records and delete
+    the shard files of groups that have none (written again by this run)."""
     state_dir = lt.join(base, STATE_DIR)
     fs.create_dir(state_dir, recursive=True)
     state = lt.join(state_dir, "state.json")
@@ -69,6 +80,10 @@ def prepare_out(fs: pafs.FileSystem, base: str, fingerprint: dict[str, Any]) -> 
             with fs.open_input_stream(info.path) as f:
                 rec = json.loads(f.read().decode())
             done[int(rec["group"])] = rec
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        g = shard_group(info.base_name)
+        if g is not None and (g not in done or ".tmp-" in info.base_name):
+            fs.delete_file(info.path)
     return done
 
 
@@ -98,30 +113,33 @@ class IngestSummary:
         )
 
 
-def flush_group(
+def close_group(
     fs: pafs.FileSystem,
     base: str,
     g: int,
-    rows: list[dict[str, np.ndarray]],
+    written: dict[str, np.ndarray],
     status: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write group g's shard (if it has clips) and then its done record."""
-    file = None
-    videos: set[int] = set()
-    n = 0
-    if rows:
-        cat = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-        order = np.lexsort((cat["clip"], cat["index"]))  # deterministic row order
-        cat = {k: v[order] for k, v in cat.items()}
-        videos = {int(i) for i in cat["index"]}
-        n = len(order)
-        file = f"shard-{g:05d}.parquet"
-        lt.write_table(fs, lt.join(base, file), lt.rows_to_table(cat))
+    """Write group g's done record from the writer records of its rows (index, clip, file,
+    pid, node; possibly none) and the ledger's status of the group."""
+    videos = {int(i) for i in written.get("index", [])}
+    files: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(written.get("file", [])):
+        rec = files.setdefault(
+            str(name),
+            {
+                "file": str(name),
+                "rows": 0,
+                "pid": int(written["pid"][i]),
+                "node": str(written["node"][i]),
+            },
+        )
+        rec["rows"] += 1
     rejected = {r["index"] for r in status["rejects"]} - videos
     rec = {
         "group": g,
-        "file": file,
-        "rows": n,
+        "files": [files[k] for k in sorted(files)],
+        "rows": sum(f["rows"] for f in files.values()),
         "inputs": status["inputs"],
         "videos": len(videos),
         "rejected_inputs": len(rejected),
@@ -142,7 +160,9 @@ def finish_folder(
     """Write rejects.parquet, empty_prompt.parquet and manifest.json from every group's done
     record (this run's and resumed ones); return the folder's counts."""
     fs, base = lt.filesystem(out)
+    dtype = storage_dtype(cfg)
     recs = [done[g] for g in sorted(done)]
+    shards = [{"file": f["file"], "rows": f["rows"]} for rec in recs for f in rec["files"]]
     rejects = [r for rec in recs for r in rec["rejects"]]
     lt.write_table(fs, lt.join(base, lt.REJECTS), lt.rejects_table(rejects))
     empty_path = lt.join(base, lt.EMPTY_PROMPT)
@@ -166,7 +186,7 @@ def finish_folder(
         "clips": sum(r["rows"] for r in recs),
         "rejects": len(rejects),
         "rejected_inputs": sum(r["rejected_inputs"] for r in recs),
-        "shards": sum(1 for r in recs if r["file"]),
+        "shards": len(shards),
     }
     enc_info = {k: v for k, v in (encoder or {}).items() if not k.startswith("empty_")}
     manifest = lt.LatentManifest(
@@ -187,8 +207,9 @@ def finish_folder(
             "clips_per_video": cfg.data.clips_per_video,
         },
         counts=counts,
-        shards=[{"file": r["file"], "rows": r["rows"]} for r in recs if r["file"]],
+        shards=shards,
         pooled_dim=pooled_dim,
+        dtype=dtype,
     )
     lt.write_manifest(out, manifest)
     return counts
