@@ -85,13 +85,17 @@ def distill(cfg: Config) -> Path:
     return Path(result.artifact_dir)
 
 
-def ship(artifact: Path, out: Path) -> None:
-    """Copy the artifact's two files into ``out``, with no paths of this machine in it."""
+def ship(artifact: Path, out: Path) -> bool:
+    """Copy the artifact's two files into ``out``, with no paths of this machine in it;
+    True when the weights changed (a new student to evaluate)."""
     from dcm.experts import ARTIFACT_JSON, ARTIFACT_WEIGHTS
     from dcm.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(artifact / ARTIFACT_WEIGHTS, out / ARTIFACT_WEIGHTS)
+    src, dst = artifact / ARTIFACT_WEIGHTS, out / ARTIFACT_WEIGHTS
+    fresh = not dst.is_file() or dst.read_bytes() != src.read_bytes()
+    if fresh:
+        shutil.copyfile(src, dst)
     meta = json.loads((artifact / ARTIFACT_JSON).read_text())
     meta["bundle_path"] = "bundled:shapes"
     for section, keys in MACHINE_KEYS.items():
@@ -99,9 +103,10 @@ def ship(artifact: Path, out: Path) -> None:
             meta["config"][section][key] = ""
     meta["config"]["train"]["out"] = "runs"
     write_atomic(out / ARTIFACT_JSON, json.dumps(meta, indent=2))
+    return fresh
 
 
-def evaluate(out: Path, work: Path) -> dict[str, Any]:
+def evaluate(out: Path, work: Path, fresh: bool = True) -> dict[str, Any]:
     from dcm.shapes.grammar import all_captions
     from pipelines.evaluate import run_evaluate
 
@@ -113,6 +118,9 @@ def evaluate(out: Path, work: Path) -> dict[str, Any]:
             "tracking.enabled=false",
         ],
     )
+    done = work / "eval" / "metrics.json"
+    if done.is_file() and not fresh:
+        return json.loads(done.read_text())  # this student was already evaluated
     return run_evaluate(cfg, work / "eval", all_captions("heldout"), untrained=True)
 
 
@@ -163,6 +171,13 @@ def readme(result: dict[str, Any], seconds: dict[str, float]) -> str:
         + " | ".join(f"{m[f'dcm@{n}']['summary'] / ref:.2f} x" for n in EVAL_STEPS)
         + " | |",
         "",
+        "Paired differences of the shapes summary (same prompt, seed and noise; mean ± "
+        "standard error over the videos; wins / losses count the videos that differ):",
+        "",
+        "| comparison | difference | wins / losses |",
+        "|---|---|---|",
+        *[paired_row(result, a, b) for a, b in PAIRS],
+        "",
         "#17's floors are 0.95 x the teacher at 50 steps at 4 steps and 0.9 x at 2 steps.",
         "",
         "## Reproduce",
@@ -174,12 +189,32 @@ def readme(result: dict[str, Any], seconds: dict[str, float]) -> str:
         f"{VIDEOS} rendered training clips, the `shapes-tiny` preset (w = 2 inside the target,",
         f"lr 1e-4, batch 8, LoRA rank 8), {STEPS} semantic + {STEPS} detail steps, validation",
         "every 250 steps on 8 training captions; the best checkpoint by `val/score` is shipped.",
-        f"Built on {platform.machine()} with {_cores()} CPU cores: "
+        f"Built on {platform.machine()} with {_cores()} CPU cores, shared with other jobs: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
         + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+PAIRS = (
+    ("dcm@2", "untrained@2"),
+    ("dcm@4", "untrained@4"),
+    ("dcm@2", "teacher@2"),
+    ("dcm@4", "teacher@4"),
+    ("dcm@4", "teacher@50"),
+)
+
+
+def paired_row(result: dict[str, Any], a: str, b: str) -> str:
+    """One markdown row: mean ± standard error of the per-video differences a - b."""
+    import numpy as np
+
+    va = np.array([r["summary"] for r in result["per_video"][a]])
+    vb = np.array([r["summary"] for r in result["per_video"][b]])
+    d = va - vb
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    return f"| {a} - {b} | {d.mean():+.3f} ± {se:.3f} | {(d > 0).sum()} / {(d < 0).sum()} |"
 
 
 def _cores() -> int:
@@ -189,25 +224,30 @@ def _cores() -> int:
 
 
 def build(work: Path, out: Path) -> dict[str, Any]:
+    from pipelines.distill import RESULT, run_dir
+
     work.mkdir(parents=True, exist_ok=True)
+    cfg = build_config(work)
     times_file = work / "seconds.json"
     seconds: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
 
-    def timed(name: str, fn: Any, *args: Any) -> Any:
+    def timed(name: str, done: bool, fn: Any, *args: Any) -> Any:
+        """Run a phase; record its wall time unless its output was already there."""
         start = time.perf_counter()
         value = fn(*args)
-        took = time.perf_counter() - start
-        if took > 5:  # a skipped phase keeps the time of the run that did it
-            seconds[name] = took
+        if not done:
+            seconds[name] = time.perf_counter() - start
             times_file.write_text(json.dumps(seconds))
-        log.info("%s: %.0f s", name, took)
+            log.info("%s: %.0f s", name, seconds[name])
         return value
 
-    manifest = timed("render", render, work)
-    timed("ingest", ingest, work, manifest)
-    artifact = timed("distill", distill, build_config(work))
-    ship(artifact, out)
-    result = timed("evaluate", evaluate, out, work)
+    evaluated = work / "eval" / "metrics.json"
+    manifest = timed("render", (work / "videos" / "captions.jsonl").is_file(), render, work)
+    timed("ingest", (work / "latents" / "manifest.json").is_file(), ingest, work, manifest)
+    finished = (Path(run_dir(cfg)) / "detail" / RESULT).is_file()
+    artifact = timed("distill", finished, distill, cfg)
+    fresh = ship(artifact, out)
+    result = timed("evaluate", evaluated.is_file() and not fresh, evaluate, out, work, fresh)
     (out / "README.md").write_text(readme(result, seconds))
     kept = ("steps", "sampler", "summary", "summary_std", "adherence", "nfe", "total_s")
     methods = {n: {k: r[k] for k in kept if k in r} for n, r in result["methods"].items()}

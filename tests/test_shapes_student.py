@@ -47,7 +47,7 @@ def test_generate_uses_the_student_unless_a_model_or_teacher_is_asked_for(capsys
         return yaml.safe_load(capsys.readouterr().out)
 
     got = resolved()
-    assert got["model"]["path"] == str(STUDENT)
+    assert got["model"]["path"] == DEFAULT_STUDENT
     # sizes come from the artifact's own training config
     assert (got["data"]["num_frames"], got["model"]["fps"]) == (17, 8)
     assert resolved("--teacher")["model"]["path"] == "bundled:shapes"
