@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="dcm serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model", metavar="PATH", help="bundle folder, distilled artifact or bundled:shapes"
+        "--model",
+        metavar="PATH",
+        help="distilled artifact, bundle folder, bundled:shapes (the teacher) or hub id "
+        "(default: the bundled distilled student bundled:shapes-dcm)",
     )
     parser.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             args.config, args.preset = app_args.config, args.preset or app_args.preset
             args.overrides = [*app_args.set, *args.overrides]
     cli = {
-        "model.path": args.model,
+        # no model given: the bundled distilled student (pipelines.args.model_or_default)
+        "model.path": pipelines.args.model_or_default(args, args.model),
         "serve.host": args.host,
         "serve.port": args.port,
         "serve.device": args.device,
