@@ -21,7 +21,9 @@ batches need not be the rows an uninterrupted run would have seen at those steps
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -35,10 +37,18 @@ from dcm.config import Config, ConfigError
 from dcm.files import is_remote
 from pipelines.checkpoints import ARTIFACT, best_checkpoint, check_detail_start
 from pipelines.registry import publish
-from pipelines.tracking import PARENT, RunLogger, Tracker
-from pipelines.train_loop import STAGES, record_selection, train_loop
+from pipelines.tracking import PARENT, Tracker
+from pipelines.train_loop import (
+    STAGES,
+    StageSettings,
+    ValidationInputs,
+    record_selection,
+    stage_steps,
+    train_loop,
+)
 
 RESULT = "result.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,7 +111,7 @@ def _first_rows(cfg: Config, dataset: Any, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
+def validation_inputs(cfg: Config, dataset: Any) -> ValidationInputs:
     """Fixed validation prompts (encoded), the empty prompt, and the latent shape.
 
     Prompts: ``sample.prompts`` (encoded here with the bundle's text encoder), else the
@@ -152,11 +162,10 @@ def validation_inputs(cfg: Config, dataset: Any) -> dict[str, Any]:
         null = encode([""])
         null_text, null_mask = null.text.float().numpy(), null.mask.numpy()
         null_pooled = None if null.pooled is None else null.pooled.float().numpy()
-    return {
-        "captions": captions, "text": text, "mask": mask, "pooled": pooled,
-        "null_text": null_text, "null_mask": null_mask, "null_pooled": null_pooled,
-        "latent_shape": latent_shape,
-    }  # fmt: skip
+    return ValidationInputs(
+        captions=captions, text=text, mask=mask, null_text=null_text, null_mask=null_mask,
+        latent_shape=tuple(latent_shape), pooled=pooled, null_pooled=null_pooled,
+    )  # fmt: skip
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -169,51 +178,25 @@ def _use_gpu(cfg: Config) -> bool:
 
 
 # ---------------------------------------------------------------- one stage
-def make_trainer(
-    cfg: Config,
-    stage: str,
-    init_checkpoint: Any = None,
-    callbacks: Any = (),
-    *,
-    dataset: Any = None,
-    logger: RunLogger | None = None,
-    val: dict[str, Any] | None = None,
-) -> Any:
-    """The TorchTrainer of one stage ('semantic' or 'detail').
-
-    ``init_checkpoint``: the semantic stage's Checkpoint for the detail stage (else
-    ``train.init_from``). Ray Train keeps its state in ``<run_dir>/<stage>``: the same run
-    name resumes from the latest checkpoint. ``dataset`` defaults to ``training_data(cfg)``,
-    ``logger`` to no MLflow.
-    """
+def make_trainer(settings: StageSettings, dataset: Any, callbacks: Any = ()) -> Any:
+    """The TorchTrainer of one stage: ``train_loop`` on ``train.num_workers`` workers, each
+    handed ``settings``. Ray Train keeps its state in ``<run_dir>/<stage>``: the same run
+    name resumes from the latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if stage not in STAGES:
-        raise ConfigError(f"stage '{stage}' is not allowed: choose one of {', '.join(STAGES)}")
-    check_detail_start(stage, cfg.train.init_from, init_checkpoint)
-    dataset = training_data(cfg) if dataset is None else dataset
-    val = validation_inputs(cfg, dataset) if val is None else val
+    cfg, t = settings.cfg, settings.cfg.train
     gpu = _use_gpu(cfg)
-    t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "stage": stage,
-        "init_checkpoint": init_checkpoint,
-        "logger": logger or RunLogger(),
-        "val": val,
-        "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR", ""),
-    }
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=settings.loop_config(),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=stage,
+            name=settings.stage,
             storage_path=run_dir(cfg),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
@@ -227,10 +210,6 @@ def make_trainer(
     )
 
 
-def _stage_steps(cfg: Config, stage: str) -> int:
-    return cfg.train.steps_semantic if stage == "semantic" else cfg.train.steps_detail
-
-
 def _finished(cfg: Config, stage: str) -> DistillResult | None:
     """The recorded result of a stage this run name already finished (same step count)."""
     if is_remote(run_dir(cfg)):
@@ -239,7 +218,7 @@ def _finished(cfg: Config, stage: str) -> DistillResult | None:
     if not file.is_file():
         return None
     data = json.loads(file.read_text())
-    if data.get("steps") != _stage_steps(cfg, stage) or not Path(data["checkpoint"]).is_dir():
+    if data.get("steps") != stage_steps(cfg, stage) or not Path(data["checkpoint"]).is_dir():
         return None  # more steps asked for (continue), or the checkpoint is gone
     from ray.train import Checkpoint
 
@@ -273,7 +252,7 @@ def run_stage(
     parent_id: str | None = None,
     init_checkpoint: Any = None,
     dataset: Any = None,
-    val: dict[str, Any] | None = None,
+    val: ValidationInputs | None = None,
     callbacks: Any = (),
 ) -> DistillResult:
     """Fit one stage (or pick up its recorded result) and log its artifact to MLflow.
@@ -283,14 +262,19 @@ def run_stage(
     """
     done = _finished(cfg, stage)
     if done is not None:
-        print(f"[dcm distill] stage {stage} already finished: {done.artifact_dir}", file=sys.stderr)
+        log.info("stage %s already finished: %s", stage, done.artifact_dir)
         return done
+    check_detail_start(stage, cfg.train.init_from, init_checkpoint)
     dataset = training_data(cfg) if dataset is None else dataset
     val = validation_inputs(cfg, dataset) if val is None else val  # its captions name val/score
+    # what every worker gets; checked (the stage) before the MLflow run opens
+    settings = StageSettings(
+        cfg, stage, val, init_checkpoint=init_checkpoint,
+        torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", ""),
+    )  # fmt: skip
     logger = tracker.open_run(stage, parent_id)
-    trainer = make_trainer(
-        cfg, stage, init_checkpoint, callbacks, dataset=dataset, logger=logger, val=val
-    )
+    settings = dataclasses.replace(settings, logger=logger)
+    trainer = make_trainer(settings, dataset, callbacks)
     try:
         result = trainer.fit()
     except Exception:
@@ -300,14 +284,14 @@ def run_stage(
     artifact = _local_artifact(checkpoint, cfg, stage)
     logger.log_artifacts(artifact, "artifact")
     final = dict(result.metrics or {})  # the last report: the final student's validation
-    beats = record_selection(logger, cfg, stage, val["captions"], final, metrics)
+    beats = record_selection(logger, cfg, stage, val.captions, final, metrics)
     tracker.close_run(logger)
     out = DistillResult(
         artifact, checkpoint, logger.run_id, dict(metrics), stage, beats_step0=beats
     )
     if not is_remote(run_dir(cfg)):
         record = {
-            "stage": stage, "steps": _stage_steps(cfg, stage), "checkpoint": checkpoint.path,
+            "stage": stage, "steps": settings.steps, "checkpoint": checkpoint.path,
             "artifact_dir": str(artifact), "mlflow_run_id": logger.run_id,
             "metrics": _plain_metrics(metrics), "beats_step0": beats,
         }  # fmt: skip

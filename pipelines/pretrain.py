@@ -3,17 +3,19 @@
     python -m pipelines.pretrain [--out dcm/shapes/bundle] [--minutes 60] [--set train.seed=0]
 
 One TorchTrainer worker (fractional CPUs on the loopback cluster, a GPU when there is one)
-runs, top to bottom:
+runs ``pretrain_loop``, whose phases are top-level functions sharing one ``Worker``:
 
-1. a random bundle from ``dcm.tiny.build_tiny_bundle`` with the grammar's word vocabulary;
-2. the VAE: reconstruction (MSE + L1) + a small KL on freshly rendered clips;
-3. the training clips encoded once (posterior mean and std cached), the per-channel latent
-   statistics written into the VAE config (``Bundle.normalize`` reads them);
-4. the transformer and the text encoder jointly, rectified flow (METHOD.md section 1):
-   x_s = (1 - s) x0 + s eps, target v = eps - x0, s from the preset's shifted grid
-   (section 2), 10% empty prompts (data.empty_prompt_prob), EMA weights saved;
-5. the bundle (EMA weights) reported as a Ray checkpoint every few minutes and at the end;
-   the driver copies the last one to ``--out``.
+1. ``start_worker``: a random bundle from ``dcm.tiny.build_tiny_bundle`` with the grammar's
+   word vocabulary (or a copy of ``--init``);
+2. ``fit_vae``: reconstruction (MSE + L1) + a small KL on freshly rendered clips, then the
+   decoder alone on full-length clips;
+3. ``encode_clips``: the training clips encoded once (posterior mean and std cached), the
+   per-channel latent statistics written into the VAE config (``Bundle.normalize`` reads them);
+4. ``fit_flow``: the transformer and the text encoder jointly on ``flow_loss``, rectified
+   flow (METHOD.md section 1): x_s = (1 - s) x0 + s eps, target v = eps - x0, s from the
+   preset's shifted grid (section 2), 10% empty prompts (data.empty_prompt_prob), EMA weights;
+5. ``save_bundle``: the bundle (EMA weights) reported as a Ray checkpoint every few minutes
+   and at the end; the driver copies the last one to ``--out``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -28,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ FG_WEIGHT = 10.0  # VAE loss weight of coloured (object) pixels against grey bac
 LOGVAR_INIT = -8.0  # initial VAE posterior log-variance (std 0.018)
 SHARD = "4MB"  # weight files stay small: the bundle is committed to the repository
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dcm" / "shapes" / "bundle"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,13 +145,48 @@ def _lr_factor(step: int, progress: float, warmup: int) -> float:
     return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
-# ---------------------------------------------------------------- the worker
-def pretrain_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: all phases of the teacher pretraining, reporting bundle checkpoints."""
-    import ray.train
+# ---------------------------------------------------------------- the worker, in phases
+@dataclass
+class Worker:
+    """What the pretraining phases on the worker share."""
 
+    cfg: Config
+    st: PretrainSettings
+    dev: torch.device
+    rng: np.random.Generator  # clip draws and prompt dropout
+    dgen: torch.Generator  # noise, drawn on `dev`
+    work: Path  # scratch folder: the starting bundle (init/) and checkpoints being written
+    base: Path  # the starting bundle (random, or a copy of --init)
+    bundle: Any  # dcm.bundle.Bundle loaded from `base`: the modules this worker trains
+    info: dict[str, Any]  # becomes the bundle's pretrain.json
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class CachedLatents:
+    """The training clips encoded once: posterior statistics, captions, normalisation."""
+
+    captions: list[str]
+    z_mean: torch.Tensor  # (N, C, T, h, w) raw posterior means, on the device
+    z_std: torch.Tensor  # (N, C, T, h, w) posterior stds (zeros for data.posterior=mean)
+    norm_mean: torch.Tensor  # (1, C, 1, 1, 1) per-channel latent mean (Bundle.normalize)
+    norm_std: torch.Tensor  # (1, C, 1, 1, 1)
+
+
+@dataclass
+class FlowProgress:
+    """Where the transformer phase stands (what a bundle checkpoint records)."""
+
+    ema: Ema
+    step: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+def start_worker(config: dict[str, Any]) -> Worker:
+    """Phase 1: seeds, device, and the starting bundle, a random one with the grammar's word
+    vocabulary or a copy of ``--init``, loaded by the library's loader."""
     from dcm.bundle import load_bundle, resolve_model_path
-    from dcm.shapes.dataset import iter_clips
     from dcm.tiny import build_tiny_bundle
 
     cfg: Config = from_dict(config["cfg"])
@@ -158,12 +197,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     use_cuda = torch.cuda.is_available() and cfg.train.use_gpu is not False
     dev = torch.device("cuda" if use_cuda else "cpu")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on a GPU (cuDNN convs default to it)
-    dgen = torch.Generator(device=dev).manual_seed(cfg.train.seed)  # noise drawn on `dev`
-    d = cfg.data
+    dgen = torch.Generator(device=dev).manual_seed(cfg.train.seed)
     started = time.time()
     info: dict[str, Any] = {"settings": dataclasses.asdict(st), "device": str(dev)}
-
-    # 1. a random bundle with the grammar's vocabulary
     work = Path(tempfile.mkdtemp(prefix="dcm-pretrain-"))
     if st.init:
         base = Path(shutil.copytree(resolve_model_path(st.init), work / "init"))
@@ -179,184 +215,224 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             patch_size=tuple(cfg.model.patch_size),
             **st.dims(),
         )
-    # The library's loader and text encoding; this worker trains what it loads.
     bundle = load_bundle(base, device=dev, text_max_length=cfg.model.text_max_length)
-    vae, transformer, text_encoder = bundle.vae, bundle.transformer, bundle.text_encoder
+    return Worker(cfg, st, dev, rng, dgen, work, base, bundle, info, started)
 
-    def render(
-        n: int, seed: int, frames: int, split: str = "train"
-    ) -> tuple[list[str], torch.Tensor]:
-        pairs = list(iter_clips(n, seed, split, st.two_prob, frames, d.height, d.width))
-        return [s.caption() for s, _ in pairs], to_pixels(np.stack([f for _, f in pairs]))
 
-    # 2. VAE: MSE + L1 reconstruction and a small KL, on clips never reused. A fresh VAE
-    # starts with posterior std ~1, which drowns its small latent means: the decoder then
-    # learns the average clip and stalls (~19 dB). Start the log-variance at LOGVAR_INIT so
-    # samples carry the mean from step one; the KL still regularises it.
-    if st.vae_steps and not st.init:
-        with torch.no_grad():
-            z = vae.config.z_dim
-            vae.quant_conv.weight[z:].zero_()  # output channels z.. are the log-variance
-            vae.quant_conv.bias[z:].fill_(LOGVAR_INIT)
+def render(
+    w: Worker, n: int, seed: int, frames: int, split: str = "train"
+) -> tuple[list[str], torch.Tensor]:
+    """``n`` fresh shapes clips: captions and pixels (n, 3, frames, H, W) in [-1, 1]."""
+    from dcm.shapes.dataset import iter_clips
 
-    def fit_vae(tag: str, steps: int, minutes: float, frames: int, decoder_only: bool) -> int:
-        """Train the VAE (or its decoder alone) for `steps` / `minutes`; return steps done."""
-        vae.train().requires_grad_(not decoder_only)
-        if decoder_only:
-            vae.decoder.requires_grad_(True)
-            vae.post_quant_conv.requires_grad_(True)
-        params = [p for p in vae.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=st.vae_lr, weight_decay=0.0)
-        # A GPU steps faster than one CPU thread renders: there, sample from a clip pool.
-        pool = render(st.vae_pool, 10_000, frames)[1] if steps and st.vae_pool else None
-        seed0 = 30_000_000 if decoder_only else 10_000
-        t0, step = time.time(), -1
-        for step in range(steps):
-            used = (time.time() - t0) / 60
-            if minutes and used >= minutes:
-                break
-            if pool is not None:
-                x = pool[torch.from_numpy(rng.integers(0, len(pool), st.vae_batch))]
-            else:
-                x = render(st.vae_batch, seed0 + step, frames)[1]
-            x = x.to(dev)  # (B, 3, F, H, W)
-            with torch.set_grad_enabled(not decoder_only):
-                post = vae.encode(x).latent_dist
-            recon = vae.decode(post.sample(generator=None)).sample
-            rec = recon_loss(recon, x)
-            loss = rec
-            if not decoder_only:
-                loss = loss + st.kl_weight * post.kl().mean() / post.mean[0].numel()
-            progress = max(step / steps, used / minutes if minutes else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = st.vae_lr * _lr_factor(step, progress, 50)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if step % st.log_every == 0 or step == steps - 1:
-                metrics = {"phase": tag, "step": step, "loss": rec.item(), "psnr": psnr(recon, x)}
-                ray.train.report(metrics)
-                print(f"[pretrain] {tag} {step}/{steps} {metrics}", flush=True)
-        vae.eval().requires_grad_(False)
-        return step + 1
+    d = w.cfg.data
+    pairs = list(iter_clips(n, seed, split, w.st.two_prob, frames, d.height, d.width))
+    return [s.caption() for s, _ in pairs], to_pixels(np.stack([f for _, f in pairs]))
 
-    info["vae_steps_done"] = fit_vae("vae", st.vae_steps, st.vae_minutes, st.vae_frames, False)
-    # 2b. the decoder alone on clips of the preset's length. The causal VAE decodes a clip
-    # chunk by chunk with cached features; trained on short clips it has never seen a
-    # steady-state chunk and garbles later frames. The encoder stays frozen, so latents
-    # (and a transformer trained on them) stay valid.
-    info["decoder_steps_done"] = fit_vae(
-        "decoder", st.decoder_steps, st.decoder_minutes, d.num_frames, True
-    )
 
-    # 3. encode the training clips once; held-out renders measure the VAE's PSNR. With
-    # --steps 0 the transformer of --init is kept, and so are its latent statistics.
+def init_vae_logvar(w: Worker) -> None:
+    """A fresh VAE starts with posterior std ~1, which drowns its small latent means: the
+    decoder then learns the average clip and stalls (~19 dB). Start the log-variance at
+    LOGVAR_INIT so samples carry the mean from step one; the KL still regularises it."""
+    vae = w.bundle.vae
     with torch.no_grad():
-        _, x_val = render(16, 999, d.num_frames, "heldout")
-        x_val = x_val.to(dev)
-        info["vae_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mode()).sample, x_val)
-        captions, means, stds = [], [], []
-        for start in range(0, st.clips if st.steps else 16, 16):
-            caps, x = render(min(16, st.clips - start), 20_000 + start, d.num_frames)
-            post = vae.encode(x.to(dev)).latent_dist
-            captions += caps
-            means.append(post.mean.cpu())
-            stds.append(post.std.cpu())
+        z = vae.config.z_dim
+        vae.quant_conv.weight[z:].zero_()  # output channels z.. are the log-variance
+        vae.quant_conv.bias[z:].fill_(LOGVAR_INIT)
+
+
+def fit_vae(
+    w: Worker, tag: str, steps: int, minutes: float, frames: int, decoder_only: bool
+) -> int:
+    """Phase 2: the VAE (MSE + L1 reconstruction and a small KL, on clips never reused), or
+    its decoder alone, for ``steps`` / ``minutes``; returns the steps done."""
+    import ray.train
+
+    st, vae, dev = w.st, w.bundle.vae, w.dev
+    vae.train().requires_grad_(not decoder_only)
+    if decoder_only:
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=st.vae_lr, weight_decay=0.0)
+    # A GPU steps faster than one CPU thread renders: there, sample from a clip pool.
+    pool = render(w, st.vae_pool, 10_000, frames)[1] if steps and st.vae_pool else None
+    seed0 = 30_000_000 if decoder_only else 10_000
+    t0, step = time.time(), -1
+    for step in range(steps):
+        used = (time.time() - t0) / 60
+        if minutes and used >= minutes:
+            break
+        if pool is not None:
+            x = pool[torch.from_numpy(w.rng.integers(0, len(pool), st.vae_batch))]
+        else:
+            x = render(w, st.vae_batch, seed0 + step, frames)[1]
+        x = x.to(dev)  # (B, 3, F, H, W)
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=None)).sample
+        rec = recon_loss(recon, x)
+        loss = rec
+        if not decoder_only:
+            loss = loss + st.kl_weight * post.kl().mean() / post.mean[0].numel()
+        progress = max(step / steps, used / minutes if minutes else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = st.vae_lr * _lr_factor(step, progress, 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % st.log_every == 0 or step == steps - 1:
+            metrics = {"phase": tag, "step": step, "loss": rec.item(), "psnr": psnr(recon, x)}
+            ray.train.report(metrics)
+            log.info("%s %d/%d %s", tag, step, steps, metrics)
+    vae.eval().requires_grad_(False)
+    return step + 1
+
+
+@torch.no_grad()
+def encode_clips(w: Worker) -> CachedLatents:
+    """Phase 3: the VAE's PSNR on held-out renders, then the training clips encoded once and
+    the per-channel latent statistics written into the VAE config (``Bundle.normalize``
+    reads them). With --steps 0 the transformer of --init is kept, and so are its statistics."""
+    st, vae, dev, d = w.st, w.bundle.vae, w.dev, w.cfg.data
+    _, x_val = render(w, 16, 999, d.num_frames, "heldout")
+    x_val = x_val.to(dev)
+    w.info["vae_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mode()).sample, x_val)
+    captions, means, stds = [], [], []
+    for start in range(0, st.clips if st.steps else 16, 16):
+        caps, x = render(w, min(16, st.clips - start), 20_000 + start, d.num_frames)
+        post = vae.encode(x.to(dev)).latent_dist
+        captions += caps
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
     z_mean, z_std = torch.cat(means).to(dev), torch.cat(stds).to(dev)  # (N, C, T, h, w) raw
     ch_mean = z_mean.mean(dim=(0, 2, 3, 4))
     ch_std = z_mean.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
     # posterior noise relative to the latent spread: small means 'sample' ~ 'mean'
-    info["posterior_std_ratio"] = float((z_std.mean(dim=(0, 2, 3, 4)) / ch_std).mean())
+    w.info["posterior_std_ratio"] = float((z_std.mean(dim=(0, 2, 3, 4)) / ch_std).mean())
     ch_mean, ch_std = ch_mean.cpu(), ch_std.cpu()
-    if cfg.data.posterior == "mean":
+    if d.posterior == "mean":
         z_std = torch.zeros_like(z_std)
     if st.steps:
         vae.register_to_config(latents_mean=ch_mean.tolist(), latents_std=ch_std.tolist())
     else:
         ch_mean = torch.tensor(vae.config.latents_mean)
         ch_std = torch.tensor(vae.config.latents_std)
-    info["encode_minutes"] = (time.time() - started) / 60
-    print(
-        f"[pretrain] vae psnr {info['vae_psnr']:.2f} dB, posterior std ratio "
-        f"{info['posterior_std_ratio']:.3f}; {len(captions)} clips encoded",
-        flush=True,
-    )
+    w.info["encode_minutes"] = (time.time() - w.started) / 60
+    log.info(
+        "vae psnr %.2f dB, posterior std ratio %.3f; %d clips encoded",
+        w.info["vae_psnr"], w.info["posterior_std_ratio"], len(captions),
+    )  # fmt: skip
     shape = (1, -1, 1, 1, 1)
-    norm_mean, norm_std = ch_mean.view(shape).to(dev), ch_std.view(shape).to(dev)
+    return CachedLatents(
+        captions, z_mean, z_std, ch_mean.view(shape).to(dev), ch_std.view(shape).to(dev)
+    )
 
-    # 4. transformer + text encoder, rectified flow with the preset's shift
+
+def flow_loss(w: Worker, lat: CachedLatents) -> torch.Tensor:
+    """Rectified flow on one batch of cached clips (METHOD.md section 1): a posterior sample,
+    normalised; x_s = (1 - s) x0 + s eps, s from the preset's shifted grid (section 2),
+    target v = eps - x0; ``data.empty_prompt_prob`` of the prompts empty."""
+    st, dev, rng, dgen = w.st, w.dev, w.rng, w.dgen
+    idx = rng.integers(0, len(lat.captions), st.batch)
+    rows = torch.from_numpy(idx).to(dev)
+    std = lat.z_std[rows]
+    z = lat.z_mean[rows] + std * torch.randn(std.shape, generator=dgen, device=dev)
+    x0 = (z - lat.norm_mean) / lat.norm_std  # (B, C, T, h, w)
+    drop = w.cfg.data.empty_prompt_prob
+    prompts = ["" if rng.random() < drop else lat.captions[i] for i in idx]
+    cond = w.bundle.encode_text(prompts, grad=True)
+    u = torch.rand(st.batch, generator=dgen, device=dev)
+    sigma = shifted(u, w.cfg.method.shift)
+    eps = torch.randn(x0.shape, generator=dgen, device=dev)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xs = (1 - s) * x0 + s * eps
+    v = w.bundle.transformer(
+        xs, timestep=1000.0 * sigma, encoder_hidden_states=cond.text, return_dict=False
+    )[0]
+    return (v.float() - (eps - x0)).pow(2).mean()
+
+
+def fit_flow(w: Worker, lat: CachedLatents) -> FlowProgress:
+    """Phase 4: the transformer and the text encoder jointly on ``flow_loss``, EMA weights
+    kept; a bundle checkpoint every ``checkpoint_minutes``."""
+    st = w.st
+    transformer, text_encoder = w.bundle.transformer, w.bundle.text_encoder
     transformer.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=st.lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    ema = Ema([transformer, text_encoder], st.ema)
-    shift, drop = cfg.method.shift, d.empty_prompt_prob
-    flow_start, last_ckpt, step, losses = time.time(), time.time(), 0, []
-
-    def save_bundle(tag: str) -> None:
-        out = work / tag
-        shutil.copytree(base, out, dirs_exist_ok=True)
-        ema.swap()
-        transformer.save_pretrained(out / "transformer", max_shard_size=SHARD)
-        text_encoder.save_pretrained(out / "text_encoder")
-        ema.swap()
-        vae.save_pretrained(out / "vae", max_shard_size=SHARD)
-        info.update(
-            steps=step,
-            flow_minutes=(time.time() - flow_start) / 60,
-            total_minutes=(time.time() - started) / 60,
-            loss=float(torch.stack(losses[-100:]).mean()) if losses else None,
-        )
-        (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-        metrics = {"phase": "flow", "step": step, "loss": info["loss"] or 0.0}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
-        shutil.rmtree(out, ignore_errors=True)
-
-    while step < st.steps:
-        minutes = (time.time() - flow_start) / 60
+    flow = FlowProgress(Ema([transformer, text_encoder], st.ema))
+    last_ckpt = time.time()
+    while flow.step < st.steps:
+        minutes = (time.time() - flow.started) / 60
         if st.minutes and minutes >= st.minutes:
             break
-        progress = max(step / st.steps, minutes / st.minutes if st.minutes else 0.0)
-        idx = rng.integers(0, len(captions), st.batch)
-        rows = torch.from_numpy(idx).to(dev)
-        # posterior sample of the cached clips, then normalised (Bundle.normalize)
-        std = z_std[rows]
-        z = z_mean[rows] + std * torch.randn(std.shape, generator=dgen, device=dev)
-        x0 = (z - norm_mean) / norm_std  # (B, C, T, h, w)
-        prompts = ["" if rng.random() < drop else captions[i] for i in idx]
-        cond = bundle.encode_text(prompts, grad=True)
-        u = torch.rand(st.batch, generator=dgen, device=dev)
-        sigma = shifted(u, shift)  # METHOD.md section 2
-        eps = torch.randn(x0.shape, generator=dgen, device=dev)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xs = (1 - s) * x0 + s * eps
-        v = transformer(
-            xs, timestep=1000.0 * sigma, encoder_hidden_states=cond.text, return_dict=False
-        )[0]
-        loss = (v.float() - (eps - x0)).pow(2).mean()
+        progress = max(flow.step / st.steps, minutes / st.minutes if st.minutes else 0.0)
+        loss = flow_loss(w, lat)
         for g in opt.param_groups:
-            g["lr"] = st.lr * _lr_factor(step, progress, st.warmup)
+            g["lr"] = st.lr * _lr_factor(flow.step, progress, st.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema.update()
-        losses.append(loss.detach())
-        step += 1
-        if step % st.log_every == 0:
-            print(
-                f"[pretrain] flow {step} loss {torch.stack(losses[-st.log_every :]).mean():.4f} "
-                f"{minutes:.1f} min",
-                flush=True,
-            )
+        flow.ema.update()
+        flow.losses.append(loss.detach())
+        flow.step += 1
+        if flow.step % st.log_every == 0:
+            recent = torch.stack(flow.losses[-st.log_every :]).mean()
+            log.info("flow %d loss %.4f %.1f min", flow.step, recent, minutes)
         if st.checkpoint_minutes and time.time() - last_ckpt > 60 * st.checkpoint_minutes:
-            save_bundle(f"step{step}")
+            save_bundle(w, flow, f"step{flow.step}")
             last_ckpt = time.time()
+    return flow
 
-    # 5. the final bundle
-    save_bundle("final")
-    shutil.rmtree(work, ignore_errors=True)
+
+def save_bundle(w: Worker, flow: FlowProgress, tag: str) -> None:
+    """Phase 5: the bundle (EMA weights of the transformer and text encoder) with its
+    pretrain.json, reported as a Ray Train checkpoint."""
+    import ray.train
+
+    out = w.work / tag
+    shutil.copytree(w.base, out, dirs_exist_ok=True)
+    flow.ema.swap()
+    w.bundle.transformer.save_pretrained(out / "transformer", max_shard_size=SHARD)
+    w.bundle.text_encoder.save_pretrained(out / "text_encoder")
+    flow.ema.swap()
+    w.bundle.vae.save_pretrained(out / "vae", max_shard_size=SHARD)
+    w.info.update(
+        steps=flow.step,
+        flow_minutes=(time.time() - flow.started) / 60,
+        total_minutes=(time.time() - w.started) / 60,
+        loss=float(torch.stack(flow.losses[-100:]).mean()) if flow.losses else None,
+    )
+    (out / "pretrain.json").write_text(json.dumps(w.info, indent=2) + "\n")
+    metrics = {"phase": "flow", "step": flow.step, "loss": w.info["loss"] or 0.0}
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def pretrain_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: the pretraining phases in order, reporting bundle checkpoints."""
+    if not logging.getLogger().handlers:  # INFO lines on the worker's stderr (Ray forwards it)
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    w = start_worker(config)
+    st, d = w.st, w.cfg.data
+    if st.vae_steps and not st.init:
+        init_vae_logvar(w)
+    w.info["vae_steps_done"] = fit_vae(w, "vae", st.vae_steps, st.vae_minutes, st.vae_frames, False)
+    # the decoder alone on clips of the preset's length. The causal VAE decodes a clip
+    # chunk by chunk with cached features; trained on short clips it has never seen a
+    # steady-state chunk and garbles later frames. The encoder stays frozen, so latents
+    # (and a transformer trained on them) stay valid.
+    w.info["decoder_steps_done"] = fit_vae(
+        w, "decoder", st.decoder_steps, st.decoder_minutes, d.num_frames, True
+    )
+    latents = encode_clips(w)
+    flow = fit_flow(w, latents)
+    save_bundle(w, flow, "final")
+    shutil.rmtree(w.work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the driver
@@ -423,7 +499,7 @@ def evaluate_teacher(cfg: Config, settings: PretrainSettings, bundle: str | Path
         res = evaluate(gen, prompts, cfg.sample.seeds, [], c.sample.teacher_steps)
         row = res["methods"][f"teacher@{c.sample.teacher_steps}"]
         results[f"cfg_{w:g}"] = {k: v for k, v in row.items() if k != "samples"}
-        print(f"[pretrain] held-out teacher, cfg {w:g}: summary {row['summary']:.3f}", flush=True)
+        log.info("held-out teacher, cfg %g: summary %.3f", w, row["summary"])
     return results
 
 

@@ -352,7 +352,7 @@ def teacher_baseline(cfg: Config) -> dict[str, Any]:
     from dcm.shapes.metrics import score_batch
     from pipelines.distill import training_data, validation_inputs
 
-    captions = validation_inputs(cfg, training_data(cfg))["captions"]
+    captions = validation_inputs(cfg, training_data(cfg)).captions
     steps = cfg.sample.teacher_steps
     if not is_shapes(captions):
         return {}

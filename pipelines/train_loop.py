@@ -1,17 +1,20 @@
 """The per-worker Ray Train loop of one distillation stage (METHOD.md sections 4-6).
 
-``train_loop(config)`` runs on every TorchTrainer worker. Top to bottom:
+The driver (``pipelines.distill.run_stage``) builds one ``StageSettings`` per stage and hands
+it to every TorchTrainer worker; ``train_loop`` runs ``StageWorker`` there, in named phases:
 
-1. device and precision policy: bf16 + NCCL on GPU, fp32 + gloo on CPU (the maths in
-   ``dcm.steps`` knows neither);
-2. models: the frozen teacher (loaded once, bf16 on GPU, never given to an optimiser), the
-   student ``DualExpert`` (stage 1: a copy of the teacher, all weights train; stage 2: the
-   stage-1 artifact with the detail expert enabled) and, in stage 2, the discriminator;
-3. optimisers: the student in a DeepSpeed engine (ZeRO 2 by default, 3 and CPU offload by
-   config, clipping, gradient accumulation, torch AdamW so nothing JIT-builds);
-4. resume from ``ray.train.get_checkpoint()`` (step, optimiser, data position, RNG);
-5. the loop: per optimiser step ``grad_accum`` micro-batches from this worker's shard,
-   the stage's step function, backward + step; log, validate, checkpoint on cadence.
+1. ``__init__``: device and precision policy, bf16 + NCCL on GPU, fp32 + gloo on CPU (the
+   maths in ``dcm.steps`` knows neither), seeds;
+2. ``build_models``: the frozen teacher (loaded once, bf16 on GPU, never given to an
+   optimiser), the student ``DualExpert`` (stage 1: a copy of the teacher, all weights
+   train; stage 2: the stage-1 artifact with the detail expert enabled) and, in stage 2,
+   the discriminator;
+3. ``build_engine``: the student in a DeepSpeed engine (ZeRO 2 by default, 3 and CPU
+   offload by config, clipping, gradient accumulation, torch AdamW so nothing JIT-builds);
+4. ``resume`` from ``ray.train.get_checkpoint()`` (step, optimiser, data position, RNG);
+5. ``open_data``: this worker's shard, the null prompt, the validator; a step-0 validation;
+6. per step ``optimisation_step`` (``grad_accum`` micro-batches, the stage's step function,
+   backward + step) and ``report`` (log, validate, checkpoint on cadence).
 
 The discriminator is a plain torch module with its own torch AdamW (betas (0, 0.999),
 METHOD.md section 6), replicated on every worker; its gradients are averaged with one
@@ -23,6 +26,8 @@ replication costs little memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 import math
 import os
 import random
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +67,72 @@ from pipelines.checkpoints import (
 from pipelines.tracking import RunLogger
 
 STAGES = ("semantic", "detail")
+log = logging.getLogger(__name__)
+
+
+def stage_steps(cfg: Config, stage: str) -> int:
+    """Optimiser steps of a stage (train.steps_semantic / train.steps_detail)."""
+    return cfg.train.steps_semantic if stage == "semantic" else cfg.train.steps_detail
+
+
+@dataclass(frozen=True)
+class ValidationInputs:
+    """The fixed validation prompts, encoded once by the driver
+    (``pipelines.distill.validation_inputs``), and the latent shape to sample."""
+
+    captions: list[str]  # P prompts
+    text: np.ndarray  # (P, L, D) float32 text states
+    mask: np.ndarray  # (P, L)
+    null_text: np.ndarray  # (1, L, D) the empty prompt
+    null_mask: np.ndarray  # (1, L)
+    latent_shape: tuple[int, ...]  # (C, T, h, w)
+    pooled: np.ndarray | None = None  # (P, Q) HunyuanVideo's pooled CLIP text
+    null_pooled: np.ndarray | None = None  # (1, Q)
+
+    def cond(self, device: torch.device) -> Cond:
+        return _cond(self.text, self.mask, device, self.pooled)
+
+    def null_cond(self, device: torch.device) -> Cond:
+        return _cond(self.null_text, self.null_mask, device, self.null_pooled)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What every worker of one stage needs, built once by the driver
+    (``pipelines.distill.run_stage``). It crosses into Ray Train's ``train_loop_config`` as
+    ``loop_config()`` (the config as plain data) and comes back by ``from_loop_config``."""
+
+    cfg: Config
+    stage: str  # "semantic" or "detail"
+    val: ValidationInputs
+    logger: RunLogger = field(default_factory=RunLogger)  # the stage's MLflow run
+    init_checkpoint: Any = None  # detail stage: the semantic stage's ray.train.Checkpoint
+    torch_extensions_dir: str = ""  # where pipelines.prebuild put DeepSpeed's JIT op
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(
+                f"stage '{self.stage}' is not allowed: choose one of {', '.join(STAGES)}"
+            )
+
+    @property
+    def steps(self) -> int:
+        return stage_steps(self.cfg, self.stage)
+
+    @property
+    def lr(self) -> float:
+        t = self.cfg.train
+        return t.lr_semantic if self.stage == "semantic" else t.lr_detail
+
+    def loop_config(self) -> dict[str, Any]:
+        """The TorchTrainer's ``train_loop_config``: these fields, the config as its dict."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "cfg": self.cfg.to_dict()}
+
+    @classmethod
+    def from_loop_config(cls, config: dict[str, Any]) -> StageSettings:
+        """The settings back from ``loop_config()`` on a worker."""
+        return cls(**{**config, "cfg": from_dict(config["cfg"])})
 
 
 # ---------------------------------------------------------------- policies
@@ -191,14 +263,13 @@ class Validator:
     there and the final student can be compared with where it started.
     """
 
-    def __init__(self, cfg: Config, val: dict[str, Any], device: torch.device, rank: int) -> None:
+    def __init__(self, cfg: Config, val: ValidationInputs, device: torch.device, rank: int) -> None:
         self.cfg, self.device, self.rank = cfg, device, rank
-        self.captions: list[str] = list(val["captions"])
-        self.cond = _cond(val["text"], val["mask"], device, val.get("pooled"))
-        self.null = _cond(val["null_text"], val["null_mask"], device, val.get("null_pooled"))
+        self.captions: list[str] = list(val.captions)
+        self.cond, self.null = val.cond(device), val.null_cond(device)
         # the student samples with the embedded guidance it was trained with (HunyuanVideo)
         self.student_cond = with_embedded_guidance(self.cond, cfg.method, len(self.captions))
-        self.shape = tuple(int(s) for s in val["latent_shape"])  # (C, T, h, w)
+        self.shape = tuple(int(s) for s in val.latent_shape)  # (C, T, h, w)
         self.schedule = Schedule.from_config(cfg.method)
         self.counts = sorted({*cfg.sample.eval_steps, cfg.sample.steps})
         self.shapes_world = is_shapes(self.captions)
@@ -318,11 +389,10 @@ def record_selection(
     }
     if verdict is False:
         tags["dcm_quality_flag"] = "final student does not beat the untrained student (step 0)"
-        print(
-            f"[dcm distill {stage}] WARNING: the final student's val/score "
-            f"{final.get('val/score', float('nan')):.4f} does not beat the untrained student's "
-            f"{final.get('val/score_step0', float('nan')):.4f} (step 0); flagged in MLflow "
-            "(tag dcm_quality_flag)", file=sys.stderr, flush=True,
+        log.warning(
+            "%s: the final student's val/score %.4f does not beat the untrained student's "
+            "%.4f (step 0); flagged in MLflow (tag dcm_quality_flag)",
+            stage, final.get("val/score", math.nan), final.get("val/score_step0", math.nan),
         )  # fmt: skip
     if logger.enabled:
         from mlflow import MlflowClient
@@ -438,177 +508,262 @@ def optimizer_step(
     return sums
 
 
-# ---------------------------------------------------------------- the loop
-def train_loop(config: dict[str, Any]) -> None:
-    """One stage on one Ray Train worker; ``config`` comes from ``pipelines.distill``."""
-    if config.get("torch_extensions_dir"):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
-    import deepspeed
-    import ray.train
-    import ray.train.torch
-
-    cfg: Config = from_dict(config["cfg"])
-    stage: str = config["stage"]
-    logger: RunLogger = config["logger"]
-    t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    total = t.steps_semantic if stage == "semantic" else t.steps_detail
-    micro = t.global_batch // (world * t.grad_accum)
-    if micro < 1 or micro * world * t.grad_accum != t.global_batch:
+# ---------------------------------------------------------------- the loop, in phases
+def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
+    """Samples per worker and micro-batch; the global batch must split evenly."""
+    micro = global_batch // (world * grad_accum)
+    if micro < 1 or micro * world * grad_accum != global_batch:
         raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by {world} workers x "
-            f"train.grad_accum={t.grad_accum}"
+            f"train.global_batch={global_batch} is not divisible by {world} workers x "
+            f"train.grad_accum={grad_accum}"
+        )
+    return micro
+
+
+@dataclass
+class _Window:
+    """Losses summed over the optimiser steps since the last log line, and its start time."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, losses: dict[str, float]) -> None:
+        for key, val in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + val
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.steps for k, v in self.sums.items()}
+
+
+class StageWorker:
+    """One stage on one Ray Train worker. ``run`` calls the phases in order:
+
+    ``build_models`` (teacher, student, discriminator, step function), ``build_engine``
+    (optimisers, EMA target, DeepSpeed), ``resume``, ``open_data``, ``validate`` at step 0,
+    then per step ``optimisation_step`` and ``report`` (log, validate, checkpoint).
+    """
+
+    def __init__(self, settings: StageSettings) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.settings, self.cfg, self.t = settings, settings.cfg, settings.cfg.train
+        self.stage, self.total, self.logger = settings.stage, settings.steps, settings.logger
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.micro = micro_batch_size(self.t.global_batch, self.world, self.t.grad_accum)
+        # device and precision policy: bf16 + NCCL on GPU, fp32 + gloo on CPU
+        self.device = ray.train.torch.get_device()
+        self.on_gpu = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.on_gpu else torch.float32
+        _seed_everything(self.t.seed * 1009 + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            self.t.seed * 7919 + self.rank
         )
 
-    # 1. device and precision policy
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    _seed_everything(t.seed * 1009 + rank)
-    generator = torch.Generator(device=device).manual_seed(t.seed * 7919 + rank)
+    # ------------------------------------------------------------ setup
+    def build_models(self) -> None:
+        """The frozen teacher, the student (the teacher's weights are loaded once; stage 1
+        copies them), the stage-2 discriminator and the stage's step function."""
+        cfg, t = self.cfg, self.t
+        self.bundle = load_bundle(
+            cfg.model.path, components=("transformer",), text_max_length=cfg.model.text_max_length
+        )
+        self.student = build_student(
+            cfg, self.stage, self.bundle.transformer, self.settings.init_checkpoint
+        )
+        self.student.set_checkpointing(t.activation_checkpointing)
+        # bf16 on GPU except the modules diffusers keeps in float32 (rope, time embedder, norms)
+        teacher = make_backbone(self.bundle.transformer).to(device=self.device)
+        cast_keeping_fp32(teacher, self.dtype, fp32_modules(teacher))
+        teacher.eval().requires_grad_(False)
+        teacher.set_checkpointing(t.activation_checkpointing)  # the fake taps keep a graph
+        self.teacher = teacher
+        self.bundle.transformer = None  # the teacher holds the only reference
+        self.disc: nn.Module | None = None
+        self.disc_opt: torch.optim.Optimizer | None = None
+        if self.stage == "detail":
+            self.disc = Discriminator(
+                teacher.num_taps(cfg.method.tap_every), teacher.dim, cfg.method.disc_hidden
+            ).to(self.device)
+            self.disc_opt = torch.optim.AdamW(
+                self.disc.parameters(), lr=t.lr_disc, betas=t.disc_betas, eps=t.adam_eps,
+                weight_decay=t.weight_decay,
+            )  # fmt: skip
+        self.step_fn = (SemanticStep if self.stage == "semantic" else DetailStep)(
+            Schedule.from_config(cfg.method), cfg.method, cfg.data.empty_prompt_prob
+        )
 
-    # 2. models: the teacher's weights are loaded once; stage 1 copies them for the student
-    bundle = load_bundle(
-        cfg.model.path, components=("transformer",), text_max_length=cfg.model.text_max_length
-    )
-    student = build_student(cfg, stage, bundle.transformer, config.get("init_checkpoint"))
-    student.set_checkpointing(t.activation_checkpointing)
-    # bf16 on GPU except the modules diffusers keeps in float32 (rope, time embedder, norms)
-    teacher = make_backbone(bundle.transformer).to(device=device)
-    cast_keeping_fp32(teacher, dtype, fp32_modules(teacher))
-    teacher.eval().requires_grad_(False)
-    teacher.set_checkpointing(t.activation_checkpointing)  # the fake taps keep a graph
-    bundle.transformer = None  # the teacher holds the only reference
-    disc = disc_opt = None
-    if stage == "detail":
-        disc = Discriminator(
-            teacher.num_taps(cfg.method.tap_every), teacher.dim, cfg.method.disc_hidden
-        ).to(device)
-        disc_opt = torch.optim.AdamW(
-            disc.parameters(), lr=t.lr_disc, betas=t.disc_betas, eps=t.adam_eps,
-            weight_decay=t.weight_decay,
+    def build_engine(self) -> None:
+        """The student's AdamW inside a DeepSpeed engine, and the consistency target: the
+        student itself, or an EMA copy of it (``method.ema_decay`` > 0)."""
+        t = self.t
+        opt = torch.optim.AdamW(
+            self.student.trainable_parameters(), lr=self.settings.lr, betas=t.betas,
+            eps=t.adam_eps, weight_decay=t.weight_decay,
         )  # fmt: skip
-    schedule = Schedule.from_config(cfg.method)
-    step_fn = (SemanticStep if stage == "semantic" else DetailStep)(
-        schedule, cfg.method, cfg.data.empty_prompt_prob
-    )
+        self.target: nn.Module | None = None
+        if self.cfg.method.ema_decay > 0:
+            if t.zero_stage == 3:
+                raise ConfigError(
+                    "method.ema_decay > 0 keeps a whole EMA copy on every worker: use "
+                    "train.zero_stage <= 2, or method.ema_decay=0 (the reference)"
+                )
+            self.target = copy.deepcopy(self.student).requires_grad_(False).eval().to(self.device)
+        # state identical on every rank, saved once per checkpoint (pipelines.checkpoints)
+        self.replicated: dict[str, Any] = {"ema": self.target} if self.target is not None else {}
+        if self.disc is not None:
+            self.replicated.update(disc=self.disc, disc_opt=self.disc_opt)
+        import deepspeed
 
-    # 3. the student's optimiser inside a DeepSpeed engine
-    lr = t.lr_semantic if stage == "semantic" else t.lr_detail
-    opt = torch.optim.AdamW(
-        student.trainable_parameters(), lr=lr, betas=t.betas, eps=t.adam_eps,
-        weight_decay=t.weight_decay,
-    )  # fmt: skip
-    target = None  # the consistency target: the student itself, or an EMA copy of it
-    if cfg.method.ema_decay > 0:
-        if t.zero_stage == 3:
-            raise ConfigError(
-                "method.ema_decay > 0 keeps a whole EMA copy on every worker: use "
-                "train.zero_stage <= 2, or method.ema_decay=0 (the reference)"
-            )
-        target = copy.deepcopy(student).requires_grad_(False).eval().to(device)  # fp32
-    replicated = {"ema": target} if target is not None else {}
-    if disc is not None:
-        replicated.update(disc=disc, disc_opt=disc_opt)
-    engine, _, _, _ = deepspeed.initialize(
-        model=student, optimizer=opt, config=deepspeed_config(cfg, micro, on_gpu)
-    )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.student, optimizer=opt,
+            config=deepspeed_config(self.cfg, self.micro, self.on_gpu),
+        )  # fmt: skip
 
-    # 4. resume (a re-run of the same run name, or a restart after a worker failure)
-    state = TrainState(stage=stage)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = restore(checkpoint, engine, rank, generator, replicated)
-        if rank == 0:
-            print(f"[dcm distill {stage}] resumed at step {state.step}/{total}", file=sys.stderr)
-    resumed_from = state.step
+    def resume(self) -> TrainState:
+        """The saved state of this stage (a re-run of the same run name, or a restart after
+        a worker failure), else a fresh one."""
+        import ray.train
 
-    # 5. data: this worker's shard, cycled; the null prompt for CFG and prompt dropout
-    val = config["val"]
-    null = _cond(val["null_text"], val["null_mask"], device, val.get("null_pooled"))
-    shard = ray.train.get_dataset_shard("train")
-    data = micro_batches(shard, micro, state.epoch, state.batch_in_epoch)
-    validator = Validator(cfg, config["val"], device, rank)
-    bundle_path = _bundle_path(cfg.model.path)
+        state = TrainState(stage=self.stage)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            state = restore(checkpoint, self.engine, self.rank, self.generator, self.replicated)
+            if self.rank == 0:
+                log.info("%s: resumed at step %d/%d", self.stage, state.step, self.total)
+        self.resumed_from = state.step
+        return state
 
-    # 5'. validate the untrained student (step 0) so that quality curves start there; its
-    # score travels in the checkpoint state, so a resumed run still compares against it
-    baseline = state.metrics.get("val/score_step0")
-    if state.step == 0:
-        engine.eval()
-        first = validator(engine, teacher, 0, logger)
-        engine.train()
-        baseline = first.get("val/score")
-        if rank == 0:
-            logger.log_metrics({**first, **step0_verdict({}, baseline)}, 0)
+    def open_data(self, state: TrainState) -> Iterator[tuple[int, int, dict]]:
+        """This worker's shard, cycled from the state's data position; also the null prompt
+        (CFG, prompt dropout) and the validator, which read the driver's validation inputs."""
+        import ray.train
 
-    window: dict[str, float] = {}
-    window_steps, t_window = 0, time.perf_counter()
-    t_start, start_step = time.perf_counter(), state.step
-    engine.train()
-    for step in range(state.step + 1, total + 1):
-        # 5a. one optimiser step = grad_accum micro-batches from this worker's shard
+        self.null = self.settings.val.null_cond(self.device)
+        shard = ray.train.get_dataset_shard("train")
+        self.validator = Validator(self.cfg, self.settings.val, self.device, self.rank)
+        self.bundle_path = _bundle_path(self.cfg.model.path)
+        return micro_batches(shard, self.micro, state.epoch, state.batch_in_epoch)
+
+    # ------------------------------------------------------------ per step
+    def optimisation_step(self, data: Iterator, state: TrainState) -> dict[str, float]:
+        """``grad_accum`` micro-batches from this worker's shard, then one optimiser step;
+        moves the state's data position. Returns the step's mean losses and norms."""
         batches = []
-        for _ in range(t.grad_accum):
+        for _ in range(self.t.grad_accum):
             epoch, index, rows = next(data)
-            batches.append(to_batch(rows, bundle, null, device))
+            batches.append(to_batch(rows, self.bundle, self.null, self.device))
             state.epoch, state.batch_in_epoch = epoch, index + 1
-        out = optimizer_step(
-            stage, step_fn, engine, teacher, disc, disc_opt, batches, generator, t.grad_clip,
-            world, target, cfg.method.ema_decay,
+        return optimizer_step(
+            self.stage, self.step_fn, self.engine, self.teacher, self.disc, self.disc_opt,
+            batches, self.generator, self.t.grad_clip, self.world, self.target,
+            self.cfg.method.ema_decay,
         )  # fmt: skip
-        for key, val in out.items():
-            window[key] = window.get(key, 0.0) + val
-        state.step, state.samples = step, state.samples + t.global_batch
-        window_steps += 1
 
-        # 5b. log: losses averaged over the window and the workers, lr, speed, memory
-        # (every cadence depends on the step only, so all ranks report together)
-        save = _due(step, t.checkpoint_every, total)
+    def validate(self, step: int) -> dict[str, float]:
+        """The validator's metrics of the current student (every rank samples)."""
+        self.engine.eval()
+        metrics = self.validator(self.engine, self.teacher, step, self.logger)
+        self.engine.train()
+        return metrics
+
+    def train_metrics(self, step: int, state: TrainState, window: _Window) -> dict[str, float]:
+        """Losses averaged over the window and the workers, lr, speed, memory; rank 0 also
+        writes the progress line."""
+        losses = _mean_across(window.means(), self.device, self.world)
+        sps = window.steps * self.t.global_batch / max(time.perf_counter() - window.started, 1e-9)
+        metrics = {f"train/{k}": v for k, v in losses.items()}
+        metrics.update({
+            "train/lr": float(self.engine.get_lr()[0]),
+            "perf/samples_per_s": sps,
+            "perf/peak_mem_mb": _peak_memory_mb(self.device),
+            "step": float(step),
+            "epoch": float(state.epoch),
+            "resumed_from": float(self.resumed_from),
+        })  # fmt: skip
+        if self.disc_opt is not None:
+            metrics["train/lr_disc"] = float(self.disc_opt.param_groups[0]["lr"])
+        if self.rank == 0:
+            rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+            loss = losses.get("loss", losses.get("loss_g", math.nan))
+            eta = _eta((self.total - step) / max(rate, 1e-9))
+            log.info(
+                "%s: step %d/%d loss %.4f %.2f samples/s ETA %s",
+                self.stage, step, self.total, loss, sps, eta,
+            )  # fmt: skip
+        return metrics
+
+    def report(
+        self, step: int, state: TrainState, window: _Window, baseline: float | None
+    ) -> _Window:
+        """Log, validate and checkpoint on cadence; returns the window to go on with.
+
+        Every cadence depends on the step only, so all ranks report together. A checkpoint
+        (DeepSpeed state + artifact) always comes with a validation: its ``val/score`` is
+        what Ray Train ranks the kept checkpoints by.
+        """
+        import ray.train
+
+        t = self.t
+        save = _due(step, t.checkpoint_every, self.total)
         validate = save or bool(t.val_every and step % t.val_every == 0)
-        log = save or validate or _due(step, t.log_every, total)
-        metrics: dict[str, float] = {}
-        if log:
-            losses = _mean_across({k: v / window_steps for k, v in window.items()}, device, world)
-            took = time.perf_counter() - t_window
-            sps = window_steps * t.global_batch / max(took, 1e-9)
-            metrics = {f"train/{k}": v for k, v in losses.items()}
-            metrics.update({
-                "train/lr": float(engine.get_lr()[0]),
-                "perf/samples_per_s": sps,
-                "perf/peak_mem_mb": _peak_memory_mb(device),
-                "step": float(step),
-                "epoch": float(state.epoch),
-                "resumed_from": float(resumed_from),
-            })  # fmt: skip
-            if disc_opt is not None:
-                metrics["train/lr_disc"] = float(disc_opt.param_groups[0]["lr"])
-            if rank == 0:
-                rate = (step - start_step) / max(time.perf_counter() - t_start, 1e-9)
-                loss = losses.get("loss", losses.get("loss_g", math.nan))
-                print(
-                    f"[dcm distill {stage}] step {step}/{total} loss {loss:.4f} "
-                    f"{sps:.2f} samples/s ETA {_eta((total - step) / max(rate, 1e-9))}",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-            window, window_steps = {}, 0
-
-        # 5c. validate (fixed prompts and seeds) and checkpoint (DeepSpeed state + artifact)
+        log_now = save or validate or _due(step, t.log_every, self.total)
+        if not log_now:
+            return window
+        metrics = self.train_metrics(step, state, window)
         if validate:
-            engine.eval()
-            metrics.update(validator(engine, teacher, step, logger))
+            metrics.update(self.validate(step))
             metrics.update(step0_verdict(metrics, baseline))
-            engine.train()
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
-        if rank == 0 and log:
-            logger.log_metrics(metrics, step)
+        if self.rank == 0:
+            self.logger.log_metrics(metrics, step)
         if save:
             with write_checkpoint(
-                engine, state, cfg, bundle_path, rank, generator, replicated
-            ) as ckpt:
-                ray.train.report(metrics, checkpoint=ckpt)  # carries val/score: best-k
-        elif log:
+                self.engine, state, self.cfg, self.bundle_path, self.rank, self.generator,
+                self.replicated,
+            ) as ckpt:  # fmt: skip
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
             ray.train.report(metrics)
-        if log:  # samples/s of the next window leaves validation and saving out
-            t_window = time.perf_counter()
+        return _Window()  # samples/s of the next window leaves validation and saving out
+
+    # ------------------------------------------------------------ all of it
+    def run(self) -> None:
+        self.build_models()
+        self.build_engine()
+        state = self.resume()
+        data = self.open_data(state)
+        # the untrained student (step 0), so that quality curves start there; its score
+        # travels in the checkpoint state, so a resumed run still compares against it
+        baseline = state.metrics.get("val/score_step0")
+        if state.step == 0:
+            first = self.validate(0)
+            baseline = first.get("val/score")
+            if self.rank == 0:
+                self.logger.log_metrics({**first, **step0_verdict({}, baseline)}, 0)
+        window = _Window()
+        self.started, self.start_step = time.perf_counter(), state.step
+        self.engine.train()
+        for step in range(state.step + 1, self.total + 1):
+            window.add(self.optimisation_step(data, state))
+            state.step, state.samples = step, state.samples + self.t.global_batch
+            window = self.report(step, state, window, baseline)
+
+
+def _worker_logging() -> None:
+    """INFO lines of this package on the worker's stderr (Ray forwards it to the driver),
+    unless the process already configured logging."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: ``config`` is ``StageSettings.loop_config()``."""
+    settings = StageSettings.from_loop_config(config)
+    if settings.torch_extensions_dir:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", settings.torch_extensions_dir)
+    _worker_logging()
+    StageWorker(settings).run()

@@ -3,7 +3,8 @@
 One module-scoped `both` run (2 steps per stage, a checkpoint every step, best 1 kept) on
 shapes clips that went through the real ingest; several tests check its outputs: the
 artifacts (loadable without DeepSpeed), the detail stage's start from the semantic
-checkpoint, the checkpoint folders, MLflow, and that a re-run skips finished stages.
+checkpoint, the checkpoint folders, MLflow, validation from step 0 and the choice of the
+best checkpoint by it, and that a re-run skips finished stages.
 """
 
 from __future__ import annotations
@@ -180,6 +181,38 @@ def test_mlflow_holds_nested_runs_with_metrics_and_artifacts(both_run):
         assert any(p.endswith(".mp4") for p in arts) and any(p.endswith(".gif") for p in arts)
         names = [f.path for f in client.list_artifacts(run.info.run_id, "artifact")]
         assert "artifact/experts.safetensors" in names and "artifact/dcm_artifact.json" in names
+
+
+@pytest.mark.timeout(420)
+def test_quality_is_logged_from_step0_and_the_best_checkpoint_is_exported(both_run):
+    """Each stage validates the untrained student (step 0) and every checkpoint; the
+    exported checkpoint is the best val/score, and the run is tagged with how it was chosen
+    and whether the final student beats step 0."""
+    from mlflow import MlflowClient
+
+    from pipelines.distill import run_dir
+
+    cfg, result = both_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(run_dir(cfg)) / 'mlflow.db'}")
+    for stage, res in result.stages.items():
+        run_id = res.mlflow_run_id
+        scores = {m.step: m.value for m in client.get_metric_history(run_id, "val/score")}
+        assert sorted(scores) == [0, 1, 2], stage  # the curve starts at the untrained student
+        adherence = client.get_metric_history(run_id, "val/adherence")  # shapes metrics
+        assert {m.step for m in adherence} == {0, 1, 2}
+        chosen = max((1, 2), key=lambda s: (scores[s], s))  # ties: the later checkpoint
+        assert int(res.metrics["step"]) == chosen
+        state = json.loads((res.artifact_dir.parent / "state.json").read_text())
+        assert state["step"] == chosen and (res.artifact_dir / "dcm_artifact.json").is_file()
+        tags = client.get_run(run_id).data.tags
+        assert tags["dcm_selection_metric"] == "val/score" and tags["dcm_best_step"] == str(chosen)
+        assert tags["dcm_val_score"].startswith("shapes summary")
+        beats = scores[2] > scores[0]
+        assert res.beats_step0 is beats and tags["dcm_beats_step0"] == str(beats).lower()
+        assert ("dcm_quality_flag" in tags) is (not beats)
+        record = json.loads((Path(run_dir(cfg)) / stage / "result.json").read_text())
+        assert record["beats_step0"] is beats
+    assert result.beats_step0 is result.stages["detail"].beats_step0
 
 
 @pytest.mark.timeout(420)

@@ -59,7 +59,7 @@ def killed_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume_runs")
     cfg = distill_config(
         bundle, latents, out,
-        "train.stage=semantic", "train.steps_semantic=6", "train.checkpoint_every=2",
+        "train.stage=semantic", "train.steps_semantic=5", "train.checkpoint_every=2",
         "train.max_failures=1", "train.run_name=crash1", "sample.eval_steps=[2]",
         "sample.steps=2", "method.ema_decay=0.9",  # the EMA target is restored too
     )  # fmt: skip
@@ -86,13 +86,13 @@ def test_killed_worker_restarts_from_last_checkpoint(killed_run):
 
     cfg, result, killed = killed_run
     assert len(killed) == 1 and isinstance(killed[0], int), f"no worker was killed: {killed}"
-    assert result.metrics["step"] == 6.0
+    assert result.metrics["step"] == 5.0
     # The restarted group resumed from a registered checkpoint, not from step 0.
     resumed = int(result.metrics["resumed_from"])
     assert resumed in (2, 4)
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(run_dir(cfg)) / 'mlflow.db'}")
     steps = {m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss")}
-    assert steps == set(range(1, 7))  # continuous: every step logged, none skipped
+    assert steps == set(range(1, 6))  # continuous: every step logged, none skipped
     history = client.get_metric_history(result.mlflow_run_id, "resumed_from")
     assert max(m.value for m in history) == resumed
 
@@ -102,10 +102,10 @@ def test_rerun_with_more_steps_continues_from_the_latest_checkpoint(killed_run):
     from pipelines.distill import run_distill
 
     cfg, first, _ = killed_run
-    more = cfg.replace(**{"train.steps_semantic": 8, "train.max_failures": 0})
+    more = cfg.replace(**{"train.steps_semantic": 7, "train.max_failures": 0})
     result = run_distill(more)
-    assert result.metrics["step"] == 8.0
-    assert result.metrics["resumed_from"] == 6.0
+    assert result.metrics["step"] == 7.0
+    assert result.metrics["resumed_from"] == 5.0
     assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run goes on
 
 

@@ -211,7 +211,7 @@ def test_shortened_ablation_runs_as_a_two_trial_asha_sweep(shapes_latents, tmp_p
     variants = {k: ablation.sweep.variants[k] for k in ("single-cm", "dcm")}
     cfg = ablation.replace(**{
         "name": "ablation-test", "model.path": str(bundle), "data.latents": str(latents),
-        "train.out": str(tmp_path / "runs"), "train.steps_semantic": 2, "train.steps_detail": 1,
+        "train.out": str(tmp_path / "runs"), "train.steps_semantic": 1, "train.steps_detail": 1,
         "train.global_batch": 2, "train.checkpoint_every": 1, "train.log_every": 1,
         "train.val_prompts": 1, "sample.seeds": [0], "sweep.space": {"train.seed": {"grid": [0]}},
         "sweep.variants": variants, "sweep.asha": True, "sweep.grace_period": 1,
@@ -277,7 +277,7 @@ def test_asha_stops_a_deliberately_bad_trial_early(shapes_latents, tmp_path):
     cfg = _cfg(
         "name=asha-test", f"model.path={bundle}", f"data.latents={latents}",
         f"train.out={tmp_path / 'runs'}", "data.mode=parquet", "train.stage=semantic",
-        "train.steps_semantic=3",
+        "train.steps_semantic=2",
         "train.global_batch=2", "train.checkpoint_every=1", "train.log_every=1",
         "train.val_prompts=1", "sample.seeds=[0]", "sample.eval_steps=[]",
         "sample.prompts=[a lamp on a wooden table]",  # free text: val/score = PSNR to teacher
@@ -289,7 +289,7 @@ def test_asha_stops_a_deliberately_bad_trial_early(shapes_latents, tmp_path):
 
     by_lr = {t["params"]["train.lr_semantic"]: t for t in result.trials}
     good, bad = by_lr[1.0e-6], by_lr[1.0]
-    assert good["status"] == "finished" and good["iterations"] == 3
+    assert good["status"] == "finished" and good["iterations"] == 2
     assert bad["status"] == "stopped" and bad["iterations"] == 1, bad
     assert bad["history"][0][1] < good["history"][0][1]  # worse at the first rung
     client = MlflowClient(
