@@ -215,19 +215,15 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="module")
-def parquet_run(world, ray_cluster, tmp_path_factory):
-    """A parquet run interrupted after its first finished group, then resumed. The driver's
-    parquet writes are recorded (shards must come from the writer tasks, never from here)."""
+def interrupted(world, ray_cluster, tmp_path_factory):
+    """A parquet run interrupted after its first finished group (the driver's parquet writes
+    recorded: shards must come from the writer tasks, never from here)."""
     import pipelines.ingest.run as run
 
     out = tmp_path_factory.mktemp("latents")
     cfg = _cfg(world, out, world["manifest"])
     driver_writes: list[str] = []
-    real_write, real_close = lt.write_table, run.close_group
-
-    def record_write(fs, path, table):
-        driver_writes.append(path)
-        real_write(fs, path, table)
+    real_close = run.close_group
 
     def close_once(*args, **kwargs):
         if list((out / ingest.STATE_DIR).glob("done-*.json")):
@@ -235,19 +231,42 @@ def parquet_run(world, ray_cluster, tmp_path_factory):
         return real_close(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lt, "write_table", record_write)
+        mp.setattr(lt, "write_table", _recording(lt.write_table, driver_writes))
         mp.setattr(run, "close_group", close_once)
         with pytest.raises(Interrupted):
             ingest.run_ingest(cfg)
-        mp.setattr(run, "close_group", real_close)
-        done = {p.name: json.loads(p.read_text()) for p in (out / ingest.STATE_DIR).glob("done-*")}
-        kept = {
-            f["file"]: (out / f["file"]).stat().st_mtime_ns
-            for rec in done.values()
-            for f in rec["files"]
-        }
+    done = {p.name: json.loads(p.read_text()) for p in (out / ingest.STATE_DIR).glob("done-*")}
+    kept = {
+        f["file"]: (out / f["file"]).stat().st_mtime_ns for r in done.values() for f in r["files"]
+    }
+    return {"cfg": cfg, "out": out, "done": done, "kept": kept, "driver_writes": driver_writes}
+
+
+@pytest.fixture(scope="module")
+def parquet_run(interrupted):
+    """The interrupted run resumed (its own test's time budget: two runs do not fit one)."""
+    cfg, out = interrupted["cfg"], interrupted["out"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lt, "write_table", _recording(lt.write_table, interrupted["driver_writes"]))
         summary = ingest.run_ingest(cfg)
-    return cfg, out, summary, {"done": done, "kept": kept, "driver_writes": driver_writes}
+    return cfg, out, summary, interrupted
+
+
+def _recording(write, paths):
+    def record_write(fs, path, table):
+        paths.append(path)
+        write(fs, path, table)
+
+    return record_write
+
+
+@pytest.mark.timeout(240)
+def test_interrupted_run_keeps_its_finished_groups(interrupted):
+    out = interrupted["out"]
+    assert len(interrupted["done"]) >= 1 and interrupted["kept"]
+    for name in interrupted["kept"]:
+        assert (out / name).is_file()
+    assert not (out / lt.MANIFEST).exists()  # the folder is not finished
 
 
 @pytest.mark.timeout(240)
