@@ -705,5 +705,5 @@ def test_requests_succeed_again_after_a_replica_is_killed(served):
     assert codes[-3:] == [200, 200, 200], codes
     assert set(codes) <= {200, 503, 504}, codes  # "unavailable" or "timeout", never a 500
     assert dead not in served_by
-    assert replica_ids() == [served_by[-1]]  # the replacement, the dead one gone
+    assert dead not in replica_ids() and served_by[-1] in replica_ids()  # replaced
     assert json.loads(requests.get(f"{url}/readyz", timeout=10).text) == {"ready": True}
