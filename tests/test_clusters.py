@@ -339,7 +339,9 @@ def test_stage_command_passes_dry_run(argv, capsys):
     from pipelines.cli import main
 
     module, *args = argv
-    assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{module} does not exist"
+    path = ROOT / module.replace(".", "/")
+    # `python -m` runs a module file or a package's __main__.py
+    assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
     if "--config" in args:
         assert (ROOT / args[args.index("--config") + 1]).is_file()
     if args[:1] == ["report"]:  # `sweep report RUN_DIR` reads results, it has no dry run
