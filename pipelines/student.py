@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -189,7 +190,7 @@ def readme(result: dict[str, Any], seconds: dict[str, float]) -> str:
         f"{VIDEOS} rendered training clips, the `shapes-tiny` preset (w = 2 inside the target,",
         f"lr 1e-4, batch 8, LoRA rank 8), {STEPS} semantic + {STEPS} detail steps, validation",
         "every 250 steps on 8 training captions; the best checkpoint by `val/score` is shipped.",
-        f"Built on {platform.machine()} with {_cores()} CPU cores, shared with other jobs: "
+        f"Built on {platform.machine()} with {os.cpu_count()} CPU cores, shared with other jobs: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
         + ".",
         "",
@@ -215,12 +216,6 @@ def paired_row(result: dict[str, Any], a: str, b: str) -> str:
     d = va - vb
     se = d.std(ddof=1) / np.sqrt(len(d))
     return f"| {a} - {b} | {d.mean():+.3f} ± {se:.3f} | {(d > 0).sum()} / {(d < 0).sum()} |"
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def build(work: Path, out: Path) -> dict[str, Any]:
