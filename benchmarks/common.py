@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -30,9 +31,24 @@ WAN_1_3B = {
 }
 
 
-def machine(device: torch.device) -> str:
-    """The card (CUDA) or the CPU, its core count and torch version, for a table's header."""
-    cpu = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
-    if device.type == "cuda":
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def machine(device: torch.device | None = None, *, load: bool = False) -> str:
+    """The card (CUDA) or the CPU: model, cores, memory and torch version, for a table's
+    header. ``load=True`` adds the 1-minute load average, for figures taken on a shared box."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = f"{_cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__}"
+    if load:
+        cpu += f", load average {os.getloadavg()[0]:.0f}"
+    if device is not None and device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({cpu})"
     return f"CPU only ({cpu}, {torch.get_num_threads()} torch threads)"

@@ -48,20 +48,8 @@ log = logging.getLogger("benchmarks.ingest")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def machine() -> str:
-    """This machine in words: CPU model, cores, memory, load average."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = os.getloadavg()[0]
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, load average {load:.0f} at the end"
+import torch  # noqa: E402
+from common import machine  # noqa: E402
 
 
 def _online_skipped() -> dict[str, float]:
@@ -113,7 +101,6 @@ def make_sources(folder: Path, count: int, frames: int, height: int, width: int,
 
 def gpu_bundle(folder: Path) -> Path:
     """A tiny bundle whose VAE is replaced by the full-size Wan2.1 VAE with random weights."""
-    import torch
     from diffusers import AutoencoderKLWan
 
     from dcm.tiny import build_tiny_bundle
@@ -129,7 +116,6 @@ def gpu_bundle(folder: Path) -> Path:
 
 def vae_throughput(cfg, batch: int, reps: int) -> dict[str, float]:
     """The VAE's own encode throughput (clips/s) on random pixels, as the actors run it."""
-    import torch
 
     from dcm.bundle import load_bundle
 
@@ -252,12 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="dcm-bench-ingest-"))
     config_file = None
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            log.error("--gpu needs a CUDA device (use --full-vae to run that model on CPU)")
-            return 2
+    if args.gpu and not torch.cuda.is_available():
+        log.error("--gpu needs a CUDA device (use --full-vae to run that model on CPU)")
+        return 2
     if args.gpu or args.full_vae:
         frames, height, width = args.frames or 81, args.height or 480, args.width or 832
         src_h, src_w, src_frames = 720, 1280, frames + 16
@@ -344,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": 0.8 if args.gpu else None,
         "backbone": cfg.model.backbone,
         "dtype": cfg.ingest.dtype,
-        "machine": machine(),
+        "machine": machine(torch.device("cuda" if args.gpu else "cpu"), load=True),
     }
     busy = pipe["encode_task_s"] / max(pipe["end_to_end_s"] * args.actors, 1e-9)
     log.info(

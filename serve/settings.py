@@ -137,9 +137,18 @@ class AppArgs(BaseModel):
         return cfg.replace(**self.overrides())
 
 
+# Config keys the endpoint reads (prefixes); the rest (train.*, ingest.*, sweep.*, where the
+# training clips live) only shaped how a model was made and stays out of the Serve file.
+SERVE_READS = (
+    *("model.", "method.", "lora.", "sample.", "ray.", "serve."),
+    *("data.num_frames", "data.height", "data.width"),
+)
+
+
 def app_args(cfg: Config, config: str | None = None, preset: str | None = None) -> dict[str, Any]:
-    """Builder args that resolve to ``cfg``: its source (``config`` file or preset) and every
-    key where ``cfg`` differs from that source, serve fields by name."""
+    """Builder args that resolve to ``cfg`` as far as Serve reads it: its source (``config``
+    file or preset) and every key Serve reads where ``cfg`` differs from that source, serve
+    fields by name."""
     source = {"config": config} if config else {}
     source["preset"] = preset if (preset or config) else cfg.preset
     source = {k: v for k, v in source.items() if v}
@@ -148,6 +157,8 @@ def app_args(cfg: Config, config: str | None = None, preset: str | None = None) 
     extra: list[str] = []
     for key, value in cfg.flat().items():
         if key == "preset" or key in HTTP_KEYS or value == base.get(key):
+            continue
+        if not key.startswith(SERVE_READS):
             continue
         if key == "model.path":
             args["model"] = value
