@@ -2,7 +2,7 @@
 
     local Ray -> shapes videos -> Ray Data ingest (parquet latents) -> semantic stage ->
     detail stage -> teacher (50 steps + CFG), the fresh student, the bundled student and the
-    untrained student at 2/4/8 steps -> Serve + one HTTP request -> report
+    untrained student at 2 and 4 steps -> Serve + one HTTP request -> report
 
 The clips are encoded once: the demo trains for many epochs over 64 clips, where online
 streaming (``data.mode: online``, for a single pass over a large corpus) would re-decode and

@@ -71,8 +71,14 @@ def _rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             continue
         rows.append({"method": name, **m})
-    rows.sort(key=lambda r: (not str(r["method"]).startswith("teacher"), str(r["method"])))
+    rows.sort(key=_order)
     return rows
+
+
+def _order(row: dict[str, Any]) -> tuple[bool, str, int]:
+    """Teacher rows first, then by label, and step counts as numbers (teacher@8 before @50)."""
+    label, _, steps = str(row["method"]).partition("@")
+    return (not label.startswith("teacher"), label, int(steps) if steps.isdigit() else 0)
 
 
 def _fmt(val: Any) -> str:
@@ -115,7 +121,11 @@ def speed_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = _rows(results)
     keys = [k for k in ("nfe", "denoise_s", "decode_s", "total_s") if any(k in r for r in rows)]
     head = ["method", *keys]
-    teacher = next((r for r in rows if str(r["method"]).startswith("teacher")), None)
+    # speed-up against the reference (teacher@50) when the result names one
+    ref = results.get("reference")
+    teacher = next((r for r in rows if r["method"] == ref), None) or next(
+        (r for r in rows if str(r["method"]).startswith("teacher")), None
+    )
     if teacher and "total_s" in teacher:
         head.append("speed-up")
     body = []

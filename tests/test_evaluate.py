@@ -388,3 +388,22 @@ def test_demo_report_names_samplers_and_plots_quality_from_step0(tmp_path):
     assert "- `teacher@2`: teacher, Stand-in, 2 steps + CFG w=5" in md and "| psnr |" in md
     assert "| teacher@4 | reference |" in md and "quality_curves.png" in md
     assert paths["quality_curves"].is_file() and "Stand-in, 4 steps" in page
+
+
+def test_demo_speed_table_is_relative_to_the_reference_and_ordered_by_steps():
+    """Speed-up is against the reference (teacher@50), not the first teacher row, and step
+    counts sort as numbers."""
+    from pipelines.report import speed_table
+
+    methods = {
+        name: {"nfe": nfe, "total_s": secs}
+        for name, nfe, secs in (
+            ("dcm@4", 4, 0.5), ("teacher@50", 100, 5.0), ("teacher@2", 4, 0.4),
+            ("teacher@8", 16, 1.0), ("dcm@2", 2, 0.25),
+        )
+    }  # fmt: skip
+    head, body = speed_table({"methods": methods, "reference": "teacher@50"})
+    assert [row[0] for row in body] == ["teacher@2", "teacher@8", "teacher@50", "dcm@2", "dcm@4"]
+    speed = {row[0]: row[head.index("speed-up")] for row in body}
+    assert speed == {"teacher@2": "12.5x", "teacher@8": "5.0x", "teacher@50": "1.0x",
+                     "dcm@2": "20.0x", "dcm@4": "10.0x"}  # fmt: skip
