@@ -719,6 +719,12 @@ class Config:
                 f"train.global_batch={t.global_batch} must be divisible by "
                 f"train.num_workers x train.grad_accum = {t.num_workers * t.grad_accum}"
             )
+        if self.method.ema_decay > 0 and t.zero_stage == 3:
+            # ZeRO-3 partitions the student; an EMA target would be a whole copy per worker
+            raise ConfigError(
+                "method.ema_decay > 0 keeps a whole EMA copy on every worker: use "
+                "train.zero_stage <= 2, or method.ema_decay=0 (the reference)"
+            )
         if self.sample.sigma_preset and self.sample.steps != len(
             SIGMA_PRESETS[self.sample.sigma_preset]
         ):

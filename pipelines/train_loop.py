@@ -605,12 +605,7 @@ class StageWorker:
             eps=t.adam_eps, weight_decay=t.weight_decay,
         )  # fmt: skip
         self.target: nn.Module | None = None
-        if self.cfg.method.ema_decay > 0:
-            if t.zero_stage == 3:
-                raise ConfigError(
-                    "method.ema_decay > 0 keeps a whole EMA copy on every worker: use "
-                    "train.zero_stage <= 2, or method.ema_decay=0 (the reference)"
-                )
+        if self.cfg.method.ema_decay > 0:  # (never with ZeRO-3: the config refuses it)
             self.target = copy.deepcopy(self.student).requires_grad_(False).eval().to(self.device)
         # state identical on every rank, saved once per checkpoint (pipelines.checkpoints)
         self.replicated: dict[str, Any] = {"ema": self.target} if self.target is not None else {}
@@ -732,10 +727,19 @@ class StageWorker:
 
     # ------------------------------------------------------------ all of it
     def run(self) -> None:
+        clock = [time.perf_counter()]
+
+        def lap() -> float:  # seconds since the previous lap: where start-up time goes
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
+
         self.build_models()
+        laps = {"models": lap()}
         self.build_engine()
+        laps["engine"] = lap()
         state = self.resume()
         data = self.open_data(state)
+        laps["resume+data"] = lap()
         # the untrained student (step 0), so that quality curves start there; its score
         # travels in the checkpoint state, so a resumed run still compares against it
         baseline = state.metrics.get("val/score_step0")
@@ -744,6 +748,12 @@ class StageWorker:
             baseline = first.get("val/score")
             if self.rank == 0:
                 self.logger.log_metrics({**first, **step0_verdict({}, baseline)}, 0)
+            laps["step-0 validation"] = lap()
+        if self.rank == 0:
+            log.info(
+                "%s: ready to train in %.1f s (%s)", self.stage, clock[-1] - clock[0],
+                ", ".join(f"{k} {v:.1f} s" for k, v in laps.items()),
+            )  # fmt: skip
         window = _Window()
         self.started, self.start_step = time.perf_counter(), state.step
         self.engine.train()

@@ -83,6 +83,10 @@ def _write(tmp_path, data) -> Path:
             "train.global_batch=3 must be divisible",
         ),
         ({"sample": {"sigma_preset": "wan-6", "steps": 4}}, "set sample.steps=6"),
+        (
+            {"method": {"ema_decay": 0.9}, "train": {"zero_stage": 3}},
+            "keeps a whole EMA copy on every worker: use train.zero_stage <= 2",
+        ),
         ({"lora": {"target_modules": "to_q"}}, "lora.target_modules='to_q' must be a list"),
         # one bad value of each kind: range, type, choice, list length, list item, mapping
         ({"lora": {"rank": 0}}, "lora.rank=0 is out of range: allowed [1, 4096]"),

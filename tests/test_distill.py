@@ -57,10 +57,15 @@ def both_run(ray_cluster, tmp_path_factory):
 
     bundle, latents = shapes_latents(tmp_path_factory)
     out = tmp_path_factory.mktemp("distill_runs")
+    videos = latents.parent / "videos" / "captions.jsonl"  # the raw clips of those latents
     cfg = distill_config(
         bundle, latents, out,
         "train.steps_semantic=2", "train.steps_detail=2", "train.checkpoint_every=1",
         "train.keep_checkpoints=1", "train.run_name=both1", "tracking.register_as=dcm-both1",
+        # online mode: both stages read the raw mp4s through ingest's stream (no parquet)
+        "data.mode=online", f"data.input={videos}", "data.latents=",
+        # ZeRO-3 (each rank holds a partition; the artifact is gathered) with accumulation
+        "train.zero_stage=3", "train.grad_accum=2",
     )  # fmt: skip
     return cfg, run_distill(cfg)
 
@@ -134,8 +139,8 @@ def test_checkpoints_hold_deepspeed_state_artifact_and_best_k(both_run):
         state = json.loads((folder / "state.json").read_text())
         assert state["stage"] == stage and state["step"] == res.metrics["step"]
         assert state["metrics"]["val/score"] == res.metrics["val/score"]
-        assert (folder / "ds" / "mp_rank_00_model_states.pt").is_file()
-        # one ZeRO optimiser shard and one RNG state per worker (2 workers)
+        # ZeRO-3: one parameter partition, one optimiser shard and one RNG state per worker
+        assert len(list((folder / "ds").glob("zero_pp_rank_*_model_states.pt"))) == 2
         assert len(list((folder / "ds").glob("zero_pp_rank_*_optim_states.pt"))) == 2
         assert sorted(p.name for p in (folder / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
         assert (folder / "artifact" / "experts.safetensors").is_file()

@@ -1,12 +1,14 @@
-"""`ray job submit --working-dir . -- python -m pipelines.distill ...` against `ray start --head`.
+"""`ray job submit --working-dir . -- python -m pipelines.sweep ...` against `ray start --head`.
 
 The head is a separate local cluster bound to 127.0.0.1 with auth disabled on server and
 client (RUNTIME.md), every port chosen free, and its own temp dir; the finalizer ends
 exactly the processes of that temp dir, by pid (never `ray stop`, which would also stop
-other clusters on the machine). The job runs the semantic stage for one step with
-tracking disabled, ZeRO-3 and gradient accumulation, reading the raw shapes clips
-through ingest's online stream (no parquet); it must leave a complete artifact and no
-MLflow store.
+other clusters on the machine). The job is the shortened ablation sweep, whose trials are
+real distill runs: it proves the job path (working dir upload, the driver joining the head
+through RAY_ADDRESS, the workers' log lines reaching the client, the exit status) for every
+stage entrypoint, which share `pipelines.args`. What the removed distill job also covered
+runs in-process: online-stream training in tests/test_distill.py, ZeRO-3 with gradient
+accumulation (and its resume) in tests/test_resume.py.
 """
 
 from __future__ import annotations
@@ -106,42 +108,16 @@ def head():
 
 
 @pytest.mark.timeout(540)
-def test_distill_runs_unchanged_through_ray_job_submit(head, ray_cluster, tmp_path_factory):
-    address, env = head
-    bundle, latents = shapes_latents(tmp_path_factory)  # ingest runs on the session cluster
-    videos = latents.parent / "videos" / "captions.jsonl"  # raw clips: the online stream
-    out = tmp_path_factory.mktemp("job_runs")
-    entrypoint = [
-        "python", "-m", "pipelines.distill",
-        "--config", "pipelines/configs/shapes-tiny.yaml",
-        "--data", str(videos), "--stage", "semantic", "--out", str(out),
-        "--set", f"model.path={bundle}", "--set", "train.steps_semantic=1",
-        "--set", "train.run_name=job1", "--set", "tracking.enabled=false",
-        "--set", "sample.steps=2", "--set", "sample.eval_steps=[2]",
-        # ZeRO-3 (artifact gathered from 2 ranks) and accumulation, at no extra fit
-        "--set", "train.zero_stage=3", "--set", "train.grad_accum=2",
-    ]  # fmt: skip
-    summary, log = _submit(address, env, entrypoint, '"artifact"')
-    assert summary["stage"] == "semantic" and summary["mlflow_run_id"] is None
-    artifact = Path(summary["artifact"])
-    assert (artifact / "experts.safetensors").is_file()
-    assert (artifact / "dcm_artifact.json").is_file()
-    assert artifact.is_relative_to(out / "job1" / "semantic")
-    shards = sorted(p.name for p in (artifact.parent / "ds").glob("zero_pp_rank_*_model_states.pt"))
-    assert len(shards) == 2  # ZeRO-3: each rank saved its parameter partition
-    from dcm.experts import DualExpert
-
-    model = DualExpert.load_artifact(artifact)  # strict: every weight whole, none partitioned
-    assert not model.has_detail and min(p.numel() for p in model.parameters()) > 0
-    assert "semantic: step 1/1" in log  # the progress line reached the client
-    assert not (out / "job1" / "mlflow.db").exists()  # tracking.enabled=false
-
-
-@pytest.mark.timeout(540)
 def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_factory):
     """Issue #7: `python -m pipelines.sweep` as a `ray job submit` entrypoint. The ablation
-    config cut to two variants (single-cm, dcm), one seed, a few steps, ASHA on, tracking
-    off; the job's driver joins the head through RAY_ADDRESS and the trials run there."""
+    config cut to two variants (single-cm, dcm), one seed, a few steps, ASHA on, MLflow on
+    sqlite; the job's driver joins the head through RAY_ADDRESS and the trials run there,
+    each a real distill run. (The suite's only run of a whole sweep: tests/test_sweep.py
+    proves ASHA's stopping and the sweep's parts in-process.)"""
+    from mlflow import MlflowClient
+
+    from dcm.config import load_config
+
     address, env = head
     bundle, latents = shapes_latents(tmp_path_factory)  # ingest folder: parquet latents
     out = tmp_path_factory.mktemp("job_sweeps")
@@ -159,25 +135,43 @@ def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_
         "--set", "sample.seeds=[0]", "--set", "sweep.space={train.seed: {grid: [0]}}",
         "--set", f"sweep.variants={variants}", "--set", "sweep.asha=true",
         "--set", "sweep.grace_period=1", "--set", "sweep.trial_cpus=0.5",
-        "--set", "tracking.enabled=false",
     ]  # fmt: skip
-    summary, _ = _submit(address, env, entrypoint, '"run_dir"')
+    summary, log = _submit(address, env, entrypoint, '"run_dir"')
+    assert "semantic: step 1/2" in log  # a trial worker's progress line reached the client
     run_dir = out / "ablation-job"
     assert Path(summary["run_dir"]) == run_dir and summary["trials"] == 2
-    assert summary["mlflow_parent_run_id"] is None
 
     # The sweep's run folder: sweep.json, one trial per variant, each a real distill run.
     info = json.loads((run_dir / "sweep.json").read_text())
-    assert info["name"] == "ablation-job" and info["tracking_uri"] == ""
-    assert info["baseline"]["teacher_steps"] == 50
+    assert info["name"] == "ablation-job" and info["tracking_uri"].startswith("sqlite:///")
     trials = json.loads((run_dir / "trials.json").read_text())
     assert sorted(t["params"]["variant"] for t in trials) == ["dcm", "single-cm"]
     assert all(t["status"] in ("finished", "stopped") and t["history"] for t in trials)
     assert any(t["status"] == "finished" for t in trials)  # ASHA keeps the first
-    assert all(t["mlflow_run_id"] is None for t in trials)
     assert (run_dir / "trials").is_dir()  # the trials' Ray Train runs, under the sweep's folder
-    assert "single-cm" in (run_dir / "report" / "variants.csv").read_text()
-    assert not (run_dir / "mlflow.db").exists()  # tracking.enabled=false
+
+    # MLflow: the parent, one child per trial with metrics, each stage nested below it.
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"best/val/score", "teacher/val/score", "trials"} <= set(parent.data.metrics)
+    exp = [parent.info.experiment_id]
+    children = client.search_runs(exp, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
+    for child in children:
+        assert "sweep/best" in child.data.metrics and "sweep/variant" in child.data.params
+        stages = client.search_runs(exp, f"tags.mlflow.parentRunId = '{child.info.run_id}'")
+        names = sorted(s.data.tags["dcm_stage"] for s in stages)
+        single = child.data.params["sweep/variant"] == "single-cm"
+        if child.info.status == "FINISHED":
+            assert names == (["semantic"] if single else ["detail", "semantic"])
+        assert any(k.startswith("train/") for s in stages for k in s.data.metrics)
+    assert {"best.yaml", "report"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # The report compares the variants with the teacher at 50 steps.
+    assert info["baseline"]["teacher_steps"] == 50
+    variants_csv = (run_dir / "report" / "variants.csv").read_text()
+    assert "single-cm" in variants_csv and "teacher (50 steps)" in variants_csv
 
     # best.yaml is a plain distill config that passes the distill dry run.
     best = run_dir / "best.yaml"
@@ -187,8 +181,6 @@ def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr[-4000:]
-    from dcm.config import load_config
-
     chosen = load_config(best)
     assert chosen.sweep.variants == {} and chosen.train.run_name == "ablation-job-best"
     assert chosen.data.latents == str(latents) and chosen.model.path == str(bundle)

@@ -1,9 +1,9 @@
-"""Ray Tune sweeps: space parsing, searchers, best-config YAML, the report, and a real sweep.
+"""Ray Tune sweeps: space parsing, searchers, best-config YAML, the report, and ASHA.
 
-The integration test runs a 2-trial ASHA sweep on the session's local Ray cluster, each
-trial a real (tiny) distill run through ``pipelines.distill.run_stage``, with MLflow on
-sqlite, then checks the parent run and its children, the best-config YAML (loads and passes
-``python -m pipelines.distill --dry-run``) and the report.
+The integration test here runs a 2-trial ASHA sweep on the session's local Ray cluster,
+each trial a real (tiny) distill run, and checks that ASHA stops the bad one. The whole
+ablation sweep (variants, MLflow parent and children, report, best config) runs once, as a
+`ray job submit` entrypoint, in tests/test_job_submit.py.
 """
 
 from __future__ import annotations
@@ -197,72 +197,6 @@ def shapes_latents(tmp_path_factory, ray_cluster):
     from test_distill import shapes_latents as session_latents
 
     return session_latents(tmp_path_factory)
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_shortened_ablation_runs_as_a_two_trial_asha_sweep(shapes_latents, tmp_path, capsys):
-    """The ablation config cut to two variants (single-cm, dcm), one seed and a few steps,
-    with ASHA on: two trials, one per variant, each a real distill run."""
-    from mlflow import MlflowClient
-
-    bundle, latents = shapes_latents
-    ablation = load_config(CONFIGS / "ablation-shapes.yaml")
-    variants = {k: ablation.sweep.variants[k] for k in ("single-cm", "dcm")}
-    cfg = ablation.replace(**{
-        "name": "ablation-test", "model.path": str(bundle), "data.latents": str(latents),
-        "train.out": str(tmp_path / "runs"), "train.steps_semantic": 1, "train.steps_detail": 1,
-        "train.global_batch": 2, "train.checkpoint_every": 1, "train.log_every": 1,
-        "train.val_prompts": 1, "sample.seeds": [0], "sweep.space": {"train.seed": {"grid": [0]}},
-        "sweep.variants": variants, "sweep.asha": True, "sweep.grace_period": 1,
-        "sweep.trial_cpus": 0.5,
-    })  # fmt: skip
-    result = sw.run_sweep(cfg)
-
-    # Tune ran one trial per variant through ASHA; each reported the validation metric.
-    assert sorted(t["params"]["variant"] for t in result.trials) == ["dcm", "single-cm"]
-    assert all(t["status"] in ("finished", "stopped") and t["history"] for t in result.trials)
-    assert any(t["status"] == "finished" for t in result.trials)  # ASHA keeps the first
-
-    # MLflow: the parent, one child per trial with metrics, each stage nested below it.
-    info = json.loads((result.run_dir / "sweep.json").read_text())
-    assert info["tracking_uri"].startswith("sqlite:///")
-    client = MlflowClient(tracking_uri=info["tracking_uri"])
-    parent = client.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED"
-    assert {"best/val/score", "teacher/val/score", "trials"} <= set(parent.data.metrics)
-    exp = [parent.info.experiment_id]
-    children = client.search_runs(exp, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert len(children) == 2
-    for child in children:
-        assert "sweep/best" in child.data.metrics and "sweep/variant" in child.data.params
-        stages = client.search_runs(exp, f"tags.mlflow.parentRunId = '{child.info.run_id}'")
-        names = sorted(s.data.tags["dcm_stage"] for s in stages)
-        want = (
-            ["semantic"]
-            if child.data.params["sweep/variant"] == "single-cm"
-            else ["detail", "semantic"]
-        )
-        if child.info.status == "FINISHED":
-            assert names == want
-        assert any(k.startswith("train/") for s in stages for k in s.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"best.yaml", "report"} <= artifacts
-
-    # The report compares the variants with the teacher at 50 steps.
-    assert info["baseline"]["teacher_steps"] == 50
-    variants_csv = (result.run_dir / "report" / "variants.csv").read_text()
-    assert "single-cm" in variants_csv and "teacher (50 steps)" in variants_csv
-
-    # The best configuration loads as is and passes the distill dry run.
-    best = load_config(result.best_config)
-    assert best.sweep.variants == {} and best.train.run_name == "ablation-test-best"
-    from pipelines.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["distill", "--config", str(result.best_config), "--dry-run"])
-    assert exit_info.value.code == 0
 
 
 @pytest.mark.ray
