@@ -277,6 +277,27 @@ def check_sweep(cfg: Config) -> list[Dimension]:
     return parse_space(cfg)
 
 
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def check_room_for_data(cfg: Config, cluster_cpus: float) -> None:
+    """Concurrent trials must leave one whole CPU free: every trial's Ray Data read tasks ask
+    for 1 CPU, and while the trials' workers hold the rest those tasks never start and the
+    sweep waits forever (seen on 2 cores with 3 trials x 0.5 CPU). GPU trials read from the
+    CPUs the GPU workers do not hold, so the same rule applies."""
+    held = cfg.sweep.max_concurrent * cfg.train.num_workers * cfg.sweep.trial_cpus
+    if cluster_cpus - held < 1.0:
+        raise ConfigError(
+            f"sweep.max_concurrent={cfg.sweep.max_concurrent} x train.num_workers="
+            f"{cfg.train.num_workers} x sweep.trial_cpus={cfg.sweep.trial_cpus:g} holds "
+            f"{held:g} of the cluster's {cluster_cpus:g} CPUs, leaving no whole CPU for the "
+            "trials' data reads: lower sweep.max_concurrent or sweep.trial_cpus"
+        )
+
+
 def run_sweep(cfg: Config) -> SweepResult:
     """Run the whole sweep, write trials.json, best.yaml and the report; return the summary."""
     from ray import tune
@@ -298,16 +319,21 @@ def run_sweep(cfg: Config) -> SweepResult:
         "train.use_gpu": bool(cfg.sweep.trial_gpus),
         "tracking.uri": uri if cfg.tracking.enabled else cfg.tracking.uri,
     })  # fmt: skip
-    parent = tracker.open_run(
-        SWEEP, name=cfg.run_name, params=_sweep_params(cfg, dims), config=False, resume=False
-    ).run_id
-    write_json(out / SWEEP_FILE, default=str, data={
-        "name": cfg.run_name, "parent_run_id": parent, "tracking_uri": uri,
-        "metric": cfg.sweep.metric, "mode": cfg.sweep.mode, "searcher": cfg.sweep.searcher,
-        "dimensions": [d.key for d in dims], "config": cfg.to_dict(),
-    })  # fmt: skip
     ctx = init_ray(cfg.ray)
     try:
+        check_room_for_data(cfg, _cluster_cpus())  # before any run or file is opened
+        parent = tracker.open_run(
+            SWEEP,
+            name=cfg.run_name,
+            params=_sweep_params(cfg, dims),
+            config=False,
+            resume=False,
+        ).run_id
+        write_json(out / SWEEP_FILE, default=str, data={
+            "name": cfg.run_name, "parent_run_id": parent, "tracking_uri": uri,
+            "metric": cfg.sweep.metric, "mode": cfg.sweep.mode, "searcher": cfg.sweep.searcher,
+            "dimensions": [d.key for d in dims], "config": cfg.to_dict(),
+        })  # fmt: skip
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=parent),
             {"cpu": 0.01},
