@@ -77,6 +77,9 @@ def served(ray_cluster, tmp_path_factory, monkeypatch_module):
             "serve.metrics_interval_s": 0.5,
             "serve.look_back_period_s": 2.0,
             "serve.max_batch_size": 4,
+            # a burst's requests wait 0.2 s for each other, so that batches form even where
+            # the ingress hands them over one by one (an idle machine; seen failing at 0 s)
+            "serve.batch_wait_timeout_s": 0.2,
             "serve.max_ongoing_requests": 4,
             "serve.max_queued": 8,
             "serve.retry_after_s": 3,
