@@ -84,11 +84,20 @@ def _apply_progress_env(env: dict[str, str]) -> None:
         DataContext.get_current().use_ray_tqdm = False
 
 
-def cluster_gpus() -> float:
-    """GPUs of the connected Ray cluster (what the 'auto' GPU settings follow)."""
+def _cluster_total(resource: str) -> float:
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    return float(ray.cluster_resources().get(resource, 0))
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (what the 'auto' GPU settings follow)."""
+    return _cluster_total("GPU")
+
+
+def cluster_cpus() -> float:
+    """CPUs of the connected Ray cluster (what concurrent sweep trials must leave room in)."""
+    return _cluster_total("CPU")
 
 
 def init_ray(

@@ -277,12 +277,6 @@ def check_sweep(cfg: Config) -> list[Dimension]:
     return parse_space(cfg)
 
 
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))
-
-
 def check_room_for_data(cfg: Config, cluster_cpus: float) -> None:
     """Concurrent trials must leave one whole CPU free: every trial's Ray Data read tasks ask
     for 1 CPU, and while the trials' workers hold the rest those tasks never start and the
@@ -303,7 +297,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     from ray import tune
 
     from pipelines.args import absolute_paths
-    from pipelines.cluster import init_ray, shutdown
+    from pipelines.cluster import cluster_cpus, init_ray, shutdown
     from pipelines.tracking import Tracker
 
     cfg = absolute_paths(cfg)  # trials run in their own working directories
@@ -321,7 +315,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     })  # fmt: skip
     ctx = init_ray(cfg.ray)
     try:
-        check_room_for_data(cfg, _cluster_cpus())  # before any run or file is opened
+        check_room_for_data(cfg, cluster_cpus())  # before any run or file is opened
         parent = tracker.open_run(
             SWEEP,
             name=cfg.run_name,

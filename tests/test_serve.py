@@ -309,8 +309,9 @@ def test_dcm_serve_reads_a_written_file_back_to_the_same_config(name, tmp_path, 
     such as train.* are left out of the file): the args and http_options lose nothing."""
     import yaml
 
+    from dcm.config import from_dict
     from pipelines.serve import main
-    from serve.settings import SERVE_READS, _flatten, command_of
+    from serve.settings import SERVE_READS, command_of
 
     text = serve_files()[name]
     (tmp_path / "served.yaml").write_text(text)
@@ -321,7 +322,7 @@ def test_dcm_serve_reads_a_written_file_back_to_the_same_config(name, tmp_path, 
         with pytest.raises(SystemExit) as done:
             main([*args, "--dry-run"])
         assert done.value.code == 0
-        flat = _flatten(yaml.safe_load(capsys.readouterr().out))
+        flat = from_dict(yaml.safe_load(capsys.readouterr().out)).flat()
         resolved.append({k: v for k, v in flat.items() if k.startswith(SERVE_READS)})
     assert len(resolved[0]) > 40 and resolved[0] == resolved[1]
 
