@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=5.0, help="teacher CFG w inside the target")
     ap.add_argument("--split", type=int, default=34)
+    ap.add_argument("--grid", type=int, default=50, help="grid points N of the training grid")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--ema", type=float, default=0.0, help="EMA target decay (0 = off)")
     ap.add_argument("--loss", default="huber", choices=["huber", "l2"])
@@ -73,6 +74,7 @@ def main() -> None:
     over = {
         "method.cfg_scale": args.cfg,
         "method.split": args.split,
+        "method.grid_points": args.grid,
         "method.ema_decay": args.ema,
         "method.adv_weight": args.adv,
         "method.consistency_loss": "pseudo_huber" if args.loss == "huber" else "l2",
@@ -85,7 +87,7 @@ def main() -> None:
     steps_list = [int(s) for s in args.eval_steps.split(",")]
 
     t0 = time.time()
-    key = f"{args.train_clips}-{args.seed}-{args.val}-{args.cfg}-{args.split}"
+    key = f"{args.train_clips}-{args.seed}-{args.val}-{args.cfg}"
     cache = Path(args.cache) / f"study-{key}.pt" if args.cache else None
     if cache is not None and cache.exists():
         x0_all, cond_all, vcond, vcaps, vnoise, ref = torch.load(cache, weights_only=False)
@@ -149,8 +151,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    grid_head = [float(v) for v in sch.sigmas.flip(0) if v > sch.sigma_split]
-    ref_b = to_split(vnoise.clone(), grid_head, _GuidedTeacher())  # teacher grid at sigma_b
+    # the teacher's 50-step list down to sigma_b (the grid itself when N = 50)
+    head50 = [s for s in sch.teacher_sigmas(50) if s > sch.sigma_split]
+    ref_b = to_split(vnoise.clone(), head50, _GuidedTeacher())
 
     evaluate(_GuidedTeacher(), 0, "teacher-cfg-same-sigmas")
     student = DualExpert(copy.deepcopy(bundle.transformer))

@@ -67,3 +67,21 @@ def test_student_scores_held_out_captions_as_recorded():
         assert got[name]["summary"] == pytest.approx(want, abs=TOLERANCE), name
         # and distillation added something: the recorded untrained start is lower
         assert want > RECORD["methods"][name.replace("dcm", "untrained")]["summary"]
+
+
+def test_student_build_takes_overrides_and_its_readme_states_them(tmp_path):
+    """`python -m pipelines.student --set ...` trains with the overrides and says so."""
+    from pipelines.student import EVAL_STEPS, build_config, readme
+
+    extra = ["method.grid_points=20", "method.split=13", "train.steps_detail=300"]
+    cfg = build_config(tmp_path, extra)
+    assert (cfg.method.grid_points, cfg.method.split, cfg.train.steps_detail) == (20, 13, 300)
+    assert cfg.train.steps_semantic == 500  # the build's own setting, not overridden
+
+    names = [f"{m}@{n}" for m in ("teacher", "untrained", "dcm") for n in EVAL_STEPS]
+    per_video = {n: [{"summary": 0.5}, {"summary": 0.25}] for n in [*names, "teacher@50"]}
+    methods = {n: {"summary": 0.4, "summary_std": 0.1} for n in per_video}
+    result = {"methods": methods, "per_video": per_video, "seeds": [0, 1], "videos_per_method": 2}
+    text = readme(result, {"distill": 60.0}, cfg)
+    assert "grid N = 20 split at b = 13" in text
+    assert "500 semantic + 300 detail steps" in text
