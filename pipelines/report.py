@@ -230,8 +230,8 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Path]:
     md += [
         f"Reference `{ref}`: {ref_sampler} (the model folder's own scheduler).",
         "`dcm@n`: the experts this demo distilled, no guidance; `bundled@n`: the shipped",
-        "student `bundled:shapes-dcm` (1,000 + 1,000 steps); `untrained@n`: the teacher's",
-        "weights in the DCM sampler, where distillation starts. Prompts are held-out",
+        "student `bundled:shapes-dcm` (dcm/shapes/student/README.md); `untrained@n`: the",
+        "teacher's weights in the DCM sampler, where distillation starts. Prompts are held-out",
         "compositions of the shapes world, scored from decoded pixels (dcm/shapes/metrics.py);",
         f"PSNR and SSIM compare each video with `{ref}`'s video of the same prompt and seed.",
         "",
