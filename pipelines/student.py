@@ -142,9 +142,18 @@ def _artifact_base(out: Path) -> dict[str, Any]:
     return base
 
 
-def readme(result: dict[str, Any], seconds: dict[str, float], cfg: Config) -> str:
-    """The student's README: what it is, the table, how it was made (from ``cfg``)."""
+def readme(
+    result: dict[str, Any], seconds: dict[str, float], cfg: Config, extra: list[str] | None = None
+) -> str:
+    """The student's README: what it is, the table, how it was made (from ``cfg``; ``extra``:
+    the build's ``--set`` overrides, part of the reproduce command)."""
     meth, tr = cfg.method, cfg.train
+    command = (
+        "make student   # python -m pipelines.student --work runs/student --out dcm/shapes/student"
+    )
+    if extra:
+        sets = " ".join(f"--set {item}" for item in extra)
+        command = f"python -m pipelines.student --work runs/student --out dcm/shapes/student {sets}"
     m = result["methods"]
     ref = m["teacher@50"]["summary"]
 
@@ -194,15 +203,15 @@ def readme(result: dict[str, Any], seconds: dict[str, float], cfg: Config) -> st
         "## Reproduce",
         "",
         "```",
-        "make student   # python -m pipelines.student --work runs/student --out dcm/shapes/student",
+        command,
         "```",
         "",
         f"{VIDEOS} rendered training clips, the `shapes-tiny` preset (w = {meth.cfg_scale:g} "
         f"inside the target, grid N = {meth.grid_points} split at b = {meth.split}, lr "
         f"{tr.lr_semantic:g} / {tr.lr_detail:g}, batch {tr.global_batch}, LoRA rank "
         f"{cfg.lora.rank}), {tr.steps_semantic} semantic + {tr.steps_detail} detail steps, "
-        "validation",
-        "every 250 steps on 8 training captions; the best checkpoint by `val/score` is shipped.",
+        f"validation every {tr.val_every} steps on {tr.val_prompts} training captions; the best",
+        "checkpoint by `val/score` is shipped.",
         f"Built on {platform.machine()} with {os.cpu_count()} CPU cores, shared with other jobs: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
         + ".",
@@ -256,7 +265,7 @@ def build(work: Path, out: Path, extra: list[str] | None = None) -> dict[str, An
     artifact = timed("distill", finished, distill, cfg)
     fresh = ship(artifact, out)
     result = timed("evaluate", evaluated.is_file() and not fresh, evaluate, out, work, fresh)
-    (out / "README.md").write_text(readme(result, seconds, cfg))
+    (out / "README.md").write_text(readme(result, seconds, cfg, extra))
     kept = ("steps", "sampler", "summary", "summary_std", "adherence", "nfe", "total_s")
     methods = {n: {k: r[k] for k in kept if k in r} for n, r in result["methods"].items()}
     record = {"prompts": result["prompts"], "seeds": result["seeds"], "methods": methods}

@@ -82,6 +82,9 @@ def test_student_build_takes_overrides_and_its_readme_states_them(tmp_path):
     per_video = {n: [{"summary": 0.5}, {"summary": 0.25}] for n in [*names, "teacher@50"]}
     methods = {n: {"summary": 0.4, "summary_std": 0.1} for n in per_video}
     result = {"methods": methods, "per_video": per_video, "seeds": [0, 1], "videos_per_method": 2}
-    text = readme(result, {"distill": 60.0}, cfg)
+    text = readme(result, {"distill": 60.0}, cfg, extra)
     assert "grid N = 20 split at b = 13" in text
     assert "500 semantic + 300 detail steps" in text
+    assert "validation every 250 steps on 8 training captions" in text
+    assert "--set method.grid_points=20 --set method.split=13 --set train.steps_detail=300" in text
+    assert "make student" in readme(result, {"distill": 60.0}, cfg)  # no overrides: make student
