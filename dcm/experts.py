@@ -39,7 +39,16 @@ from dcm.backbones.base import (
     fp32_modules,
     make_backbone,
 )
-from dcm.config import DETAIL, SECTIONS, SEMANTIC, Config, LoraConfig, all_keys, plain_data
+from dcm.config import (
+    DETAIL,
+    SECTIONS,
+    SEMANTIC,
+    Config,
+    ConfigError,
+    LoraConfig,
+    all_keys,
+    plain_data,
+)
 from dcm.files import is_remote, write_atomic
 
 ARTIFACT_SCHEMA_VERSION = 1
@@ -327,6 +336,20 @@ def artifact_config(path: str | Path) -> dict[str, Any] | None:
             base[key] = copy.deepcopy(val)
     base.setdefault("model", {})["path"] = str(Path(path).expanduser().resolve())
     return base
+
+
+def artifact_base(model: str | None) -> dict[str, Any] | None:
+    """The training config of ``model`` (a dict for ``load_config(base=)``) when it names a
+    distilled artifact, else None: a stage given only an artifact starts from the settings it
+    was trained with (grid, split, sizes, guidance) rather than from a preset."""
+    if not model or not is_artifact(model):
+        return None
+    from dcm.bundle import resolve_model_path
+
+    try:
+        return artifact_config(resolve_model_path(model))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def find_bundle(root: str | Path, meta: dict[str, Any], base_model: str = "") -> str:

@@ -120,14 +120,9 @@ def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
     base = None
     model = dotted.get("model.path")
     if model and not args.config and not args.preset:
-        from dcm.bundle import resolve_model_path
-        from dcm.experts import artifact_config, is_artifact
+        from dcm.experts import artifact_base
 
-        if is_artifact(str(model)):
-            try:
-                base = artifact_config(resolve_model_path(str(model)))
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        base = artifact_base(str(model))
     cfg = load_config(args.config, args.preset, [*args.overrides, *extra], base=base)
     if args.dry_run:
         print(explain() if args.explain else cfg.to_yaml(), end="")

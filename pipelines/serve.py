@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*app_args.set, *args.overrides]
     cli = {
         # no model given: the bundled distilled student (pipelines.args.model_or_default)
-        "model.path": pipelines.args.model_or_default(args, args.model),
+        "model.path": pipelines.args.model_or_default(args, args.model or dotted.get("model.path")),
         "serve.host": args.host,
         "serve.port": args.port,
         "serve.device": args.device,

@@ -132,9 +132,18 @@ class AppArgs(BaseModel):
         return {k: v for k, v in out.items() if v is not None}
 
     def resolve(self) -> Config:
+        """The config these args name. Only a distilled artifact given (no config, no
+        preset): its training config is the base, as for every ``dcm`` command."""
         AppArgs.parse(self.model_dump())  # unknown names fail here, in one sentence
-        cfg = load_config(self.config, self.preset, self.set)
+        base = None if (self.config or self.preset) else _artifact_base(self.model)
+        cfg = load_config(self.config, self.preset, self.set, base=base)
         return cfg.replace(**self.overrides())
+
+
+def _artifact_base(model: str | None) -> dict[str, Any] | None:
+    from dcm.experts import artifact_base  # torch: only when a model is named
+
+    return artifact_base(model) if model else None
 
 
 # Config keys the endpoint reads (prefixes); the rest (train.*, ingest.*, sweep.*, where the
@@ -146,13 +155,22 @@ SERVE_READS = (
 
 
 def app_args(cfg: Config, config: str | None = None, preset: str | None = None) -> dict[str, Any]:
-    """Builder args that resolve to ``cfg`` as far as Serve reads it: its source (``config``
-    file or preset) and every key Serve reads where ``cfg`` differs from that source, serve
-    fields by name."""
-    source = {"config": config} if config else {}
-    source["preset"] = preset if (preset or config) else cfg.preset
-    source = {k: v for k, v in source.items() if v}
-    base = load_config(source.get("config"), source.get("preset")).flat()
+    """Builder args that resolve to ``cfg`` as far as Serve reads it: its source and every
+    key Serve reads where ``cfg`` differs from that source, serve fields by name.
+
+    The source is the ``config`` file or ``preset`` when given; else the distilled artifact
+    ``cfg`` serves (its own training config, so the file does not repeat the grid or sizes
+    it was built with and stays right when it is rebuilt); else ``cfg``'s preset.
+    """
+    artifact = None if (config or preset) else _artifact_base(cfg.model.path)
+    if artifact is not None:
+        source: dict[str, Any] = {"model": cfg.model.path}
+        base = load_config(base=artifact).flat()
+    else:
+        source = {"config": config} if config else {}
+        source["preset"] = preset if (preset or config) else cfg.preset
+        source = {k: v for k, v in source.items() if v}
+        base = load_config(source.get("config"), source.get("preset")).flat()
     args: dict[str, Any] = dict(source)
     extra: list[str] = []
     for key, value in cfg.flat().items():
@@ -161,7 +179,7 @@ def app_args(cfg: Config, config: str | None = None, preset: str | None = None) 
         if not key.startswith(SERVE_READS):
             continue
         if key == "model.path":
-            args["model"] = value
+            args.setdefault("model", value)
         elif key.startswith("serve."):
             args[key.split(".", 1)[1]] = value
         else:

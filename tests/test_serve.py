@@ -327,6 +327,48 @@ def test_dcm_serve_reads_a_written_file_back_to_the_same_config(name, tmp_path, 
     assert len(resolved[0]) > 40 and resolved[0] == resolved[1]
 
 
+def test_a_file_for_an_artifact_follows_the_artifact_when_it_is_rebuilt(tmp_path, capsys):
+    """Written for a distilled artifact alone (no preset, no config), the Serve file names
+    only the model: the artifact's own training config is its base, so the grid it was built
+    with is read from the artifact, and a rebuild with another grid needs no new file."""
+    import json
+    import shutil
+
+    import yaml
+
+    from dcm.bundle import BUNDLED
+    from dcm.config import from_dict
+    from pipelines.serve import main
+    from serve.settings import AppArgs
+
+    student = tmp_path / "student"
+    shutil.copytree(BUNDLED["shapes-dcm"], student)
+    path = tmp_path / "served.yaml"
+    assert main(["--model", str(student), "--port", "8123", "--write-config", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == str(path)
+    args = yaml.safe_load(path.read_text())["applications"][0]["args"]
+    assert args == {"model": str(student)}  # port is an http option, not an app arg
+
+    def grid(cfg_args: list[str]) -> tuple[int, int, int]:
+        with pytest.raises(SystemExit):
+            main([*cfg_args, "--dry-run"])
+        cfg = from_dict(yaml.safe_load(capsys.readouterr().out))
+        return cfg.method.grid_points, cfg.method.split, cfg.serve.port
+
+    built = json.loads((student / "dcm_artifact.json").read_text())["config"]["method"]
+    assert grid(["--config", str(path)]) == (built["grid_points"], built["split"], 8123)
+
+    meta = json.loads((student / "dcm_artifact.json").read_text())  # rebuilt on 20 points
+    meta["config"]["method"].update(grid_points=20, split=13)
+    (student / "dcm_artifact.json").write_text(json.dumps(meta))
+    assert grid(["--config", str(path)]) == (20, 13, 8123)
+    cfg = AppArgs.parse(args).resolve()  # the builder Serve calls, same args
+    assert (cfg.method.grid_points, cfg.method.split, cfg.model.path) == (20, 13, str(student))
+    # A preset named beside the model is the base instead, as on every dcm command.
+    preset = AppArgs.parse({"preset": "shapes-tiny", "model": str(student)}).resolve()
+    assert (preset.method.grid_points, preset.method.split) == (50, 34)
+
+
 def test_dcm_serve_maps_serve_file_options_onto_the_serve_section(tmp_path, capsys):
     """A hand-written Serve file's http_options and Generator options land on the serve
     fields that generator_options writes back (one table, both ways); flags win."""
