@@ -95,6 +95,19 @@ def cluster_gpus() -> float:
     return _cluster_total("GPU")
 
 
+def actor_gpus(setting: str | float) -> float:
+    """A per-actor GPU setting (``ingest.actor_gpus``, ``serve.replica_gpus``): a number as
+    it is; 'auto' = one GPU when the connected cluster has a whole one, else 0 (also with no
+    Ray started: an app built in a test or a dry run)."""
+    if setting != "auto":
+        return float(setting)
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return 1.0 if cluster_gpus() >= 1 else 0.0
+
+
 def cluster_cpus() -> float:
     """CPUs of the connected Ray cluster (what concurrent sweep trials must leave room in)."""
     return _cluster_total("CPU")

@@ -101,14 +101,11 @@ def app_from_config(cfg: Config) -> serve.Application:
 
 
 def replica_gpus(s: ServeConfig) -> float:
-    """serve.replica_gpus: 'auto' is one GPU per replica when the cluster has GPUs, else 0."""
-    if s.replica_gpus != "auto":
-        return float(s.replica_gpus)
-    import ray
+    """serve.replica_gpus: 'auto' is one GPU per replica when the cluster has one, else 0
+    (the rule of every per-actor GPU setting, ``pipelines.cluster.actor_gpus``)."""
+    from pipelines.cluster import actor_gpus
 
-    if not ray.is_initialized():  # building outside a cluster (tests, --dry-run): no GPU
-        return 0.0
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return actor_gpus(s.replica_gpus)
 
 
 def _model_path(path: str, field: str) -> str:

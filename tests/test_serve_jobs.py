@@ -189,14 +189,18 @@ def test_warm_up_runs_the_smallest_generation(tmp_path):
 
 @pytest.mark.ray
 def test_replica_gpus_auto_follows_the_cluster(ray_cluster):
+    """'auto' GPUs per actor follow the connected cluster, one rule for the Serve replicas
+    and the ingest encoders."""
     import ray
 
+    from pipelines.ingest.pipeline import encoder_gpus
     from serve.app import generator_options, replica_gpus
 
     cfg = load_config(preset="shapes-tiny")
-    assert cfg.serve.replica_gpus == "auto"
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    assert replica_gpus(cfg.serve) == (1.0 if has_gpu else 0.0)
+    assert cfg.serve.replica_gpus == "auto" and cfg.ingest.actor_gpus == "auto"
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    assert replica_gpus(cfg.serve) == encoder_gpus(cfg) == (1.0 if has_gpu else 0.0)
+    assert encoder_gpus(cfg.replace(**{"ingest.actor_gpus": 0.25})) == 0.25
     half = cfg.replace(**{"serve.replica_gpus": 0.5}).serve
     assert replica_gpus(half) == 0.5
     assert generator_options(half)["ray_actor_options"]["num_gpus"] == 0.5

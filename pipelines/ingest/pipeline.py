@@ -27,12 +27,9 @@ def decode_memory(cfg: Config) -> int:
 
 def encoder_gpus(cfg: Config) -> float:
     """``ingest.actor_gpus``, with 'auto' = one GPU per encoder actor when the cluster has one."""
-    gpus = cfg.ingest.actor_gpus
-    if gpus == "auto":
-        from pipelines.cluster import cluster_gpus
+    from pipelines.cluster import actor_gpus
 
-        return 1.0 if cluster_gpus() >= 1 else 0.0
-    return float(gpus)
+    return actor_gpus(cfg.ingest.actor_gpus)
 
 
 def build(
