@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.0, help="EMA target decay (0 = off)")
     ap.add_argument("--loss", default="huber", choices=["huber", "l2"])
     ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
+    ap.add_argument("--disc-hidden", type=int, default=64, help="discriminator head width")
     ap.add_argument("--train-clips", type=int, default=256)
     ap.add_argument("--val", type=int, default=16)
     ap.add_argument("--every", type=int, default=50)
@@ -77,6 +78,7 @@ def main() -> None:
         "method.grid_points": args.grid,
         "method.ema_decay": args.ema,
         "method.adv_weight": args.adv,
+        "method.disc_hidden": args.disc_hidden,
         "method.consistency_loss": "pseudo_huber" if args.loss == "huber" else "l2",
     }
     cfg = load_config(None, "shapes-tiny", [f"{k}={v}" for k, v in over.items()])
@@ -147,6 +149,8 @@ def main() -> None:
                 row[f"fid{n}"] = round(float(((z - ref) ** 2).mean()), 5)
                 if score:
                     row[f"score{n}"] = round(decode_score(z), 3)
+                    # the semantic part with the teacher's tail: is the layout already lost?
+                    row[f"semscore{n}"] = round(decode_score(zs), 3)
         curves.append(row)
         print(json.dumps(row), flush=True)
         return row
