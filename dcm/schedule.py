@@ -151,12 +151,14 @@ class Schedule:
             pos = [float(math.floor(p + 0.5)) for p in pos]
         return [self._position_sigma(p) for p in pos]
 
-    def sampling_sigmas(self, n: int, preset: str = "") -> list[float]:
+    def sampling_sigmas(self, n: int, preset: str = "", semantic_steps: int = 0) -> list[float]:
         """Descending sigma list for n student steps, ending with 0.0 (METHOD.md section 7).
 
         Even split: SemE gets ceil(n / 2) steps, DetE floor(n / 2). Our choice for odd n:
         the extra step goes to the high-noise expert, which fixes layout and motion (the
-        paper's ablation credits most of DCM's gain to that expert).
+        paper's ablation credits most of DCM's gain to that expert). ``semantic_steps``
+        (1..n-1) shares the steps otherwise; on the shapes student the even share scored
+        best (benchmarks/step_split.py, docs/QUALITY.md section 6).
         SemE steps run uniformly in grid index from N-1 down to b (exclusive), DetE steps
         from b down to the end (index -1, below which the list closes at 0).
         With ``preset`` (a key of SIGMA_PRESETS) the reference list is used instead; a
@@ -166,7 +168,9 @@ class Schedule:
             return self._preset(n, preset)
         if n < 2:
             raise ConfigError(f"sample.steps={n} must be at least 2 (one step per expert)")
-        n_sem = n if self.single_expert else (n + 1) // 2
+        n_sem = n if self.single_expert else (semantic_steps or (n + 1) // 2)
+        if not self.single_expert and not 1 <= n_sem <= n - 1:
+            raise ConfigError(f"semantic_steps={semantic_steps} must lie in 1..{n - 1}")
         n_det = n - n_sem
         top = self.grid_points - 1
         sem = self._uniform(top, top - self.split, n_sem)

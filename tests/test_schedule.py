@@ -146,6 +146,21 @@ def test_even_split_any_n_any_b(n: int, b: int) -> None:
     assert sig[n_sem] == sch.sigma_split  # DetE always starts at sigma_b
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_other_step_shares_route_k_steps_to_the_semantic_expert(n: int) -> None:
+    sch = Schedule(shift=3.0, grid_points=10, split=6)
+    for k in range(1, n):
+        sig = sch.sampling_sigmas(n, semantic_steps=k)
+        assert len(sig) == n + 1 and sig[0] == 1.0 and sig[-1] == 0.0
+        assert all(y < x for x, y in zip(sig, sig[1:], strict=False))
+        assert sch.route(torch.tensor(sig[:-1])).tolist() == [SEMANTIC] * k + [DETAIL] * (n - k)
+        assert sig[k] == sch.sigma_split
+    assert sch.sampling_sigmas(n, semantic_steps=(n + 1) // 2) == sch.sampling_sigmas(n)
+    for bad in (n, -1):
+        with pytest.raises(ConfigError, match=f"semantic_steps={bad} must lie in 1..{n - 1}"):
+            sch.sampling_sigmas(n, semantic_steps=bad)
+
+
 def test_even_split_uniform_in_index() -> None:
     sch = Schedule(shift=17.0, grid_points=50, split=34)
     grid = sch.sigmas.tolist()

@@ -1,0 +1,91 @@
+"""How should n sampling steps be shared between the two experts? A quality probe.
+
+    python benchmarks/step_split.py [--model bundled:shapes-dcm] [--prompts 24]
+
+``Schedule.sampling_sigmas`` gives the semantic expert ceil(n / 2) steps and the detail
+expert the rest. This script samples a distilled shapes student with other shares (from
+the same grid points) on held-out captions and fixed noise (two noise seeds per caption)
+and scores the decoded videos with the shapes summary (``dcm/shapes/metrics.py``). Each
+share is compared with the default one at the same n, paired over the same videos
+(mean +- standard error, wins / losses). The table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import machine  # noqa: E402
+
+from dcm.generate import VideoGenerator, to_uint8  # noqa: E402
+from dcm.sampler import sample  # noqa: E402
+from dcm.shapes.dataset import iter_clips  # noqa: E402
+from dcm.shapes.metrics import score_batch  # noqa: E402
+
+NOISE_SEEDS = (777, 778)  # distill_study.py's validation noise, and one more
+
+
+def shares(sch) -> dict[str, list[float]]:
+    """Name ('n: SemE + DetE') -> descending sigma list, every share of n = 2, 3, 4 steps
+    and the default one at 8 (``Schedule.sampling_sigmas(n, semantic_steps=k)``)."""
+    out = {}
+    for n in (2, 3, 4, 8):
+        for k in range(1, n) if n < 8 else [(n + 1) // 2]:
+            out[f"{n}: {k} + {n - k}"] = sch.sampling_sigmas(n, semantic_steps=k)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bundled:shapes-dcm", help="a distilled shapes student")
+    ap.add_argument("--prompts", type=int, default=24, help="held-out captions")
+    args = ap.parse_args()
+
+    gen = VideoGenerator.load(args.model, "cpu")
+    bundle, student, sch = gen.bundle, gen.student.eval(), gen.schedule()
+    caps = [scene.caption() for scene, _ in iter_clips(args.prompts, seed=123, split="heldout")]
+    cond = bundle.encode_text(caps)
+    shape = bundle.latent_shape(gen.cfg.data.num_frames, gen.cfg.data.height, gen.cfg.data.width)
+    noises = [
+        torch.randn((len(caps), *shape), generator=torch.Generator().manual_seed(s))
+        for s in NOISE_SEEDS
+    ]
+    scores: dict[str, np.ndarray] = {}
+    lists = shares(sch)
+    with torch.no_grad():
+        for name, sigmas in lists.items():
+            per = []
+            for noise in noises:
+                z = sample(student, noise, cond, sigmas, sch)
+                res = score_batch(list(to_uint8(bundle.decode(z))), caps)
+                per += [row["summary"] for row in res["per_video"]]
+            scores[name] = np.asarray(per)
+            print(f"{name}: {scores[name].mean():.3f}", flush=True)
+
+    n_vid = len(caps) * len(NOISE_SEEDS)
+    print(f"\n{args.model}, grid {sch.grid_points}, split {sch.split}; {machine()}")
+    print(f"{len(caps)} held-out captions x {len(NOISE_SEEDS)} noise seeds = {n_vid} videos\n")
+    print("| steps: SemE + DetE | sigmas | summary (mean +- std) | paired vs the default |")
+    print("|---|---|---|---|")
+    for name, per in scores.items():
+        n = int(name.split(":")[0])
+        default = f"{n}: {(n + 1) // 2} + {n // 2}"
+        d = per - scores[default]
+        vs = (
+            "(default)"
+            if name == default
+            else f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} "
+            f"({int((d > 0).sum())} / {int((d < 0).sum())})"
+        )
+        sig = ", ".join(f"{s:.3f}" for s in lists[name])
+        print(f"| {name} | {sig} | {per.mean():.3f} +- {per.std(ddof=1):.2f} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()
