@@ -143,7 +143,7 @@ class AppArgs(BaseModel):
 def _artifact_base(model: str | None) -> dict[str, Any] | None:
     from dcm.experts import artifact_base  # torch: only when a model is named
 
-    return artifact_base(model) if model else None
+    return artifact_base(model)  # None when no model or no artifact
 
 
 # Config keys the endpoint reads (prefixes); the rest (train.*, ingest.*, sweep.*, where the
