@@ -338,11 +338,14 @@ def artifact_config(path: str | Path) -> dict[str, Any] | None:
     return base
 
 
-def artifact_base(model: str | None) -> dict[str, Any] | None:
+def artifact_base(
+    model: str | None, config: str | None = None, preset: str | None = None
+) -> dict[str, Any] | None:
     """The training config of ``model`` (a dict for ``load_config(base=)``) when it names a
-    distilled artifact, else None: a stage given only an artifact starts from the settings it
-    was trained with (grid, split, sizes, guidance) rather than from a preset."""
-    if not model or not is_artifact(model):
+    distilled artifact and neither a ``config`` file nor a ``preset`` is given, else None: a
+    stage given only an artifact starts from the settings it was trained with (grid, split,
+    sizes, guidance) rather than from a preset; a config or preset the user names wins."""
+    if config or preset or not model or not is_artifact(model):
         return None
     from dcm.bundle import resolve_model_path
 

@@ -119,10 +119,10 @@ def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
     extra = [f"{key}={_yaml_scalar(val)}" for key, val in dotted.items() if val is not None]
     base = None
     model = dotted.get("model.path")
-    if model and not args.config and not args.preset:
+    if model:  # dcm.experts imports torch: only when a model is named
         from dcm.experts import artifact_base
 
-        base = artifact_base(str(model))
+        base = artifact_base(str(model), args.config, args.preset)
     cfg = load_config(args.config, args.preset, [*args.overrides, *extra], base=base)
     if args.dry_run:
         print(explain() if args.explain else cfg.to_yaml(), end="")

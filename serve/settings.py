@@ -135,15 +135,19 @@ class AppArgs(BaseModel):
         """The config these args name. Only a distilled artifact given (no config, no
         preset): its training config is the base, as for every ``dcm`` command."""
         AppArgs.parse(self.model_dump())  # unknown names fail here, in one sentence
-        base = None if (self.config or self.preset) else _artifact_base(self.model)
+        base = _artifact_base(self.model, self.config, self.preset)
         cfg = load_config(self.config, self.preset, self.set, base=base)
         return cfg.replace(**self.overrides())
 
 
-def _artifact_base(model: str | None) -> dict[str, Any] | None:
-    from dcm.experts import artifact_base  # torch: only when a model is named
+def _artifact_base(
+    model: str | None, config: str | None, preset: str | None
+) -> dict[str, Any] | None:
+    if not model:
+        return None  # no torch import for a file that names no model
+    from dcm.experts import artifact_base
 
-    return artifact_base(model)  # None when no model or no artifact
+    return artifact_base(model, config, preset)
 
 
 # Config keys the endpoint reads (prefixes); the rest (train.*, ingest.*, sweep.*, where the
@@ -162,7 +166,7 @@ def app_args(cfg: Config, config: str | None = None, preset: str | None = None) 
     ``cfg`` serves (its own training config, so the file does not repeat the grid or sizes
     it was built with and stays right when it is rebuilt); else ``cfg``'s preset.
     """
-    artifact = None if (config or preset) else _artifact_base(cfg.model.path)
+    artifact = _artifact_base(cfg.model.path, config, preset)
     if artifact is not None:
         source: dict[str, Any] = {"model": cfg.model.path}
         base = load_config(base=artifact).flat()

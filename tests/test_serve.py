@@ -369,6 +369,20 @@ def test_a_file_for_an_artifact_follows_the_artifact_when_it_is_rebuilt(tmp_path
     assert (preset.method.grid_points, preset.method.split) == (50, 34)
 
 
+def test_artifact_base_is_the_artifact_config_only_when_nothing_else_is_named():
+    """One rule for `dcm` commands, Serve files and the Serve builder: the artifact's own
+    training config is the base unless a config file or a preset is named."""
+    from dcm.experts import artifact_base
+
+    base = artifact_base("bundled:shapes-dcm")
+    assert base is not None and base["method"]["grid_points"] == 10
+    assert base["model"]["path"].endswith("student")
+    assert artifact_base("bundled:shapes-dcm", config="my.yaml") is None
+    assert artifact_base("bundled:shapes-dcm", preset="shapes-tiny") is None
+    assert artifact_base("bundled:shapes") is None  # a diffusers folder, not an artifact
+    assert artifact_base(None) is None and artifact_base("") is None
+
+
 def test_dcm_serve_maps_serve_file_options_onto_the_serve_section(tmp_path, capsys):
     """A hand-written Serve file's http_options and Generator options land on the serve
     fields that generator_options writes back (one table, both ways); flags win."""
