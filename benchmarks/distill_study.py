@@ -47,6 +47,19 @@ def encode_clips(bundle, n: int, seed: int, split: str) -> tuple[torch.Tensor, C
     return bundle.normalize(torch.cat(lat)), bundle.encode_text(caps), caps
 
 
+class _Routed(torch.nn.Module):
+    """Two models as one sampler model: expert 0 rows to ``sem``, expert 1 rows to ``det``
+    (the study's samplers give every row of a call the same expert)."""
+
+    def __init__(self, sem: torch.nn.Module, det: torch.nn.Module) -> None:
+        super().__init__()
+        self.sem, self.det = sem, det
+
+    def forward(self, x, t, cond, expert):
+        model = self.det if bool((expert == 1).all()) else self.sem
+        return model(x, t, cond, expert)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per stage")
@@ -58,6 +71,11 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=34)
     ap.add_argument("--grid", type=int, default=50, help="grid points N of the training grid")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument(
+        "--lora-ffn",
+        action="store_true",
+        help="diagnostic: the detail LoRA also on the feed-forward layers (Wan backbone)",
+    )
     ap.add_argument("--ema", type=float, default=0.0, help="EMA target decay (0 = off)")
     ap.add_argument("--loss", default="huber", choices=["huber", "l2"])
     ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
@@ -68,8 +86,27 @@ def main() -> None:
     ap.add_argument("--eval-steps", default="2,4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--detail-on-teacher",
+        action="store_true",
+        help="diagnostic: train the detail expert on a fresh copy of the teacher instead of "
+        "on the trained semantic expert; sampling routes sigma > sigma_b to the latter",
+    )
+    ap.add_argument(
+        "--detail-full",
+        action="store_true",
+        help="with --detail-on-teacher: every parameter of that copy trains (no LoRA)",
+    )
     ap.add_argument("--cache", default="", help="folder caching encoded data + reference")
+    ap.add_argument(
+        "--semantic-ckpt",
+        default="",
+        help="file holding the student after the semantic stage: loaded when it exists "
+        "(the stage is skipped), written after the stage otherwise",
+    )
     args = ap.parse_args()
+    if args.detail_full and not args.detail_on_teacher:
+        ap.error("--detail-full needs --detail-on-teacher (else it would retrain the SemE)")
     torch.manual_seed(args.seed)
 
     over = {
@@ -105,9 +142,15 @@ def main() -> None:
             torch.save((x0_all, cond_all, vcond, vcaps, vnoise, ref), cache)
     print(f"data + teacher reference: {time.time() - t0:.0f} s", flush=True)
 
-    def decode_score(z: torch.Tensor) -> float:
+    def decode_scores(z: torch.Tensor) -> list[float]:
+        """Per-prompt shapes summaries (kept in the curves for paired comparisons)."""
         frames = to_uint8(bundle.decode(z))
-        return float(score_batch(list(frames), vcaps)["summary"])
+        return [
+            round(float(r["summary"]), 3) for r in score_batch(list(frames), vcaps)["per_video"]
+        ]
+
+    def decode_score(z: torch.Tensor) -> float:
+        return sum(decode_scores(z)) / z.shape[0]
 
     curves: list[dict] = []
     ref_score = decode_score(ref)
@@ -148,7 +191,9 @@ def main() -> None:
                 z = sample(model, vnoise, vcond, sig, sch)
                 row[f"fid{n}"] = round(float(((z - ref) ** 2).mean()), 5)
                 if score:
-                    row[f"score{n}"] = round(decode_score(z), 3)
+                    per = decode_scores(z)
+                    row[f"score{n}"] = round(sum(per) / len(per), 3)
+                    row[f"per{n}"] = per
                     # the semantic part with the teacher's tail: is the layout already lost?
                     row[f"semscore{n}"] = round(decode_score(zs), 3)
         curves.append(row)
@@ -165,10 +210,30 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed + 1)
     student.eval()  # no dropout anywhere; eval() only matters for the study's sampling
     evaluate(student, 0, "init")
+    ckpt = Path(args.semantic_ckpt) if args.semantic_ckpt else None
+    semantic_model = None  # with --detail-on-teacher: the trained SemE, sampled above sigma_b
+
+    def view() -> torch.nn.Module:
+        return student if semantic_model is None else _Routed(semantic_model, student)
+
     for stage in stages:
-        if stage == "detail":
+        if stage == "semantic" and ckpt is not None and ckpt.exists():
+            student.load_state_dict(torch.load(ckpt, weights_only=True))
+            evaluate(student, args.steps, "semantic (loaded)")
+            continue
+        if stage == "detail" and args.detail_on_teacher:
+            semantic_model = student
+            student = DualExpert(copy.deepcopy(bundle.transformer)).eval()
+        if stage == "detail" and args.detail_full:
+            pass  # no LoRA: DualExpert without a detail expert trains all of its weights
+        elif stage == "detail":
+            if args.lora_ffn:  # METHOD.md section 6 scopes LoRA to attention; this widens it
+                student.base.lora_scope = (
+                    r"blocks\.\d+\.(?:attn[12]\.{targets}|ffn\.net\.(?:0\.proj|2))"
+                )
             student.enable_detail_expert(LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
         params = student.trainable_parameters()
+        print(f"{stage}: {sum(p.numel() for p in params)} trainable parameters", flush=True)
         lr = args.lr_detail if (stage == "detail" and args.lr_detail) else args.lr
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-3)
         step_fn = (SemanticStep if stage == "semantic" else DetailStep)(sch, cfg.method)
@@ -204,7 +269,9 @@ def main() -> None:
             if it % args.every == 0 or it == args.steps:
                 parts = " ".join(f"{k} {float(v):.4f}" for k, v in out.items())
                 print(f"{stage} {it} {parts} {time.time() - t1:.0f}s", flush=True)
-                evaluate(student, it, stage, score=it == args.steps)
+                evaluate(view(), it, stage, score=it == args.steps)
+        if stage == "semantic" and ckpt is not None:
+            torch.save(student.state_dict(), ckpt)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "curves": curves}, f, indent=1)
