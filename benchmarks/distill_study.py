@@ -26,7 +26,7 @@ import torch
 
 from dcm.backbones.base import Cond, make_backbone
 from dcm.bundle import load_bundle
-from dcm.config import LoraConfig, load_config
+from dcm.config import DETAIL, LoraConfig, load_config
 from dcm.ema import ema_update
 from dcm.experts import DualExpert
 from dcm.generate import to_uint8
@@ -56,7 +56,7 @@ class _Routed(torch.nn.Module):
         self.sem, self.det = sem, det
 
     def forward(self, x, t, cond, expert):
-        model = self.det if bool((expert == 1).all()) else self.sem
+        model = self.det if bool((expert == DETAIL).all()) else self.sem
         return model(x, t, cond, expert)
 
 
@@ -224,9 +224,8 @@ def main() -> None:
         if stage == "detail" and args.detail_on_teacher:
             semantic_model = student
             student = DualExpert(copy.deepcopy(bundle.transformer)).eval()
-        if stage == "detail" and args.detail_full:
-            pass  # no LoRA: DualExpert without a detail expert trains all of its weights
-        elif stage == "detail":
+        # --detail-full: no LoRA; a DualExpert without a detail expert trains all its weights
+        if stage == "detail" and not args.detail_full:
             if args.lora_ffn:  # METHOD.md section 6 scopes LoRA to attention; this widens it
                 student.base.lora_scope = (
                     r"blocks\.\d+\.(?:attn[12]\.{targets}|ffn\.net\.(?:0\.proj|2))"
