@@ -932,6 +932,27 @@ def read_yaml_file(path: str | Path) -> Any:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
 
 
+def artifact_base(
+    model: str | None, config: str | None = None, preset: str | None = None
+) -> dict[str, Any] | None:
+    """The training config of ``model`` (a dict for ``load_config(base=)``) when it names a
+    distilled artifact and neither a ``config`` file nor a ``preset`` is given, else None: a
+    stage given only an artifact starts from the settings it was trained with (grid, split,
+    sizes, guidance) rather than from a preset; a config or preset the user names wins.
+    Torch is imported only when the answer needs the artifact's files."""
+    if config or preset or not model:
+        return None
+    from dcm.bundle import resolve_model_path
+    from dcm.experts import artifact_config, is_artifact
+
+    if not is_artifact(model):
+        return None
+    try:
+        return artifact_config(resolve_model_path(model))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def load_config(
     path: str | Path | None = None,
     preset: str | None = None,

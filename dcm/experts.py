@@ -44,7 +44,6 @@ from dcm.config import (
     SECTIONS,
     SEMANTIC,
     Config,
-    ConfigError,
     LoraConfig,
     all_keys,
     plain_data,
@@ -336,23 +335,6 @@ def artifact_config(path: str | Path) -> dict[str, Any] | None:
             base[key] = copy.deepcopy(val)
     base.setdefault("model", {})["path"] = str(Path(path).expanduser().resolve())
     return base
-
-
-def artifact_base(
-    model: str | None, config: str | None = None, preset: str | None = None
-) -> dict[str, Any] | None:
-    """The training config of ``model`` (a dict for ``load_config(base=)``) when it names a
-    distilled artifact and neither a ``config`` file nor a ``preset`` is given, else None: a
-    stage given only an artifact starts from the settings it was trained with (grid, split,
-    sizes, guidance) rather than from a preset; a config or preset the user names wins."""
-    if config or preset or not model or not is_artifact(model):
-        return None
-    from dcm.bundle import resolve_model_path
-
-    try:
-        return artifact_config(resolve_model_path(model))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def find_bundle(root: str | Path, meta: dict[str, Any], base_model: str = "") -> str:

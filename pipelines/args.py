@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dcm.config import Config, ConfigError, explain, load_config
+from dcm.config import Config, ConfigError, artifact_base, explain, load_config
 from dcm.files import is_remote
 
 
@@ -117,12 +117,8 @@ def resolve(args: argparse.Namespace, **dotted: Any) -> Config:
     the resolved config is printed and the process exits 0.
     """
     extra = [f"{key}={_yaml_scalar(val)}" for key, val in dotted.items() if val is not None]
-    base = None
     model = dotted.get("model.path")
-    if model:  # dcm.experts imports torch: only when a model is named
-        from dcm.experts import artifact_base
-
-        base = artifact_base(str(model), args.config, args.preset)
+    base = artifact_base(str(model) if model else None, args.config, args.preset)
     cfg = load_config(args.config, args.preset, [*args.overrides, *extra], base=base)
     if args.dry_run:
         print(explain() if args.explain else cfg.to_yaml(), end="")

@@ -26,7 +26,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dcm.config import Config, ConfigError, ServeConfig, load_config, read_yaml_file
+from dcm.config import (
+    Config,
+    ConfigError,
+    ServeConfig,
+    artifact_base,
+    load_config,
+    read_yaml_file,
+)
 
 APP_NAME = "dcm"
 IMPORT_PATH = "serve.app:build_app"
@@ -135,19 +142,9 @@ class AppArgs(BaseModel):
         """The config these args name. Only a distilled artifact given (no config, no
         preset): its training config is the base, as for every ``dcm`` command."""
         AppArgs.parse(self.model_dump())  # unknown names fail here, in one sentence
-        base = _artifact_base(self.model, self.config, self.preset)
+        base = artifact_base(self.model, self.config, self.preset)
         cfg = load_config(self.config, self.preset, self.set, base=base)
         return cfg.replace(**self.overrides())
-
-
-def _artifact_base(
-    model: str | None, config: str | None, preset: str | None
-) -> dict[str, Any] | None:
-    if not model:
-        return None  # no torch import for a file that names no model
-    from dcm.experts import artifact_base
-
-    return artifact_base(model, config, preset)
 
 
 # Config keys the endpoint reads (prefixes); the rest (train.*, ingest.*, sweep.*, where the
@@ -166,7 +163,7 @@ def app_args(cfg: Config, config: str | None = None, preset: str | None = None) 
     ``cfg`` serves (its own training config, so the file does not repeat the grid or sizes
     it was built with and stays right when it is rebuilt); else ``cfg``'s preset.
     """
-    artifact = _artifact_base(cfg.model.path, config, preset)
+    artifact = artifact_base(cfg.model.path, config, preset)
     if artifact is not None:
         source: dict[str, Any] = {"model": cfg.model.path}
         base = load_config(base=artifact).flat()

@@ -12,6 +12,8 @@ import asyncio
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -372,7 +374,7 @@ def test_a_file_for_an_artifact_follows_the_artifact_when_it_is_rebuilt(tmp_path
 def test_artifact_base_is_the_artifact_config_only_when_nothing_else_is_named():
     """One rule for `dcm` commands, Serve files and the Serve builder: the artifact's own
     training config is the base unless a config file or a preset is named."""
-    from dcm.experts import artifact_base
+    from dcm.config import artifact_base
 
     base = artifact_base("bundled:shapes-dcm")
     assert base is not None and base["method"]["grid_points"] == 10
@@ -381,6 +383,20 @@ def test_artifact_base_is_the_artifact_config_only_when_nothing_else_is_named():
     assert artifact_base("bundled:shapes-dcm", preset="shapes-tiny") is None
     assert artifact_base("bundled:shapes") is None  # a diffusers folder, not an artifact
     assert artifact_base(None) is None and artifact_base("") is None
+
+
+def test_a_serve_file_naming_a_preset_does_not_import_torch():
+    """The Serve controller reads its file without torch when the file names a preset or a
+    config, even beside a model: only an artifact alone needs its files read."""
+    code = (
+        "import sys\n"
+        "from serve.settings import AppArgs\n"
+        "c = AppArgs.parse({'preset': 'shapes-tiny', 'model': 'bundled:shapes-dcm'}).resolve()\n"
+        "assert c.method.grid_points == 50, c.method.grid_points\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_dcm_serve_maps_serve_file_options_onto_the_serve_section(tmp_path, capsys):
