@@ -43,6 +43,8 @@ TRIAL, SWEEP = "trial", "sweep"  # dcm_stage tags of a trial's run and the paren
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.json"
+# What a trial's Tune function (which only starts Ray Train and waits) holds beside its workers.
+TRIAL_DRIVER_CPUS = 0.01
 BEST_FILE = "best.yaml"
 
 
@@ -279,16 +281,19 @@ def check_sweep(cfg: Config) -> list[Dimension]:
 
 def check_room_for_data(cfg: Config, cluster_cpus: float) -> None:
     """Concurrent trials must leave one whole CPU free: every trial's Ray Data read tasks ask
-    for 1 CPU, and while the trials' workers hold the rest those tasks never start and the
-    sweep waits forever (seen on 2 cores with 3 trials x 0.5 CPU). GPU trials read from the
-    CPUs the GPU workers do not hold, so the same rule applies."""
-    held = cfg.sweep.max_concurrent * cfg.train.num_workers * cfg.sweep.trial_cpus
+    for 1 CPU, and while the trials hold the rest those tasks never start and the sweep
+    waits forever. A trial holds its workers' CPUs plus its Tune driver's TRIAL_DRIVER_CPUS:
+    2 trials x (0.5 + 0.01) on 2 cores left 0.98 CPU and hung the ablation, as 3 x 0.5 did
+    before. GPU trials read from the CPUs the GPU workers do not hold: the same rule."""
+    per_trial = cfg.train.num_workers * cfg.sweep.trial_cpus + TRIAL_DRIVER_CPUS
+    held = round(cfg.sweep.max_concurrent * per_trial, 4)  # Ray counts CPUs in 1e-4 units
     if cluster_cpus - held < 1.0:
         raise ConfigError(
-            f"sweep.max_concurrent={cfg.sweep.max_concurrent} x train.num_workers="
-            f"{cfg.train.num_workers} x sweep.trial_cpus={cfg.sweep.trial_cpus:g} holds "
-            f"{held:g} of the cluster's {cluster_cpus:g} CPUs, leaving no whole CPU for the "
-            "trials' data reads: lower sweep.max_concurrent or sweep.trial_cpus"
+            f"sweep.max_concurrent={cfg.sweep.max_concurrent} trials x (train.num_workers="
+            f"{cfg.train.num_workers} x sweep.trial_cpus={cfg.sweep.trial_cpus:g} + "
+            f"{TRIAL_DRIVER_CPUS:g} for the trial's driver) hold {held:g} of the cluster's "
+            f"{cluster_cpus:g} CPUs, leaving no whole CPU for the trials' data reads: lower "
+            "sweep.max_concurrent or sweep.trial_cpus"
         )
 
 
@@ -330,7 +335,7 @@ def run_sweep(cfg: Config) -> SweepResult:
         })  # fmt: skip
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=parent),
-            {"cpu": 0.01},
+            {"cpu": TRIAL_DRIVER_CPUS},
         )
         search = _searcher(cfg)
         tuner = tune.Tuner(

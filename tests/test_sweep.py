@@ -254,12 +254,16 @@ def test_relative_paths_become_absolute_for_trials(tmp_path, monkeypatch):
 
 
 def test_concurrent_trials_must_leave_a_cpu_for_data_reads():
-    """3 trials x 0.5 CPU on 2 cores once hung the ablation (the trials' 1-CPU read tasks
-    never started): refused in one sentence; the shipped configs fit 2 cores."""
+    """3 trials x 0.5 CPU, then 2 x (0.5 + the driver's 0.01), on 2 cores hung the ablation
+    (the trials' 1-CPU read tasks never started): refused in one sentence; 2 x (0.49 +
+    0.01) fits, and the shipped configs fit 2 cores."""
     cfg = _cfg("sweep.max_concurrent=3", "sweep.trial_cpus=0.5", "train.num_workers=1")
-    with pytest.raises(ConfigError, match=r"holds 1\.5 of the cluster's 2 CPUs.*max_concurrent"):
+    with pytest.raises(ConfigError, match=r"hold 1\.53 of the cluster's 2 CPUs.*max_concurrent"):
         sw.check_room_for_data(cfg, 2.0)
-    sw.check_room_for_data(cfg.replace(**{"sweep.max_concurrent": 2}), 2.0)
+    two = cfg.replace(**{"sweep.max_concurrent": 2})
+    with pytest.raises(ConfigError, match=r"hold 1\.02 of the cluster's 2 CPUs"):
+        sw.check_room_for_data(two, 2.0)
+    sw.check_room_for_data(two.replace(**{"sweep.trial_cpus": 0.49}), 2.0)
     sw.check_room_for_data(cfg, 4.0)
     for name in ("sweep-shapes.yaml", "ablation-shapes.yaml"):
         sw.check_room_for_data(load_config(CONFIGS / name), 2.0)
