@@ -21,6 +21,13 @@ from typing import Any
 
 from dcm.config import ConfigError
 from dcm.tables import html_table, markdown_table
+from pipelines.sweep_curves import (
+    ablation_rows,
+    curves_plot,
+    mean_std,
+    step_counts,
+    trial_curves,
+)
 
 REPORT_DIR = "report"
 STATUS_COLOURS = {"finished": "#1f77b4", "stopped": "#ff7f0e", "error": "#d62728"}
@@ -53,11 +60,6 @@ def table_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict
     return sorted(rows, key=lambda r: -sign * r["best"] if r["best"] is not None else math.inf)
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    mean = sum(vals) / len(vals)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-
-
 def variant_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per variant (the ablation's rows): mean and std over its trials (seeds) of the best
     metric and of the final one (the finished model: the best favours trials that validate
@@ -70,8 +72,8 @@ def variant_rows(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> list[di
             groups.setdefault(str(t["params"].get("variant")), []).append(t)
     rows = []
     for name, group in groups.items():
-        mean, std = _mean_std([float(t["best"]) for t in group])
-        final, final_std = _mean_std([float(t.get("last", t["best"])) for t in group])
+        mean, std = mean_std([float(t["best"]) for t in group])
+        final, final_std = mean_std([float(t.get("last", t["best"])) for t in group])
         rows.append({"variant": name, "mean": mean, "std": std, "final_mean": final,
                      "final_std": final_std, "trials": len(group)})  # fmt: skip
     baseline = sweep.get("baseline")
@@ -206,6 +208,31 @@ def _embed(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- the report
+def ablation_table(
+    sweep: dict[str, Any], trials: list[dict[str, Any]], out: Path, plt: Any
+) -> list[dict[str, Any]]:
+    """A variant sweep's table at every sampling step count (``ablation.csv`` / ``.md``) and
+    its curves (``curves.png``), read from the trials' MLflow stage runs; [] without them."""
+    uri = sweep.get("tracking_uri")
+    runs = {t["trial_id"]: t["mlflow_run_id"] for t in trials if t.get("mlflow_run_id")}
+    if "variant" not in sweep["dimensions"] or not uri or not runs:
+        return []
+    counts = step_counts(sweep)
+    curves = {tid: trial_curves(uri, run, counts) for tid, run in runs.items()}
+    rows = ablation_rows(trials, curves)
+    if not rows:
+        return []
+    with open(out / "ablation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "ablation.md").write_text(_markdown(rows))
+    baseline = sweep.get("baseline")
+    reference = (teacher_label(baseline), baseline["value"]) if baseline else None
+    curves_plot(plt, trials, curves, out, reference)
+    return rows
+
+
 def write_report(run_dir: str | Path, log_to_mlflow: bool = True) -> Path:
     """Write RUN_DIR/report/ (csv, md, PNGs, report.html); log it to the parent MLflow run."""
     import matplotlib
@@ -233,6 +260,9 @@ def write_report(run_dir: str | Path, log_to_mlflow: bool = True) -> Path:
             writer.writerows(variants)
     plots = [_overview_plot(plt, trials, metric, sweep["mode"], out, baseline)]
     plots += [_dimension_plot(plt, k, trials, metric, out, baseline) for k in sweep["dimensions"]]
+    ablation = ablation_table(sweep, trials, out, plt)
+    if ablation:
+        plots.insert(0, out / "curves.png")
     if baseline:
         (out / "trials.md").write_text(
             _markdown(rows)
@@ -258,6 +288,7 @@ figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head>
 {html.escape(metric)} ({html.escape(sweep["mode"])}). {summary}.</p>
 {"".join(_embed(p) for p in plots)}
 {"<h2>Variants (mean over seeds)</h2>" + _html_table(variants) if variants else ""}
+{"<h2>Every step count: start, end, change at the end</h2>" + _html_table(ablation) if ablation else ""}
 <h2>Trials</h2>{_html_table(rows)}
 </body></html>
 """
@@ -282,5 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = variant_rows(sweep, trials)
     if variants:
         print("\n" + _markdown(variants), end="")
+    if (out / "ablation.md").is_file():
+        print("\n" + (out / "ablation.md").read_text(), end="")
     print(f"report: {out / 'report.html'}")
     return 0

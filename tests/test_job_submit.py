@@ -172,6 +172,14 @@ def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_
     assert info["baseline"]["teacher_steps"] == 50
     variants_csv = (run_dir / "report" / "variants.csv").read_text()
     assert "single-cm" in variants_csv and "teacher (50 steps)" in variants_csv
+    # ... and at every sampling step count, read back from the trials' MLflow stage runs.
+    ablation_csv = (run_dir / "report" / "ablation.csv").read_text().splitlines()
+    assert {tuple(r.split(",")[:2]) for r in ablation_csv[1:]} == {
+        ("single-cm", "2"),
+        ("single-cm", "4"),
+        ("dcm", "2"),
+        ("dcm", "4"),
+    }
 
     # best.yaml is a plain distill config that passes the distill dry run.
     best = run_dir / "best.yaml"

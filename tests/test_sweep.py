@@ -8,6 +8,7 @@ ablation sweep (variants, MLflow parent and children, report, best config) runs 
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -183,6 +184,67 @@ def test_report_writes_table_plots_and_html(tmp_path, capsys):
     assert sw.main(["report", str(run), "--no-mlflow"]) == 0
     printed = capsys.readouterr().out
     assert "| t2 | finished | 30 | a |" in printed and "| b | 0.1 | 0 | 0.1 | 0 | 1 |" in printed
+
+
+def test_ablation_table_reads_every_step_count_from_the_stage_runs(tmp_path, capsys):
+    """A variant sweep's report reads each trial's val/score_{n}steps curves back from its
+    MLflow stage runs (semantic, then detail after it): the untrained start, the final mean
+    and std over seeds, and the change over the last two validation intervals."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("abl", artifact_location=(tmp_path / "art").as_uri())
+    # variant -> seed -> stage -> {n: values at steps 0, 50, 100}
+    plan = {
+        "one": [{"semantic": {2: [0.1, 0.2, 0.3], 4: [0.2, 0.3, 0.4]}}] * 2,
+        "two": [
+            {"semantic": {2: [0.1, 0.3, 0.4], 4: [0.2, 0.4, 0.5]},
+             "detail": {2: [0.4, 0.5, 0.6], 4: [0.5, 0.6, 0.6]}},
+            {"semantic": {2: [0.1, 0.3, 0.4], 4: [0.2, 0.4, 0.5]},
+             "detail": {2: [0.4, 0.5, 0.8], 4: [0.5, 0.6, 0.8]}},
+        ],
+    }  # fmt: skip
+    trials = []
+    for variant, seeds in plan.items():
+        for seed, stages in enumerate(seeds):
+            trial = client.create_run(exp, tags={"dcm_stage": "trial"}).info.run_id
+            for stage, scores in stages.items():
+                tags = {"dcm_stage": stage, "mlflow.parentRunId": trial}
+                run = client.create_run(exp, tags=tags).info.run_id
+                for n, values in scores.items():
+                    for step, v in zip((0, 50, 100), values, strict=True):
+                        client.log_metric(run, f"val/score_{n}steps", v, step=step)
+            trials.append({"trial_id": f"{variant}{seed}", "params": {"variant": variant},
+                           "status": "finished", "error": "", "iterations": 3, "last": 0.0,
+                           "best": 0.0, "history": [[1, 0.0]], "mlflow_run_id": trial})  # fmt: skip
+    run_dir = tmp_path / "abl"
+    run_dir.mkdir()
+    sweep = {"name": "abl", "metric": "val/score", "mode": "max", "searcher": "grid",
+             "dimensions": ["variant"], "parent_run_id": None, "tracking_uri": uri,
+             "config": {"sample": {"steps": 4, "eval_steps": [2, 4]}},
+             "baseline": {"value": 0.7, "teacher_steps": 50}}  # fmt: skip
+    (run_dir / "sweep.json").write_text(json.dumps(sweep))
+    (run_dir / "trials.json").write_text(json.dumps(trials))
+
+    out = write_report(run_dir, log_to_mlflow=False)
+    with open(out / "ablation.csv") as f:
+        rows = {(r["variant"], int(r["steps"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {("one", 2), ("one", 4), ("two", 2), ("two", 4)}
+    one, two = rows["one", 4], rows["two", 2]
+    # one stage: 0..100; two stages: the detail stage's step 0 (the semantic end) is dropped
+    assert int(one["trained_steps"]) == 100 and int(two["trained_steps"]) == 200
+    assert float(one["start"]) == pytest.approx(0.2) and float(two["start"]) == pytest.approx(0.1)
+    assert float(two["final_mean"]) == pytest.approx(0.7)
+    assert float(two["final_std"]) == pytest.approx(0.1)
+    # change over the last 100 steps: 0.6 - 0.4 and 0.8 - 0.4
+    assert float(two["change_last_100"]) == pytest.approx(0.3)
+    assert float(two["change_std"]) == pytest.approx(0.1)
+    assert float(rows["two", 4]["change_last_100"]) == pytest.approx(0.15)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Every step count" in (out / "report.html").read_text()
+    assert sw.main(["report", str(run_dir), "--no-mlflow"]) == 0
+    assert "| two | 2 | 0.1 | 0.7 | 0.1 | 0.3 | 0.1 | 200 | 2 |" in capsys.readouterr().out
 
 
 def test_report_of_a_non_sweep_folder_is_a_clear_error(tmp_path):
