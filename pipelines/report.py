@@ -18,6 +18,7 @@ import numpy as np
 
 from dcm.config import Config
 from dcm.tables import html_table, markdown_table
+from pipelines.plots import save_png
 
 LOSS_PREFIXES = ("loss", "train/loss", "semantic/", "detail/")
 
@@ -167,11 +168,7 @@ def loss_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Path |
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, out / "loss_curves.png")
 
 
 def quality_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Path | None:
@@ -199,11 +196,7 @@ def quality_curves(tracking_uri: str, run_ids: dict[str, str], out: Path) -> Pat
     ax.set_ylabel("val/score")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "quality_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, out / "quality_curves.png")
 
 
 # ---------------------------------------------------------------- report

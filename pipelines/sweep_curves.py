@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipelines.plots import save_png
+
 STAGE_ORDER = ("semantic", "detail")
 # Curve: [(training step counted over both stages, value)], one per sampling step count.
 Curves = dict[int, list[tuple[int, float]]]
@@ -135,8 +137,4 @@ def curves_plot(
         ax.set_ylabel(_key(n))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, out / "curves.png")

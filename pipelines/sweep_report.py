@@ -21,6 +21,7 @@ from typing import Any
 
 from dcm.config import ConfigError
 from dcm.tables import html_table, markdown_table
+from pipelines.plots import save_png
 from pipelines.sweep_curves import (
     ablation_rows,
     curves_plot,
@@ -147,11 +148,7 @@ def _dimension_plot(
     ax.set_ylabel(f"{metric} (best per trial)")
     ax.set_title(f"{metric} against {key}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / f"metric_vs_{key.replace('.', '_').replace('/', '_')}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, out / f"metric_vs_{key.replace('.', '_').replace('/', '_')}.png")
 
 
 def _label(trial: dict[str, Any]) -> str:
@@ -195,11 +192,7 @@ def _overview_plot(
     right.set_xlabel(f"best {metric}")
     right.set_title(f"trials, best at the top ({mode})")
     right.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path = out / "overview.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, out / "overview.png")
 
 
 def _embed(path: Path) -> str:
