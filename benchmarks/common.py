@@ -52,3 +52,39 @@ def machine(device: torch.device | None = None, *, load: bool = False) -> str:
     if device is not None and device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({cpu})"
     return f"CPU only ({cpu}, {torch.get_num_threads()} torch threads)"
+
+
+# distill_study.py's validation noise seed, and one more: a probe's videos are
+# (held-out caption, noise seed) pairs, the same for every row it compares.
+NOISE_SEEDS = (777, 778)
+
+
+def heldout_inputs(gen, prompts: int) -> tuple[list[str], object, list[torch.Tensor]]:
+    """``prompts`` held-out shapes captions (distill_study's seed 123), their Cond and one
+    noise batch (prompts, C, T, h, w) per NOISE_SEEDS, for the VideoGenerator ``gen``."""
+    from dcm.shapes.dataset import iter_clips
+
+    caps = [scene.caption() for scene, _ in iter_clips(prompts, seed=123, split="heldout")]
+    shape = gen.bundle.latent_shape(
+        gen.cfg.data.num_frames, gen.cfg.data.height, gen.cfg.data.width
+    )
+    noises = [
+        torch.randn((len(caps), *shape), generator=torch.Generator().manual_seed(s))
+        for s in NOISE_SEEDS
+    ]
+    return caps, gen.bundle.encode_text(caps), noises
+
+
+def paired(d) -> str:
+    """Per-video differences (numpy array) -> 'mean +- standard error (wins / losses)'."""
+    se = d.std(ddof=1) / len(d) ** 0.5
+    return f"{d.mean():+.3f} +- {se:.3f} ({int((d > 0).sum())} / {int((d < 0).sum())})"
+
+
+def shapes_summaries(bundle, z: torch.Tensor, caps: list[str]) -> list[float]:
+    """Normalised latents (B, C, T, h, w) -> the shapes summary of each decoded video."""
+    from dcm.generate import to_uint8
+    from dcm.shapes.metrics import score_batch
+
+    rows = score_batch(list(to_uint8(bundle.decode(z))), caps)["per_video"]
+    return [float(r["summary"]) for r in rows]

@@ -21,14 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine  # noqa: E402
+from common import NOISE_SEEDS, heldout_inputs, machine, paired, shapes_summaries  # noqa: E402
 
-from dcm.generate import VideoGenerator, to_uint8  # noqa: E402
+from dcm.generate import VideoGenerator  # noqa: E402
 from dcm.sampler import sample  # noqa: E402
-from dcm.shapes.dataset import iter_clips  # noqa: E402
-from dcm.shapes.metrics import score_batch  # noqa: E402
-
-NOISE_SEEDS = (777, 778)  # distill_study.py's validation noise, and one more
 
 
 def shares(sch) -> dict[str, list[float]]:
@@ -49,22 +45,14 @@ def main() -> None:
 
     gen = VideoGenerator.load(args.model, "cpu")
     bundle, student, sch = gen.bundle, gen.student.eval(), gen.schedule()
-    caps = [scene.caption() for scene, _ in iter_clips(args.prompts, seed=123, split="heldout")]
-    cond = bundle.encode_text(caps)
-    shape = bundle.latent_shape(gen.cfg.data.num_frames, gen.cfg.data.height, gen.cfg.data.width)
-    noises = [
-        torch.randn((len(caps), *shape), generator=torch.Generator().manual_seed(s))
-        for s in NOISE_SEEDS
-    ]
+    caps, cond, noises = heldout_inputs(gen, args.prompts)
     scores: dict[str, np.ndarray] = {}
     lists = shares(sch)
     with torch.no_grad():
         for name, sigmas in lists.items():
             per = []
             for noise in noises:
-                z = sample(student, noise, cond, sigmas, sch)
-                res = score_batch(list(to_uint8(bundle.decode(z))), caps)
-                per += [row["summary"] for row in res["per_video"]]
+                per += shapes_summaries(bundle, sample(student, noise, cond, sigmas, sch), caps)
             scores[name] = np.asarray(per)
             print(f"{name}: {scores[name].mean():.3f}", flush=True)
 
@@ -76,13 +64,7 @@ def main() -> None:
     for name, per in scores.items():
         n = int(name.split(":")[0])
         default = f"{n}: {(n + 1) // 2} + {n // 2}"
-        d = per - scores[default]
-        vs = (
-            "(default)"
-            if name == default
-            else f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} "
-            f"({int((d > 0).sum())} / {int((d < 0).sum())})"
-        )
+        vs = "(default)" if name == default else paired(per - scores[default])
         sig = ", ".join(f"{s:.3f}" for s in lists[name])
         print(f"| {name} | {sig} | {per.mean():.3f} +- {per.std(ddof=1):.2f} | {vs} |")
 
