@@ -88,3 +88,28 @@ def shapes_summaries(bundle, z: torch.Tensor, caps: list[str]) -> list[float]:
 
     rows = score_batch(list(to_uint8(bundle.decode(z))), caps)["per_video"]
     return [float(r["summary"]) for r in rows]
+
+
+def load_probe(doc: str):
+    """A shapes quality probe's start: parse --model / --prompts, load the student, build the
+    held-out inputs. Returns (args, VideoGenerator, captions, Cond, noises)."""
+    import argparse
+
+    from dcm.generate import VideoGenerator
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default="bundled:shapes-dcm", help="a distilled shapes student")
+    ap.add_argument("--prompts", type=int, default=24, help="held-out captions")
+    args = ap.parse_args()
+    gen = VideoGenerator.load(args.model, "cpu")
+    gen.student.eval()
+    return (args, gen, *heldout_inputs(gen, args.prompts))
+
+
+def probe_header(model: str, sch, caps: list[str]) -> str:
+    """The two lines above a probe's table: model, grid and machine; the videos scored."""
+    n_vid = len(caps) * len(NOISE_SEEDS)
+    return (
+        f"\n{model}, grid {sch.grid_points}, split {sch.split}; {machine()}\n"
+        f"{len(caps)} held-out captions x {len(NOISE_SEEDS)} noise seeds = {n_vid} videos\n"
+    )

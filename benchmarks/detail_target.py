@@ -20,7 +20,6 @@ the teacher's grid tail over the same videos. The table comes last.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,9 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import NOISE_SEEDS, heldout_inputs, machine, paired, shapes_summaries  # noqa: E402
+from common import load_probe, paired, probe_header, shapes_summaries  # noqa: E402
 
-from dcm.generate import VideoGenerator  # noqa: E402
 from dcm.sampler import sample, teacher_sample  # noqa: E402
 
 TARGET = "teacher, training-grid tail"
@@ -46,15 +44,9 @@ def to_split(student, x: torch.Tensor, cond, head: list[float], sch) -> torch.Te
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="bundled:shapes-dcm", help="a distilled shapes student")
-    ap.add_argument("--prompts", type=int, default=24, help="held-out captions")
-    args = ap.parse_args()
-
-    gen = VideoGenerator.load(args.model, "cpu")
-    bundle, student, sch, teacher = gen.bundle, gen.student.eval(), gen.schedule(), gen.teacher
+    args, gen, caps, cond, noises = load_probe(__doc__)
+    bundle, student, sch, teacher = gen.bundle, gen.student, gen.schedule(), gen.teacher
     method, null = gen.cfg.method, bundle.null_cond(1)
-    caps, cond, noises = heldout_inputs(gen, args.prompts)
     below = [float(s) for s in sch.sigmas.flip(0) if s < sch.sigma_split]
     tails = {  # name -> descending sigmas from sigma_b to 0
         "student's own detail steps": None,
@@ -84,9 +76,7 @@ def main() -> None:
                 rows[n, name] = np.asarray(per)
                 print(f"{n} steps, {name}: {rows[n, name].mean():.3f}", flush=True)
 
-    n_vid = len(caps) * len(NOISE_SEEDS)
-    print(f"\n{args.model}, grid {sch.grid_points}, split {sch.split}; {machine()}")
-    print(f"{len(caps)} held-out captions x {len(NOISE_SEEDS)} noise seeds = {n_vid} videos\n")
+    print(probe_header(args.model, sch, caps))
     print(
         "| n | finish from sigma_b | steps below sigma_b | summary (mean +- std) | paired vs the target |"
     )

@@ -12,7 +12,6 @@ share is compared with the default one at the same n, paired over the same video
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import NOISE_SEEDS, heldout_inputs, machine, paired, shapes_summaries  # noqa: E402
+from common import load_probe, paired, probe_header, shapes_summaries  # noqa: E402
 
-from dcm.generate import VideoGenerator  # noqa: E402
 from dcm.sampler import sample  # noqa: E402
 
 
@@ -38,14 +36,8 @@ def shares(sch) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="bundled:shapes-dcm", help="a distilled shapes student")
-    ap.add_argument("--prompts", type=int, default=24, help="held-out captions")
-    args = ap.parse_args()
-
-    gen = VideoGenerator.load(args.model, "cpu")
-    bundle, student, sch = gen.bundle, gen.student.eval(), gen.schedule()
-    caps, cond, noises = heldout_inputs(gen, args.prompts)
+    args, gen, caps, cond, noises = load_probe(__doc__)
+    bundle, student, sch = gen.bundle, gen.student, gen.schedule()
     scores: dict[str, np.ndarray] = {}
     lists = shares(sch)
     with torch.no_grad():
@@ -56,9 +48,7 @@ def main() -> None:
             scores[name] = np.asarray(per)
             print(f"{name}: {scores[name].mean():.3f}", flush=True)
 
-    n_vid = len(caps) * len(NOISE_SEEDS)
-    print(f"\n{args.model}, grid {sch.grid_points}, split {sch.split}; {machine()}")
-    print(f"{len(caps)} held-out captions x {len(NOISE_SEEDS)} noise seeds = {n_vid} videos\n")
+    print(probe_header(args.model, sch, caps))
     print("| steps: SemE + DetE | sigmas | summary (mean +- std) | paired vs the default |")
     print("|---|---|---|---|")
     for name, per in scores.items():
