@@ -60,13 +60,13 @@ def main() -> None:
         for n in (2, 4):
             own = sch.sampling_sigmas(n)
             head = [s for s in own if s > sch.sigma_split] + [sch.sigma_split]
+            x_bs = [to_split(student, noise.float(), cond, head, sch) for noise in noises]
             for name, tail in tails.items():
                 per: list[float] = []
-                for noise in noises:
+                for noise, x_b in zip(noises, x_bs, strict=True):
                     if tail is None:
                         z = sample(student, noise, cond, own, sch)
                     else:
-                        x_b = to_split(student, noise.float(), cond, head, sch)
                         z = (
                             teacher_sample(teacher, x_b, cond, null, tail, method)
                             if name.startswith("teacher")
