@@ -113,3 +113,11 @@ def probe_header(model: str, sch, caps: list[str]) -> str:
         f"\n{model}, grid {sch.grid_points}, split {sch.split}; {machine()}\n"
         f"{len(caps)} held-out captions x {len(NOISE_SEEDS)} noise seeds = {n_vid} videos\n"
     )
+
+
+def to_split(student, x: torch.Tensor, cond, head: list[float], sch) -> torch.Tensor:
+    """The student's Euler steps along ``head`` (descending, ending at sigma_b): x at sigma_b."""
+    for cur, nxt in zip(head, head[1:], strict=False):
+        sig = torch.full((x.shape[0],), cur, dtype=torch.float32)
+        x = x + (nxt - cur) * student(x, 1000.0 * sig, cond, sch.route(sig)).float()
+    return x

@@ -28,19 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import load_probe, paired, probe_header, shapes_summaries  # noqa: E402
+from common import load_probe, paired, probe_header, shapes_summaries, to_split  # noqa: E402
 
 from dcm.sampler import sample, teacher_sample  # noqa: E402
 
 TARGET = "teacher, training-grid tail"
-
-
-def to_split(student, x: torch.Tensor, cond, head: list[float], sch) -> torch.Tensor:
-    """The student's Euler steps along ``head`` (descending, ending at sigma_b): x at sigma_b."""
-    for cur, nxt in zip(head, head[1:], strict=False):
-        sig = torch.full((x.shape[0],), cur, dtype=torch.float32)
-        x = x + (nxt - cur) * student(x, 1000.0 * sig, cond, sch.route(sig)).float()
-    return x
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import to_split
 
 from dcm.backbones.base import Cond, make_backbone
 from dcm.bundle import load_bundle
@@ -78,6 +79,12 @@ def main() -> None:
     )
     ap.add_argument("--ema", type=float, default=0.0, help="EMA target decay (0 = off)")
     ap.add_argument("--loss", default="huber", choices=["huber", "l2"])
+    ap.add_argument(
+        "--detail-target",
+        default="bootstrap",
+        choices=["bootstrap", "teacher"],
+        help="method.detail_target: the DetE regresses on the teacher's own tail",
+    )
     ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
     ap.add_argument("--disc-hidden", type=int, default=64, help="discriminator head width")
     ap.add_argument("--train-clips", type=int, default=256)
@@ -117,6 +124,7 @@ def main() -> None:
         "method.adv_weight": args.adv,
         "method.disc_hidden": args.disc_hidden,
         "method.consistency_loss": "pseudo_huber" if args.loss == "huber" else "l2",
+        "method.detail_target": args.detail_target,
     }
     cfg = load_config(None, "shapes-tiny", [f"{k}={v}" for k, v in over.items()])
     bundle = load_bundle(cfg.model.path, text_max_length=cfg.model.text_max_length)
@@ -158,18 +166,15 @@ def main() -> None:
         zt = teacher_sample(teacher, vnoise, vcond, null, sch.teacher_sigmas(n), cfg.method)
         print(f"teacher@{n} score {decode_score(zt):.3f}  teacher@50 {ref_score:.3f}", flush=True)
 
-    def to_split(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
-        """Euler with ``model`` along the part of ``sigmas`` above sigma_b, landing on sigma_b."""
+    def head_to_split(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
+        """``model``'s Euler steps along the part of ``sigmas`` above sigma_b, to sigma_b."""
         head = [s for s in sigmas if s > sch.sigma_split] + [sch.sigma_split]
-        for cur, nxt in zip(head, head[1:], strict=False):
-            sig = torch.full((x.shape[0],), cur, dtype=torch.float32)
-            x = x + (nxt - cur) * model(x, 1000.0 * sig, vcond, sch.route(sig)).float()
-        return x
+        return to_split(model, x, vcond, head, sch)
 
     def finish_with_teacher(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
         """The SemE part of ``sigmas`` by ``model`` (down to sigma_b), then the teacher's
         own guided grid from sigma_b to 0: isolates what the semantic expert gets right."""
-        x = to_split(x, sigmas, model)
+        x = head_to_split(x, sigmas, model)
         tail = [s for s in sch.teacher_sigmas(50) if s <= sch.sigma_split]
         return teacher_sample(teacher, x, vcond, null, tail, cfg.method)
 
@@ -184,7 +189,7 @@ def main() -> None:
         with torch.no_grad():
             for n in steps_list:
                 sig = sch.sampling_sigmas(n)
-                xb = to_split(vnoise.clone(), sig, model)
+                xb = head_to_split(vnoise.clone(), sig, model)
                 row[f"bfid{n}"] = round(float(((xb - ref_b) ** 2).mean()), 5)
                 zs = finish_with_teacher(vnoise.clone(), sig, model)
                 row[f"semfid{n}"] = round(float(((zs - ref) ** 2).mean()), 5)
@@ -202,7 +207,7 @@ def main() -> None:
 
     # the teacher's 50-step list down to sigma_b (the grid itself when N = 50)
     head50 = [s for s in sch.teacher_sigmas(50) if s > sch.sigma_split]
-    ref_b = to_split(vnoise.clone(), head50, _GuidedTeacher())
+    ref_b = head_to_split(vnoise.clone(), head50, _GuidedTeacher())
 
     evaluate(_GuidedTeacher(), 0, "teacher-cfg-same-sigmas")
     student = DualExpert(copy.deepcopy(bundle.transformer))

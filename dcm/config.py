@@ -322,6 +322,16 @@ class MethodConfig:
         multiple_of=32,
     )
     tap_every: Int = doc(2, "Discriminator taps after every n-th block.", ge=1, le=1000)
+    semantic_target: Literal["bootstrap", "teacher"] = doc(
+        "bootstrap",
+        "SemE consistency target: 'bootstrap' (the student one teacher step on, reference) "
+        "or 'teacher' (the teacher's own grid steps down to sigma_b).",
+    )
+    detail_target: Literal["bootstrap", "teacher"] = doc(
+        "bootstrap",
+        "DetE consistency target: 'bootstrap' (reference) or 'teacher' (the teacher's own "
+        "grid steps down to sigma_min; METHOD.md section 4 step 4').",
+    )
 
     def __post_init__(self) -> None:
         _range("split", self.split, -1, self.grid_points - 2)

@@ -130,13 +130,44 @@ class _Step:
             # 3. frozen original teacher, guided; one Euler step to sigma' = sigma_prev(k)
             v_t = teacher_velocity(teacher, x_k, t, cond, batch["null_cond"], method).float()
             x_prev = x_k + (sp - s) * v_t
-            # 4. target from the current student (or an EMA copy) at (x_prev, t');
-            #    x_tgt = x_prev itself where sigma' == sigma_e (k = b+1 SemE, k = 0 DetE)
-            f_tgt = (target if target is not None else student)(x_prev, t_p, cond, expert)
-            x_tgt = torch.where(sp == se, x_prev, x_prev + (se - sp) * f_tgt.float())
+            if self.target_kind == "teacher":
+                # 4'. the teacher's own grid Euler steps on to sigma_e (no bootstrap)
+                x_tgt = self._teacher_tail(teacher, x_prev, k, cond, batch["null_cond"])
+            else:
+                # 4. target from the current student (or an EMA copy) at (x_prev, t');
+                #    x_tgt = x_prev itself where sigma' == sigma_e (k = b+1 SemE, k = 0 DetE)
+                f_tgt = (target if target is not None else student)(x_prev, t_p, cond, expert)
+                x_tgt = torch.where(sp == se, x_prev, x_prev + (se - sp) * f_tgt.float())
         # 5. consistency loss (pseudo-Huber c = 0.001 or L2), mean over all elements
         cd = self.consistency(x_hat, x_tgt)
         return _Consistency(x_hat=x_hat, x_tgt=x_tgt, sigma_e=sigma_e, cond=cond, cd=cd)
+
+    @property
+    def target_kind(self) -> str:
+        """'bootstrap' (METHOD.md section 4 step 4) or 'teacher' (step 4') for this expert."""
+        m = self.method
+        return m.semantic_target if self.expert == SEMANTIC else m.detail_target
+
+    def _teacher_tail(
+        self, teacher: nn.Module, x_prev: Tensor, k: Tensor, cond: Any, null_cond: Any
+    ) -> Tensor:
+        """The guided teacher's grid Euler steps from sigma_{k-1} on down to the endpoint.
+
+        x_prev: (B, C, T, H, W) at sigma_prev(k) per sample. Row i takes steps j = k_i - 1
+        down to the expert's lowest index (b+1 lands on sigma_b, 0 on sigma_min); at step j
+        only the rows still above sigma_{j-1} run the teacher, so a batch costs
+        2 * (max k - lowest index) teacher passes at most, each on fewer rows.
+        """
+        sch, lo = self.schedule, self.schedule.index_range(self.expert)[0]
+        x = x_prev.clone()
+        for j in range(int(k.max()) - 1, lo - 1, -1):
+            rows = (k > j).nonzero().squeeze(1)  # rows now at sigma_j
+            jj = torch.full_like(rows, j)
+            s, sp = sch.sigma(jj), sch.sigma_prev(jj)  # (R,)
+            xr = x[rows]
+            v = teacher_velocity(teacher, xr, 1000.0 * s, cond.index(rows), null_cond, self.method)
+            x[rows] = xr + _bc(sp - s, xr) * v.float()
+        return x
 
 
 class SemanticStep(_Step):

@@ -275,6 +275,48 @@ def test_embedded_guidance_one_teacher_pass(method: MethodConfig) -> None:
     assert torch.tensor(6000.0).bfloat16().item() == 6016.0  # why the reference feeds 6016
 
 
+def teacher_tail_by_hand(x_k, k, lo, m, teacher_a):
+    """Row by row in float64: guided teacher Euler steps from sigma_k down to sigma_{lo-1}."""
+    rows = []
+    for i in range(B):
+        x = x_k[i : i + 1]
+        for j in range(int(k[i]), lo - 1, -1):
+            s, sp = grid_sigma(torch.tensor(float(j))), grid_sigma(torch.tensor(j - 1.0))
+            x = x + (sp - s) * (teacher_a * x + (1 + W_CFG) * m[i : i + 1])
+        rows.append(x)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("expert", [SEMANTIC, DETAIL])
+def test_teacher_target_is_the_teachers_own_tail(method: MethodConfig, expert: int) -> None:
+    # method.*_target = 'teacher': x_tgt is the guided teacher's grid path from x_k to the
+    # endpoint (sigma_b for SemE, sigma_min for DetE), and no student target pass runs
+    key = "semantic_target" if expert == SEMANTIC else "detail_target"
+    m = dataclasses.replace(method, **{key: "teacher"})
+    sch, batch, student = Schedule.from_config(m), make_batch(), FakeStudent()
+    teacher = FakeTeacher().requires_grad_(False)
+    if expert == SEMANTIC:
+        out = SemanticStep(sch, m)(student, teacher, batch, torch.Generator().manual_seed(7))
+        ref = expected_consistency(batch, 7, SEMANTIC, m, student, -0.7)
+    else:
+        out, student, teacher, _ = run_detail(m, seed=7, student=student, teacher=teacher)
+        ref = expected_consistency(batch, 7, DETAIL, m, student, -0.7)
+    k, lo = ref["k"], sch.index_range(expert)[0]
+    x_k = (1 - ref["s"]) * batch["x0"].double() + ref["s"] * ref["eps"]
+    text = batch["cond"].text.double().mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+    x_tgt = teacher_tail_by_hand(x_k, k, lo, text, -0.7)
+    assert not torch.allclose(x_tgt, ref["x_tgt"], atol=1e-3)  # differs from the bootstrap
+    assert out["cd"].item() == pytest.approx(pseudo_huber(ref["x_hat"] - x_tgt).item(), rel=1e-4)
+    assert len(student.calls) == 1  # the endpoint only: the target needs no student pass
+    # 2 CFG passes per step: the whole batch's first step (section 4 step 3), then at each
+    # grid point j below the highest k only the rows that started above it
+    forwards = [c for c in teacher.calls if c[0] == "forward"]
+    assert [c[1].shape[0] for c in forwards[::2]] == [B] + [
+        int((k > j).sum()) for j in range(int(k.max()) - 1, lo - 1, -1)
+    ]
+    assert len(forwards) == 2 * (int(k.max()) - lo + 1)
+
+
 # ---------------------------------------------------------------- stage 2
 def run_detail(method, seed=3, student=None, teacher=None, disc=None):
     torch.manual_seed(0)
