@@ -140,8 +140,10 @@ def _serve_one_request(artifact: str, base_model: str, backbone: str) -> None:
         stop()
 
 
-def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path):
-    """Embedded guidance: 1 pass for the guided target + 2 tap passes (fake, real) = 3."""
+@pytest.mark.parametrize("target", ["bootstrap", "teacher"])
+def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path, target):
+    """Embedded guidance: 1 pass for the guided target + 2 tap passes (fake, real) = 3;
+    with method.detail_target=teacher one more pass per grid point below the highest k."""
     from dcm.backbones import make_backbone
     from dcm.bundle import load_bundle
     from dcm.config import load_config
@@ -152,7 +154,8 @@ def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path):
     from dcm.tiny import build_tiny_bundle
 
     folder = build_tiny_bundle(tmp_path / "hy", backbone="hunyuanvideo")
-    cfg = load_config(preset="hunyuanvideo", overrides=["method.disc_hidden=32", "lora.rank=4"])
+    over = ["method.disc_hidden=32", "lora.rank=4", f"method.detail_target={target}"]
+    cfg = load_config(preset="hunyuanvideo", overrides=over)
     bundle = load_bundle(folder, text_max_length=8)
     teacher = make_backbone(bundle.transformer).eval().requires_grad_(False)
     calls = {"forward": 0, "taps": 0}
@@ -172,7 +175,13 @@ def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path):
     disc = Discriminator(teacher.num_taps(cfg.method.tap_every), teacher.dim, 32)
     cond = bundle.encode_text(["a red circle", "a blue square"])
     batch = {"x0": torch.randn(2, 8, 2, 4, 4), "cond": cond, "null_cond": bundle.null_cond(1)}
-    step = DetailStep(Schedule.from_config(cfg.method), cfg.method, 0.0)
-    out = step(student, teacher, disc, batch, torch.Generator().manual_seed(0))
+    sch = Schedule.from_config(cfg.method)
+    out = DetailStep(sch, cfg.method, 0.0)(
+        student, teacher, disc, batch, torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(out["loss_g"]) and torch.isfinite(out["loss_d"])
-    assert calls == {"forward": 1, "taps": 2}
+    replay = torch.Generator().manual_seed(0)
+    torch.rand(2, generator=replay, dtype=torch.float64)  # the dropout draw comes first
+    k = sch.sample_indices(torch.ones(2, dtype=torch.long), replay)  # DETAIL = 1
+    tail = int(k.max()) if target == "teacher" else 0  # steps j = max k - 1 .. 0
+    assert calls == {"forward": 1 + tail, "taps": 2}
