@@ -155,8 +155,8 @@ class _Step:
 
         x_prev: (B, C, T, H, W) at sigma_prev(k) per sample. Row i takes steps j = k_i - 1
         down to the expert's lowest index (b+1 lands on sigma_b, 0 on sigma_min); at step j
-        only the rows still above sigma_{j-1} run the teacher, so a batch costs
-        2 * (max k - lowest index) teacher passes at most, each on fewer rows.
+        only the rows now at sigma_j (k_i > j) run the teacher, so a batch costs
+        max k - lowest index further guided steps (2 passes each with CFG, 1 embedded).
         """
         sch, lo = self.schedule, self.schedule.index_range(self.expert)[0]
         x = x_prev.clone()
@@ -205,7 +205,9 @@ class DetailStep(_Step):
     The discriminator features come from the frozen teacher at the re-noised endpoints,
     computed ONCE: the fake taps keep their graph (L_G and L_FM train the student through
     the frozen teacher), and L_D reuses them detached. A Wan step costs 2 student passes
-    and 4 teacher passes (2 CFG + taps on fake + taps on real). The returned losses are
+    and 4 teacher passes (2 CFG + taps on fake + taps on real); with
+    ``method.detail_target='teacher'`` 1 student pass and 2 CFG passes per further grid
+    point of the tail. The returned losses are
     independent: ``loss_g`` gives no grad to the discriminator (its parameters enter
     detached) and ``loss_d`` gives grad only to the discriminator, so the runner can do
     G backward + step, then D backward + step, in either order.

@@ -4,7 +4,8 @@ One module-scoped `both` run (2 steps per stage, a checkpoint every step, best 1
 shapes clips that went through the real ingest; several tests check its outputs: the
 artifacts (loadable without DeepSpeed), the detail stage's start from the semantic
 checkpoint, the checkpoint folders, MLflow, validation from step 0 and the choice of the
-best checkpoint by it, and that a re-run skips finished stages.
+best checkpoint by it, and that a re-run skips finished stages. The run takes the
+non-default teacher-path targets; the other Ray tests (resume, sweep, demo) the bootstrap.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def both_run(ray_cluster, tmp_path_factory):
         "data.mode=online", f"data.input={videos}", "data.latents=",
         # ZeRO-3 (each rank holds a partition; the artifact is gathered) with accumulation
         "train.zero_stage=3", "train.grad_accum=2",
+        # both experts regress on the teacher's own path (METHOD.md section 4, step 4')
+        "method.semantic_target=teacher", "method.detail_target=teacher",
     )  # fmt: skip
     return cfg, run_distill(cfg)
 
@@ -176,6 +179,7 @@ def test_mlflow_holds_nested_runs_with_metrics_and_artifacts(both_run):
         run = client.get_run(result.stages[stage].mlflow_run_id)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["train.num_workers"] == "2"
+        assert run.data.params[f"method.{stage}_target"] == "teacher"  # the fixture's option
         assert run.info.status == "FINISHED"
         common = ["train/grad_norm", "train/lr", "perf/samples_per_s", "perf/peak_mem_mb"]
         for key in [*keys, *common, "val/score"]:
