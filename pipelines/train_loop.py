@@ -598,14 +598,15 @@ class StageWorker:
 
     def build_engine(self) -> None:
         """The student's AdamW inside a DeepSpeed engine, and the consistency target: the
-        student itself, or an EMA copy of it (``method.ema_decay`` > 0)."""
+        student itself, or an EMA copy of it (``method.ema_decay`` > 0, bootstrap target)."""
         t = self.t
         opt = torch.optim.AdamW(
             self.student.trainable_parameters(), lr=self.settings.lr, betas=t.betas,
             eps=t.adam_eps, weight_decay=t.weight_decay,
         )  # fmt: skip
         self.target: nn.Module | None = None
-        if self.cfg.method.ema_decay > 0:  # (never with ZeRO-3: the config refuses it)
+        # (never with ZeRO-3: the config refuses it; a 'teacher' target has no use for it)
+        if self.cfg.method.ema_decay > 0 and self.step_fn.target_kind == "bootstrap":
             self.target = copy.deepcopy(self.student).requires_grad_(False).eval().to(self.device)
         # state identical on every rank, saved once per checkpoint (pipelines.checkpoints)
         self.replicated: dict[str, Any] = {"ema": self.target} if self.target is not None else {}
