@@ -44,8 +44,8 @@ from pipelines.train_loop import (
     ValidationInputs,
     record_selection,
     stage_steps,
-    train_loop,
 )
+from pipelines.worker_entry import distill_worker
 
 RESULT = "result.json"
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def make_trainer(settings: StageSettings, dataset: Any, callbacks: Any = ()) -> 
     gpu = _use_gpu(cfg)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return TorchTrainer(
-        train_loop,
+        distill_worker,  # train_loop, by way of a module the controller can import cheaply
         train_loop_config=settings.loop_config(),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(

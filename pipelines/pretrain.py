@@ -449,8 +449,10 @@ def run_pretrain(
     use_gpu = cfg.train.use_gpu is True or (
         cfg.train.use_gpu == "auto" and torch.cuda.is_available()
     )
+    from pipelines.worker_entry import pretrain_worker
+
     trainer = TorchTrainer(
-        pretrain_loop,
+        pretrain_worker,  # pretrain_loop, by way of a module the controller imports cheaply
         train_loop_config={"cfg": cfg.to_dict(), "settings": dataclasses.asdict(settings)},
         scaling_config=ScalingConfig(
             num_workers=1,

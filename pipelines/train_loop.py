@@ -125,14 +125,18 @@ class StageSettings:
         return t.lr_semantic if self.stage == "semantic" else t.lr_detail
 
     def loop_config(self) -> dict[str, Any]:
-        """The TorchTrainer's ``train_loop_config``: these fields, the config as its dict."""
+        """The TorchTrainer's ``train_loop_config``: these fields, the config and the
+        validation inputs as plain dicts (no class of this module inside, so Ray's Train
+        controller unpickles it without importing torch: ``pipelines.worker_entry``)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**fields, "cfg": self.cfg.to_dict()}
+        val = {f.name: getattr(self.val, f.name) for f in dataclasses.fields(self.val)}
+        return {**fields, "cfg": self.cfg.to_dict(), "val": val}
 
     @classmethod
     def from_loop_config(cls, config: dict[str, Any]) -> StageSettings:
         """The settings back from ``loop_config()`` on a worker."""
-        return cls(**{**config, "cfg": from_dict(config["cfg"])})
+        val = ValidationInputs(**config["val"])
+        return cls(**{**config, "cfg": from_dict(config["cfg"]), "val": val})
 
 
 # ---------------------------------------------------------------- policies
