@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from pathlib import Path
@@ -918,13 +919,31 @@ def preset_dict(name: str) -> dict[str, Any]:
     return _merge({"preset": name, "name": name}, copy.deepcopy(PRESETS[name]))
 
 
+class _Yaml(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 5e-6 and 1e30 as floats (YAML 1.2, as every other
+    YAML and JSON reader does) rather than the strings of YAML 1.1, which wants 5.0e-6:
+    learning rates are written the short way, and a string is no number to the config."""
+
+
+_Yaml.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """A YAML document as Python values (``_Yaml``: exponent floats need no dot)."""
+    return yaml.load(text, Loader=_Yaml)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """'a.b=c' -> ('a.b', yaml value of c)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -937,7 +956,7 @@ def read_yaml_file(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        return yaml_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
 

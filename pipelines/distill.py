@@ -39,9 +39,13 @@ from pipelines.checkpoints import ARTIFACT, best_checkpoint, check_detail_start
 from pipelines.registry import publish
 from pipelines.tracking import PARENT, Tracker
 from pipelines.train_loop import (
+    DIVERGED_FILE,
     STAGES,
+    DivergedError,
     StageSettings,
     ValidationInputs,
+    diverged_message,
+    read_diverged,
     record_selection,
     stage_steps,
 )
@@ -268,9 +272,11 @@ def run_stage(
     dataset = training_data(cfg) if dataset is None else dataset
     val = validation_inputs(cfg, dataset) if val is None else val  # its captions name val/score
     # what every worker gets; checked (the stage) before the MLflow run opens
+    marker = f"{run_dir(cfg)}/{stage}/{DIVERGED_FILE}"
+    read_diverged(marker, remove=True)  # a rerun (lower rate) starts without the old one
     settings = StageSettings(
         cfg, stage, val, init_checkpoint=init_checkpoint,
-        torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", ""),
+        torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", ""), diverged_marker=marker,
     )  # fmt: skip
     logger = tracker.open_run(stage, parent_id)
     settings = dataclasses.replace(settings, logger=logger)
@@ -280,10 +286,19 @@ def run_stage(
     except Exception:
         tracker.close_run(logger, "FAILED")
         raise
+    diverged = read_diverged(marker)
+    if diverged is not None:
+        tracker.close_run(logger, "FAILED")
+        kept = f"the checkpoints before it stay in {run_dir(cfg)}/{stage}"
+        if result.checkpoint is None:
+            kept = "no checkpoint had been written yet"
+        raise DivergedError(
+            diverged_message(stage, settings.lr, diverged["step"], diverged["metrics"], kept)
+        )
+    final = dict(result.metrics or {})  # the last checkpoint's report: the final student's
     checkpoint, metrics = best_checkpoint(result, cfg.train.checkpoint_metric)
     artifact = _local_artifact(checkpoint, cfg, stage)
     logger.log_artifacts(artifact, "artifact")
-    final = dict(result.metrics or {})  # the last report: the final student's validation
     beats = record_selection(logger, cfg, stage, val.captions, final, metrics)
     tracker.close_run(logger)
     out = DistillResult(

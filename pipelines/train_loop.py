@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -108,6 +109,7 @@ class StageSettings:
     logger: RunLogger = field(default_factory=RunLogger)  # the stage's MLflow run
     init_checkpoint: Any = None  # detail stage: the semantic stage's ray.train.Checkpoint
     torch_extensions_dir: str = ""  # where pipelines.prebuild put DeepSpeed's JIT op
+    diverged_marker: str = ""  # where rank 0 records a divergence (write_diverged)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -418,6 +420,57 @@ def step0_verdict(metrics: dict[str, float], baseline: float | None) -> dict[str
     return out
 
 
+DIVERGED_FILE = "diverged.json"  # in <run dir>/<stage>/: what a diverged stage left
+
+
+class DivergedError(ConfigError):
+    """A stage whose losses or validation became NaN or infinite (a user setting to fix)."""
+
+
+def nonfinite(metrics: dict[str, float]) -> list[str]:
+    """The ``train/`` and ``val/`` metrics that are NaN or infinite."""
+    return sorted(
+        k for k, v in metrics.items()
+        if k.startswith(("train/", "val/")) and isinstance(v, float) and not math.isfinite(v)
+    )  # fmt: skip
+
+
+def diverged_message(stage: str, lr: float, step: int, names: list[str], kept: str = "") -> str:
+    """One sentence for a stage that diverged: where, what, which setting, what is kept."""
+    return (
+        f"stage '{stage}' diverged at step {step} ({', '.join(names) or 'losses'} not finite "
+        f"with train.lr_{stage}={lr:g}): lower train.lr_{stage}, or look for NaN or inf "
+        "in the training latents (data.latents / data.input)" + (f"; {kept}" if kept else "")
+    )
+
+
+def write_diverged(marker: str, step: int, names: list[str]) -> None:
+    """Record where a stage diverged, for the driver (``read_diverged``): Ray Train's
+    result only carries the metrics of checkpoint reports, and these weights get none."""
+    from dcm.latents import filesystem
+
+    fs, path = filesystem(marker)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps({"step": step, "metrics": names}).encode())
+
+
+def read_diverged(marker: str, remove: bool = False) -> dict[str, Any] | None:
+    """What ``write_diverged`` left at ``marker`` (None when nothing); ``remove`` deletes it."""
+    import pyarrow.fs as pafs
+
+    from dcm.latents import filesystem
+
+    fs, path = filesystem(marker)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as src:
+        record = json.loads(src.read().decode())
+    if remove:
+        fs.delete_file(path)
+    return record
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 
@@ -632,8 +685,16 @@ class StageWorker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             state = restore(checkpoint, self.engine, self.rank, self.generator, self.replicated)
+            # the optimiser state brings back the saved rate; the config's rate wins (a rerun
+            # after a divergence lowers it)
+            saved = float(self.engine.get_lr()[0])
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = self.settings.lr
             if self.rank == 0:
                 log.info("%s: resumed at step %d/%d", self.stage, state.step, self.total)
+                if not math.isclose(saved, self.settings.lr):
+                    log.info("%s: learning rate %g -> %g (the config's)", self.stage, saved,
+                             self.settings.lr)  # fmt: skip
         self.resumed_from = state.step
         return state
 
@@ -717,6 +778,18 @@ class StageWorker:
         if validate:
             metrics.update(self.validate(step))
             metrics.update(step0_verdict(metrics, baseline))
+        bad = nonfinite(metrics)  # the same on every rank (averaged across workers)
+        if bad:
+            # No checkpoint of these weights and no metric Tune's ASHA would ignore (NaN
+            # compares false): the workers stop, the driver raises DivergedError from the
+            # marker, and the earlier checkpoints stay.
+            self.diverged = step
+            if self.rank == 0:
+                log.error("%s", diverged_message(self.stage, self.settings.lr, step, bad))
+                if self.settings.diverged_marker:
+                    write_diverged(self.settings.diverged_marker, step, bad)
+            return window
+        if validate:
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
         if self.rank == 0:
             self.logger.log_metrics(metrics, step)
@@ -762,10 +835,13 @@ class StageWorker:
         window = _Window()
         self.started, self.start_step = time.perf_counter(), state.step
         self.engine.train()
+        self.diverged = 0
         for step in range(state.step + 1, self.total + 1):
             window.add(self.optimisation_step(data, state))
             state.step, state.samples = step, state.samples + self.t.global_batch
             window = self.report(step, state, window, baseline)
+            if self.diverged:
+                return
 
 
 def _worker_logging() -> None:

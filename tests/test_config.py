@@ -19,6 +19,7 @@ from dcm.config import (
     all_keys,
     explain,
     load_config,
+    parse_override,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +207,24 @@ def test_values_coerce_as_yaml_writes_them():
     assert cfg.sample.prompts == ("a red circle",)
     assert load_config().serve.replica_gpus == "auto"
     assert Config(**cfg.to_dict()) == cfg  # the dict written next to artifacts reads back
+
+
+def test_exponent_floats_need_no_dot(tmp_path):
+    """YAML 1.1 reads 5e-6 as a string (it wants 5.0e-6), which refused the way everyone
+    writes a learning rate: overrides and config files read it as a number; words and
+    partial exponents stay strings."""
+    cfg = load_config(overrides=["train.lr_semantic=5e-6", "train.lr_detail=2E-5"])
+    assert cfg.train.lr_semantic == 5e-6 and cfg.train.lr_detail == 2e-5
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "train:\n  lr_semantic: 1e-4\nsweep:\n  space: {train.lr_detail: {grid: [1e-5, 3e-5]}}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.train.lr_semantic == 1e-4
+    assert parse_override("sweep.space={x: {grid: [1e-6, 1.0]}}")[1] == {"x": {"grid": [1e-6, 1.0]}}
+    assert [parse_override(f"k={v}")[1] for v in ("e5", "1e", "5e-6x")] == ["e5", "1e", "5e-6x"]
+    with pytest.raises(ConfigError, match=r"train.lr_semantic=2000.0 is out of range"):
+        load_config(overrides=["train.lr_semantic=2e3"])
 
 
 def test_sections_built_directly_validate_the_same_way():

@@ -247,3 +247,67 @@ def test_cli_dry_run_and_bad_stage_input(tmp_path, capsys):
     code = run_main(main, ["--config", str(CONFIG), "--stage", "detail", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "train.init_from" in err and "Traceback" not in err
+
+
+def _poisoned_copy(latents: Path, dest: Path) -> Path:
+    """The ingest folder with NaN latents in its last clip."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(latents, dest)
+    for shard in dest.glob("shard-*.parquet"):
+        table = pq.read_table(shard)
+        rows = table.column("latents").to_pylist()
+        bad = rows[:-1] + [[float("nan")] * len(rows[-1])]
+        col = pa.array(bad, type=table.schema.field("latents").type)
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("latents"), "latents", col), shard
+        )
+    return dest
+
+
+@pytest.mark.timeout(420)
+def test_a_diverging_stage_stops_with_one_sentence_and_keeps_its_checkpoints(
+    ray_cluster, tmp_path_factory, capsys
+):
+    """Latents that turn the loss NaN (the last clip of a copied ingest folder made NaN:
+    what a broken encode or an overflowing learning rate leaves). The workers stop at the
+    first log step that sees it (no checkpoint of those weights, no NaN metric for Tune's
+    ASHA to ignore); `dcm distill` prints one sentence naming the stage, the step, the
+    setting and the data, exits 2; the checkpoints before it stay and the stage's MLflow
+    run ends FAILED."""
+    from mlflow import MlflowClient
+
+    from pipelines.args import run_main
+    from pipelines.distill import main
+
+    bundle, latents = shapes_latents(tmp_path_factory)
+    out = tmp_path_factory.mktemp("diverge")
+    poisoned = _poisoned_copy(latents, out / "latents")
+    argv = [
+        "--config", str(CONFIG), "--stage", "semantic", "--out", str(out),
+        "--set", f"model.path={bundle}", "--set", f"data.latents={poisoned}",
+        "--set", "train.run_name=nan", "--set", "train.steps_semantic=4",
+        "--set", "train.lr_semantic=5e-5", "--set", "train.checkpoint_every=1",
+        "--set", "train.keep_checkpoints=8", "--set", "train.log_every=1",
+        "--set", "train.val_prompts=1", "--set", "sample.seeds=[0]",
+    ]  # fmt: skip
+    capsys.readouterr()
+    code = run_main(main, argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    line = errors[0]
+    assert "stage 'semantic' diverged at step" in line and "train.lr_semantic=5e-05" in line
+    assert "train/loss" in line and "data.latents" in line
+    step = int(line.split("diverged at step ")[1].split()[0])
+    assert 1 <= step <= 4, line
+    assert not (out / "nan" / "semantic" / "result.json").exists()  # not a finished stage
+    kept = sorted((out / "nan" / "semantic").glob("checkpoint_*[0-9]"))
+    assert len(kept) == step - 1  # one per step before it, none of the NaN weights
+    assert (str(out / "nan" / "semantic") in line) is bool(kept)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'nan' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs if r.data.tags.get("dcm_stage") == "semantic"] == ["FAILED"]

@@ -102,10 +102,16 @@ def test_rerun_with_more_steps_continues_from_the_latest_checkpoint(killed_run):
     from pipelines.distill import run_distill
 
     cfg, first, _ = killed_run
-    more = cfg.replace(**{"train.steps_semantic": 7, "train.max_failures": 0})
+    # a lower rate too (what a rerun after a divergence sets): the config's rate wins over
+    # the one the optimiser state brings back
+    lr = cfg.train.lr_semantic / 4
+    more = cfg.replace(
+        **{"train.steps_semantic": 7, "train.max_failures": 0, "train.lr_semantic": lr}
+    )
     result = run_distill(more)
     assert result.metrics["step"] == 7.0
     assert result.metrics["resumed_from"] == 5.0
+    assert result.metrics["train/lr"] == pytest.approx(lr)
     assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run goes on
 
 

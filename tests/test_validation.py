@@ -146,3 +146,27 @@ def test_train_controller_unpickles_the_stage_without_torch(tmp_path):
     assert back.cfg == cfg and back.stage == "detail" and back.logger == settings.logger
     assert back.val.captions == val.captions and back.val.latent_shape == (8, 2, 4, 4)
     np.testing.assert_array_equal(back.val.text, val.text)
+
+
+def test_nonfinite_names_the_bad_metrics_and_the_marker_round_trips(tmp_path):
+    """What the loop checks at each log step (train/ and val/ values only) and the record
+    rank 0 leaves for the driver, read once and removed by a rerun."""
+    from pipelines.train_loop import (
+        diverged_message,
+        nonfinite,
+        read_diverged,
+        write_diverged,
+    )
+
+    metrics = {"train/loss": float("nan"), "train/cd": 0.1, "val/score": float("inf"),
+               "perf/samples_per_s": float("nan"), "step": 3.0}  # fmt: skip
+    assert nonfinite(metrics) == ["train/loss", "val/score"]
+    assert nonfinite({"train/loss": 0.2, "val/score": 31.0}) == []
+    marker = str(tmp_path / "run" / "semantic" / "diverged.json")
+    assert read_diverged(marker) is None
+    write_diverged(marker, 7, ["train/loss"])
+    assert read_diverged(marker) == {"step": 7, "metrics": ["train/loss"]}
+    assert read_diverged(marker, remove=True) is not None and read_diverged(marker) is None
+    line = diverged_message("detail", 1e-4, 7, ["train/loss"], "no checkpoint had been written yet")
+    assert line.startswith("stage 'detail' diverged at step 7 (train/loss not finite")
+    assert "lower train.lr_detail" in line and line.endswith("no checkpoint had been written yet")
