@@ -129,7 +129,7 @@ class StageSettings:
     def loop_config(self) -> dict[str, Any]:
         """The TorchTrainer's ``train_loop_config``: these fields, the config and the
         validation inputs as plain dicts (no class of this module inside, so Ray's Train
-        controller unpickles it without importing torch: ``pipelines.worker_entry``)."""
+        controller unpickles it without importing the model stack: ``pipelines.worker_entry``)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         val = {f.name: getattr(self.val, f.name) for f in dataclasses.fields(self.val)}
         return {**fields, "cfg": self.cfg.to_dict(), "val": val}

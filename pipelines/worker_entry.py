@@ -2,8 +2,9 @@
 
 Ray pickles a TorchTrainer's function by reference, so every process that unpickles it
 (the Train controller as well as the workers) imports the module it lives in. Kept here,
-the controller skips torch, transformers and peft: about 5 s of CPU per fit on a 2-core
-machine (benchmarks/RESULTS.md). The workers import the real loops on their first line.
+the controller skips transformers, peft and the project's model code: about 5 s of CPU per
+fit on a 2-core machine (benchmarks/RESULTS.md). (It still imports torch itself, for Ray's
+``TorchConfig``.) The workers import the real loops on their first line.
 """
 
 from __future__ import annotations

@@ -437,3 +437,45 @@ def test_manifest_errors_name_the_folder(tmp_path):
     (tmp_path / lt.MANIFEST).write_text("{")
     with pytest.raises(lt.LatentsError, match="not valid JSON"):
         lt.read_manifest(tmp_path)
+
+
+@pytest.mark.ray
+def test_nan_latents_reject_only_their_clip(ray_cluster, tmp_path_factory):
+    """A VAE that returns NaN for one clip (a corrupt clip, or bf16 overflow) would poison
+    every training step that draws it: the encoder's row-by-row retry rejects that clip,
+    with a reason naming the fix, and keeps the others."""
+    import ray
+
+    from pipelines.ingest.encoder import Encoder
+    from pipelines.ingest.ledger import make_ledger
+
+    cfg = load_config(preset="shapes-tiny")
+    model = {
+        "path": str(tiny_bundle(tmp_path_factory)), "dtype": "float32", "gpus": 0,
+        "posterior": cfg.data.posterior, "seed": 0, "text_max_length": cfg.model.text_max_length,
+    }  # fmt: skip
+    ledger = make_ledger(4)
+    enc = Encoder(model, ledger, keep_index=True)
+    real = enc.bundle.encode_video
+    import torch
+
+    def white_clips_overflow(pixels, posterior, gen):  # the all-white clip comes back NaN
+        z = real(pixels, posterior, gen)
+        white = pixels.flatten(1).min(dim=1).values > 0.99  # (B,)
+        return torch.where(white[:, None, None, None, None], torch.nan, z)
+
+    enc.bundle.encode_video = white_clips_overflow
+    frames = np.zeros((3, 17, 64, 64, 3), np.uint8)
+    frames[0] = 40
+    frames[1] = 255  # the clip whose latents overflow
+    batch = {
+        "frames": frames, "caption": np.asarray(["a", "b", "c"], dtype=object),
+        "index": np.arange(3), "clip": np.zeros(3, np.int32),
+        "source": np.asarray(["v0.mp4", "v1.mp4", "v2.mp4"], dtype=object),
+    }  # fmt: skip
+    out = list(enc(batch))
+    assert len(out) == 1 and list(out[0]["source"]) == ["v0.mp4", "v2.mp4"]
+    assert np.isfinite(out[0]["latents"]).all() and out[0]["latents"].shape[0] == 2
+    rejects = ray.get(ledger.summary.remote())["rejects"]
+    assert [r["source"] for r in rejects] == ["v1.mp4"]
+    assert "NaN or inf" in rejects[0]["reason"] and "model.dtype=float32" in rejects[0]["reason"]

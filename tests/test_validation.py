@@ -110,10 +110,10 @@ def test_a_student_that_never_beats_step0_is_flagged(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_train_controller_unpickles_the_stage_without_torch(tmp_path):
+def test_train_controller_unpickles_the_stage_without_the_model_stack(tmp_path):
     """Ray's Train controller unpickles the per-worker function and its config; from
-    ``pipelines.worker_entry`` and plain dicts that costs no torch import (about 5 s of CPU
-    per fit on 2 cores), while the worker still gets back the very same settings."""
+    ``pipelines.worker_entry`` and plain dicts that imports none of the model stack (about
+    5 s of CPU per fit on 2 cores), while the worker still gets back the same settings."""
     import pickle
     import subprocess
     import sys

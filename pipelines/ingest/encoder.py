@@ -74,6 +74,11 @@ class Encoder:
         raw = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.device)
         pixels = to_pixels(raw).to(self.dtype)  # (B, 3, F, H, W) in [-1, 1]
         z = self.bundle.encode_video(pixels, self.posterior, gen)  # (B, C, T, h, w) RAW
+        if not bool(torch.isfinite(z).all()):  # retried row by row: only the bad clips go
+            raise FloatingPointError(
+                "the VAE's latents are NaN or inf (a corrupt clip, or a dtype that overflows: "
+                "try model.dtype=float32)"
+            )
         cond = self.bundle.encode_text(captions)  # text (B, L, D), mask (B, L)[, pooled (B, P)]
         out = {
             "latents": z.float().cpu().numpy(),
