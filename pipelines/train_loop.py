@@ -778,8 +778,8 @@ class StageWorker:
         if validate:
             metrics.update(self.validate(step))
             metrics.update(step0_verdict(metrics, baseline))
-        bad = nonfinite(metrics)  # the same on every rank (averaged across workers)
-        if bad:
+        bad = nonfinite(metrics)  # val/ metrics live on rank 0: every rank takes the verdict
+        if _mean_across({"bad": float(bool(bad))}, self.device, self.world)["bad"] > 0:
             # No checkpoint of these weights and no metric Tune's ASHA would ignore (NaN
             # compares false): the workers stop, the driver raises DivergedError from the
             # marker, and the earlier checkpoints stay.
