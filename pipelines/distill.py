@@ -272,7 +272,8 @@ def run_stage(
     dataset = training_data(cfg) if dataset is None else dataset
     val = validation_inputs(cfg, dataset) if val is None else val  # its captions name val/score
     # what every worker gets; checked (the stage) before the MLflow run opens
-    marker = f"{run_dir(cfg)}/{stage}/{DIVERGED_FILE}"
+    stage_dir = f"{run_dir(cfg)}/{stage}"  # Ray Train's folder of this stage
+    marker = f"{stage_dir}/{DIVERGED_FILE}"
     read_diverged(marker, remove=True)  # a rerun (lower rate) starts without the old one
     settings = StageSettings(
         cfg, stage, val, init_checkpoint=init_checkpoint,
@@ -289,7 +290,7 @@ def run_stage(
     diverged = read_diverged(marker)
     if diverged is not None:
         tracker.close_run(logger, "FAILED")
-        kept = f"the checkpoints before it stay in {run_dir(cfg)}/{stage}"
+        kept = f"the checkpoints before it stay in {stage_dir}"
         if result.checkpoint is None:
             kept = "no checkpoint had been written yet"
         raise DivergedError(

@@ -44,6 +44,7 @@ from dcm.ema import Ema
 from dcm.schedule import shifted
 from dcm.shapes.grammar import VOCAB
 from pipelines.args import add_common, resolve, run_main
+from pipelines.worker_entry import pretrain_worker
 
 FG_WEIGHT = 10.0  # VAE loss weight of coloured (object) pixels against grey background
 LOGVAR_INIT = -8.0  # initial VAE posterior log-variance (std 0.018)
@@ -449,8 +450,6 @@ def run_pretrain(
     use_gpu = cfg.train.use_gpu is True or (
         cfg.train.use_gpu == "auto" and torch.cuda.is_available()
     )
-    from pipelines.worker_entry import pretrain_worker
-
     trainer = TorchTrainer(
         pretrain_worker,  # pretrain_loop, by way of a module the controller imports cheaply
         train_loop_config={"cfg": cfg.to_dict(), "settings": dataclasses.asdict(settings)},

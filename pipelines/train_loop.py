@@ -447,12 +447,12 @@ def diverged_message(stage: str, lr: float, step: int, names: list[str], kept: s
 def write_diverged(marker: str, step: int, names: list[str]) -> None:
     """Record where a stage diverged, for the driver (``read_diverged``): Ray Train's
     result only carries the metrics of checkpoint reports, and these weights get none."""
+    from dcm.files import write_atomic
     from dcm.latents import filesystem
 
     fs, path = filesystem(marker)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps({"step": step, "metrics": names}).encode())
+    write_atomic(path, json.dumps({"step": step, "metrics": names}), fs=fs)
 
 
 def read_diverged(marker: str, remove: bool = False) -> dict[str, Any] | None:
