@@ -67,6 +67,13 @@ def main() -> None:
     ap.add_argument("--stage", default="semantic", choices=["semantic", "detail", "both"])
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--lr-detail", type=float, default=None)
+    ap.add_argument(
+        "--detail-decay",
+        default="none",
+        choices=["none", "cosine"],
+        help="diagnostic: the detail stage's rate decays to 0 over its steps (cosine); tests "
+        "whether its loss floor is gradient noise",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=5.0, help="teacher CFG w inside the target")
     ap.add_argument("--split", type=int, default=34)
@@ -240,6 +247,9 @@ def main() -> None:
         print(f"{stage}: {sum(p.numel() for p in params)} trainable parameters", flush=True)
         lr = args.lr_detail if (stage == "detail" and args.lr_detail) else args.lr
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-3)
+        decay = None
+        if stage == "detail" and args.detail_decay == "cosine":
+            decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
         step_fn = (SemanticStep if stage == "semantic" else DetailStep)(sch, cfg.method)
         disc, dopt = None, None
         if stage == "detail":
@@ -264,6 +274,8 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            if decay is not None:
+                decay.step()
             if disc is not None:
                 dopt.zero_grad(set_to_none=True)
                 out["loss_d"].backward()
