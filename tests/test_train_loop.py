@@ -1,0 +1,40 @@
+"""The training loop's data plumbing, without Ray: the shard's batch cycle (the loop itself
+runs for real in tests/test_distill.py, test_resume.py and test_sweep.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcm.config import ConfigError
+from pipelines.train_loop import micro_batches
+
+
+class Shard:
+    """What ``ray.train.get_dataset_shard`` hands a worker, cut to ``iter_batches``:
+    ``rows`` numbered rows in batches, the last partial batch dropped."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.epochs = rows, 0
+
+    def iter_batches(self, batch_size: int, batch_format: str, drop_last: bool):
+        assert batch_format == "numpy" and drop_last
+        self.epochs += 1
+        for start in range(0, self.rows - batch_size + 1, batch_size):
+            yield {"id": list(range(start, start + batch_size))}
+
+
+def test_micro_batches_cycle_epochs_and_resume_mid_epoch():
+    got = micro_batches(Shard(5), size=2, epoch=0, skip=0)
+    seen = [(e, i, rows["id"]) for e, i, rows in (next(got) for _ in range(5))]
+    # 5 rows in batches of 2: two whole batches an epoch (row 4 dropped), epochs go on
+    assert seen == [
+        (0, 0, [0, 1]), (0, 1, [2, 3]), (1, 0, [0, 1]), (1, 1, [2, 3]), (2, 0, [0, 1]),
+    ]  # fmt: skip
+    # a resumed run (epoch 3, one batch of it done) goes on from its data position
+    resumed = micro_batches(Shard(5), size=2, epoch=3, skip=1)
+    assert [(e, i) for e, i, _ in (next(resumed) for _ in range(3))] == [(3, 1), (4, 0), (4, 1)]
+
+
+def test_a_shard_smaller_than_a_batch_is_one_clear_error():
+    with pytest.raises(ConfigError, match="fewer than train.global_batch"):
+        next(micro_batches(Shard(1), size=2, epoch=0, skip=0))
