@@ -9,7 +9,7 @@ continues the bundled shapes teacher's rectified flow for TEACHER_MINUTES on the
 VAE and vocabulary kept), then scores it at 50 steps on 24 held-out captions x 2 seeds at
 w = 2 and 5; the bundle and its pretrain.json land in $OUT/teacher. Run it alone first:
 
-    python benchmarks/gpu_check.py --only teacher --budget 420
+    python benchmarks/gpu_check.py --only teacher --budget 480
 
 (On CPU the same command with `--minutes 0.2 --clips 64 --batch 8 --eval-prompts 2
 --threads 2` checks the plumbing: 1 minute on the 2-core box, 54 flow steps, a bundle with
