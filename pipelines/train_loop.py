@@ -566,6 +566,23 @@ def optimizer_step(
 
 
 # ---------------------------------------------------------------- the loop, in phases
+def set_rates(rates: dict[str, tuple[Any, float]]) -> dict[str, tuple[float, float]]:
+    """Set every param group of each optimiser (``None``: none in this stage) to its config
+    rate, keyed by the config field. A restored optimiser state brings back the saved rate;
+    the config's wins, so a rerun after a divergence can lower it. Returns ``{field: (saved,
+    config rate)}`` for the rates that changed."""
+    changed: dict[str, tuple[float, float]] = {}
+    for name, (optimizer, lr) in rates.items():
+        if optimizer is None:
+            continue
+        saved = float(optimizer.param_groups[0]["lr"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if not math.isclose(saved, lr):
+            changed[name] = (saved, lr)
+    return changed
+
+
 def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
     """Samples per worker and micro-batch; the global batch must split evenly."""
     micro = global_batch // (world * grad_accum)
@@ -685,16 +702,14 @@ class StageWorker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             state = restore(checkpoint, self.engine, self.rank, self.generator, self.replicated)
-            # the optimiser state brings back the saved rate; the config's rate wins (a rerun
-            # after a divergence lowers it)
-            saved = float(self.engine.get_lr()[0])
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = self.settings.lr
+            changed = set_rates({
+                f"train.lr_{self.stage}": (self.engine.optimizer, self.settings.lr),
+                "train.lr_disc": (self.disc_opt, self.t.lr_disc),
+            })  # fmt: skip
             if self.rank == 0:
                 log.info("%s: resumed at step %d/%d", self.stage, state.step, self.total)
-                if not math.isclose(saved, self.settings.lr):
-                    log.info("%s: learning rate %g -> %g (the config's)", self.stage, saved,
-                             self.settings.lr)  # fmt: skip
+                for name, (saved, lr) in changed.items():
+                    log.info("%s: %s %g -> %g (the config's)", self.stage, name, saved, lr)
         self.resumed_from = state.step
         return state
 

@@ -1,12 +1,14 @@
-"""The training loop's data plumbing, without Ray: the shard's batch cycle (the loop itself
-runs for real in tests/test_distill.py, test_resume.py and test_sweep.py)."""
+"""The training loop's plumbing, without Ray: the shard's batch cycle and the rates a resumed
+stage takes (the loop itself runs for real in tests/test_distill.py, test_resume.py and
+test_sweep.py)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dcm.config import ConfigError
-from pipelines.train_loop import micro_batches
+from pipelines.train_loop import micro_batches, set_rates
 
 
 class Shard:
@@ -38,3 +40,17 @@ def test_micro_batches_cycle_epochs_and_resume_mid_epoch():
 def test_a_shard_smaller_than_a_batch_is_one_clear_error():
     with pytest.raises(ConfigError, match="fewer than train.global_batch"):
         next(micro_batches(Shard(1), size=2, epoch=0, skip=0))
+
+
+def test_a_resumed_stage_takes_the_configs_rates_for_student_and_discriminator():
+    student = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    student.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3})
+    disc = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-3)
+    changed = set_rates({
+        "train.lr_detail": (student, 2.5e-4),  # lowered after a divergence
+        "train.lr_disc": (disc, 2e-3),  # unchanged: not reported
+        "train.lr_semantic": (None, 1.0),  # no such optimiser in this stage
+    })  # fmt: skip
+    assert [g["lr"] for g in student.param_groups] == [2.5e-4, 2.5e-4]
+    assert disc.param_groups[0]["lr"] == 2e-3
+    assert changed == {"train.lr_detail": (1e-3, 2.5e-4)}
