@@ -16,11 +16,10 @@ class Shard:
     ``rows`` numbered rows in batches, the last partial batch dropped."""
 
     def __init__(self, rows: int) -> None:
-        self.rows, self.epochs = rows, 0
+        self.rows = rows
 
     def iter_batches(self, batch_size: int, batch_format: str, drop_last: bool):
         assert batch_format == "numpy" and drop_last
-        self.epochs += 1
         for start in range(0, self.rows - batch_size + 1, batch_size):
             yield {"id": list(range(start, start + batch_size))}
 
