@@ -92,6 +92,12 @@ def main() -> None:
         choices=["bootstrap", "teacher"],
         help="method.detail_target: the DetE regresses on the teacher's own tail",
     )
+    ap.add_argument(
+        "--detail-inputs",
+        default="data",
+        choices=["data", "semantic"],
+        help="method.detail_inputs: the DetE trains on noised clips or on sampled states",
+    )
     ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
     ap.add_argument("--disc-hidden", type=int, default=64, help="discriminator head width")
     ap.add_argument("--train-clips", type=int, default=256)
@@ -132,6 +138,7 @@ def main() -> None:
         "method.disc_hidden": args.disc_hidden,
         "method.consistency_loss": "pseudo_huber" if args.loss == "huber" else "l2",
         "method.detail_target": args.detail_target,
+        "method.detail_inputs": args.detail_inputs,
     }
     cfg = load_config(None, "shapes-tiny", [f"{k}={v}" for k, v in over.items()])
     bundle = load_bundle(cfg.model.path, text_max_length=cfg.model.text_max_length)

@@ -333,9 +333,21 @@ class MethodConfig:
         "DetE consistency target: 'bootstrap' (reference) or 'teacher' (the teacher's own "
         "grid steps down to sigma_min; METHOD.md section 4 step 4').",
     )
+    detail_inputs: Literal["data", "semantic"] = doc(
+        "data",
+        "Where the DetE's training states x_k come from: 'data' (noised clips, reference) or "
+        "'semantic' (the SemE's sampling steps from pure noise to sigma_b, then the guided "
+        "teacher's grid steps down to sigma_k: the states sampling hands the DetE; METHOD.md "
+        "section 6, docs/QUALITY.md section 12).",
+    )
 
     def __post_init__(self) -> None:
         _range("split", self.split, -1, self.grid_points - 2)
+        if self.detail_inputs == "semantic" and self.split < 0:
+            raise ConfigError(
+                "method.detail_inputs='semantic' needs two experts: set method.split >= 0 "
+                "or method.detail_inputs='data'"
+            )
 
 
 @section

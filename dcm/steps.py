@@ -122,8 +122,12 @@ class _Step:
         t, t_p = 1000.0 * sigma, 1000.0 * sigma_p
         s, sp, se = _bc(sigma, x0), _bc(sigma_p, x0), _bc(sigma_e, x0)
 
-        # 1. x_k = (1 - sigma) x0 + sigma eps
-        x_k = (1.0 - s) * x0 + s * eps
+        if self.expert == DETAIL and method.detail_inputs == "semantic":
+            # 1'. x_k on the path sampling takes: eps is the pure noise (x0 unused)
+            x_k = self._sampled_states(student, teacher, eps, k, cond, batch["null_cond"])
+        else:
+            # 1. x_k = (1 - sigma) x0 + sigma eps
+            x_k = (1.0 - s) * x0 + s * eps
         # 2. student endpoint, with grad: x_hat = x_k + (sigma_e - sigma) F(x_k, t_k, c)
         x_hat = x_k + (se - s) * student(x_k, t, cond, expert).float()
         with torch.no_grad():
@@ -147,6 +151,47 @@ class _Step:
         """'bootstrap' (METHOD.md section 4 step 4) or 'teacher' (step 4') for this expert."""
         m = self.method
         return m.semantic_target if self.expert == SEMANTIC else m.detail_target
+
+    @torch.no_grad()
+    def _sampled_states(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        eps: Tensor,
+        k: Tensor,
+        cond: Any,
+        null_cond: Any,
+    ) -> Tensor:
+        """DetE training states where sampling puts them (``method.detail_inputs='semantic'``).
+
+        eps: (B, C, T, H, W) pure noise at sigma = 1. Even rows take the 2-step list's SemE
+        head (one jump to sigma_b), odd rows the 4-step list's (two steps): the two states
+        the default samplers hand the DetE. From sigma_b (grid point b) the guided
+        teacher's grid Euler steps carry row i down to sigma_{k_i} (k_i = b: none). Costs
+        1.5 SemE passes per row and up to b guided teacher steps (2 passes each with CFG).
+        """
+        sch, b = self.schedule, self.schedule.split
+        x = eps.float().clone()
+        rows = torch.arange(x.shape[0], device=x.device)
+        for parity, n in ((0, 2), (1, 4)):
+            r = rows[rows % 2 == parity]
+            if r.numel() == 0:
+                continue
+            head = [v for v in sch.sampling_sigmas(n) if v > sch.sigma_split] + [sch.sigma_split]
+            xr, cr = x[r], cond.index(r)
+            sem = torch.full((r.numel(),), SEMANTIC, dtype=torch.long, device=x.device)
+            for cur, nxt in zip(head, head[1:], strict=False):
+                t = torch.full((r.numel(),), 1000.0 * cur, dtype=torch.float32, device=x.device)
+                xr = xr + (nxt - cur) * student(xr, t, cr, sem).float()
+            x[r] = xr
+        for j in range(b, int(k.min()), -1):  # grid point j -> j - 1 for the rows with k < j
+            r = (k < j).nonzero().squeeze(1)
+            jj = torch.full_like(r, j)
+            sj, sp = sch.sigma(jj), sch.sigma_prev(jj)  # (R,)
+            xr = x[r]
+            v = teacher_velocity(teacher, xr, 1000.0 * sj, cond.index(r), null_cond, self.method)
+            x[r] = xr + _bc(sp - sj, xr) * v.float()
+        return x
 
     def _teacher_tail(
         self, teacher: nn.Module, x_prev: Tensor, k: Tensor, cond: Any, null_cond: Any

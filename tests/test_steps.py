@@ -317,6 +317,74 @@ def test_teacher_target_is_the_teachers_own_tail(method: MethodConfig, expert: i
     assert len(forwards) == 2 * (int(k.max()) - lo + 1)
 
 
+def sampled_states_by_hand(eps, k, m, sch, student, teacher_a):
+    """method.detail_inputs='semantic' in float64, row by row: the SemE head of the 2-step
+    (even rows) or 4-step (odd rows) list from eps at sigma = 1, then the guided teacher's
+    grid steps from sigma_b down to sigma_k."""
+    s_sem, q_sem = student.s[SEMANTIC].item(), student.q[SEMANTIC].item()
+    b, rows = sch.split, []
+    for i in range(B):
+        lst = sch.sampling_sigmas(2 if i % 2 == 0 else 4)
+        head = [v for v in lst if v > sch.sigma_split] + [sch.sigma_split]
+        x, mi = eps[i : i + 1], m[i : i + 1]
+        for cur, nxt in zip(head, head[1:], strict=False):
+            x = x + (nxt - cur) * (s_sem * x + q_sem * mi)
+        for j in range(b, int(k[i]), -1):
+            sj, sp = grid_sigma(torch.tensor(float(j))), grid_sigma(torch.tensor(j - 1.0))
+            x = x + (sp - sj) * (teacher_a * x + (1 + W_CFG) * mi)
+        rows.append(x)
+    return torch.cat(rows)
+
+
+def test_detail_inputs_semantic_trains_on_sampled_states(method: MethodConfig) -> None:
+    # method.detail_inputs='semantic': x_k is where sampling puts the DetE (the SemE's
+    # steps to sigma_b, then the guided teacher's grid down to sigma_k), not a noised clip
+    m = dataclasses.replace(method, split=4, detail_inputs="semantic")
+    sch, student = Schedule.from_config(m), FakeStudent()
+    out, student, teacher, _ = run_detail(m, seed=5, student=student)
+    batch = make_batch()
+    ref = expected_consistency(batch, 5, DETAIL, m, student, -0.7)
+    k, s, sp, se = ref["k"], ref["s"], bc(grid_sigma(ref["k"] - 1)), ref["se"]
+    assert len(set(k.tolist())) > 1 and int(k.min()) < m.split  # the walk runs, unevenly
+    text = batch["cond"].text.double().mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+    x_k = sampled_states_by_hand(ref["eps"], k, text, sch, student, -0.7)
+    s_d, q_d = student.s[DETAIL].item(), student.q[DETAIL].item()
+    x_hat = x_k + (se - s) * (s_d * x_k + q_d * text)
+    x_prev = x_k + (sp - s) * (-0.7 * x_k + (1 + W_CFG) * text)
+    x_tgt = x_prev + (se - sp) * (s_d * x_prev + q_d * text)
+    assert out["cd"].item() == pytest.approx(pseudo_huber(x_hat - x_tgt).item(), rel=1e-4)
+    # the DetE endpoint pass saw the sampled states, far from the noised clips
+    seen = student.calls[3][0].double()
+    assert torch.allclose(seen, x_k, atol=1e-5)
+    assert (seen - ((1 - s) * batch["x0"].double() + s * ref["eps"])).abs().max() > 0.1
+    # student passes: the SemE heads (rows 0, 2: one jump; row 1: two steps), then the
+    # DetE endpoint and its target; the head passes carry no gradient
+    experts = [c[3].tolist() for c in student.calls]
+    assert experts == [[SEMANTIC] * 2, [SEMANTIC], [SEMANTIC], [DETAIL] * B, [DETAIL] * B]
+    # teacher: 2 CFG passes per walk step (rows with k < j), then section 4 step 3's pair
+    forwards = [c[1].shape[0] for c in teacher.calls if c[0] == "forward"][::2]
+    walk = [int((k < j).sum()) for j in range(m.split, int(k.min()), -1)]
+    assert forwards == walk + [B]
+    # the clip is not used: another x0, the same step
+    other = make_batch()
+    other["x0"] = other["x0"] * 3.0 + 1.0
+    again = DetailStep(sch, m)(
+        FakeStudent(),
+        FakeTeacher().requires_grad_(False),
+        FakeDisc(),
+        other,
+        torch.Generator().manual_seed(5),
+    )
+    assert again["cd"].item() == pytest.approx(out["cd"].item(), rel=1e-6)
+
+
+def test_detail_inputs_semantic_needs_two_experts() -> None:
+    from dcm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.detail_inputs='semantic' needs two experts"):
+        MethodConfig(split=-1, detail_inputs="semantic")
+
+
 # ---------------------------------------------------------------- stage 2
 def run_detail(method, seed=3, student=None, teacher=None, disc=None):
     torch.manual_seed(0)
