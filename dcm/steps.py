@@ -10,7 +10,7 @@ step exactly):
 
 1. dropout: B uniforms (drawn even when empty_prompt_prob = 0, to keep the order fixed)
 2. k: B uniforms -> start grid index per sample (``Schedule.sample_indices``)
-3. eps: noise like x0
+3. eps: noise like x0 (with ``method.detail_inputs='semantic'`` the DetE's pure noise at sigma 1)
 4. a: B uniforms -> adversarial index U{0..b} (detail step only)
 5. eps2: noise like x0, shared by the fake and the real sample (detail step only)
 

@@ -67,8 +67,10 @@ def both_run(ray_cluster, tmp_path_factory):
         "data.mode=online", f"data.input={videos}", "data.latents=",
         # ZeRO-3 (each rank holds a partition; the artifact is gathered) with accumulation
         "train.zero_stage=3", "train.grad_accum=2",
-        # both experts regress on the teacher's own path (METHOD.md section 4, step 4')
+        # both experts regress on the teacher's own path (METHOD.md section 4, step 4'),
+        # the DetE from the states sampling hands it (section 6, detail_inputs) under ZeRO-3
         "method.semantic_target=teacher", "method.detail_target=teacher",
+        "method.detail_inputs=semantic",
     )  # fmt: skip
     return cfg, run_distill(cfg)
 

@@ -140,10 +140,14 @@ def _serve_one_request(artifact: str, base_model: str, backbone: str) -> None:
         stop()
 
 
-@pytest.mark.parametrize("target", ["bootstrap", "teacher"])
-def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path, target):
+@pytest.mark.parametrize(
+    ("target", "inputs"), [("bootstrap", "data"), ("teacher", "data"), ("bootstrap", "semantic")]
+)
+def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path, target, inputs):
     """Embedded guidance: 1 pass for the guided target + 2 tap passes (fake, real) = 3;
-    with method.detail_target=teacher one more pass per grid point below the highest k."""
+    with method.detail_target=teacher one more pass per grid point below the highest k;
+    with method.detail_inputs=semantic one more per grid point of the walk from sigma_b
+    down to the lowest k."""
     from dcm.backbones import make_backbone
     from dcm.bundle import load_bundle
     from dcm.config import load_config
@@ -155,6 +159,7 @@ def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path, target):
 
     folder = build_tiny_bundle(tmp_path / "hy", backbone="hunyuanvideo")
     over = ["method.disc_hidden=32", "lora.rank=4", f"method.detail_target={target}"]
+    over.append(f"method.detail_inputs={inputs}")
     cfg = load_config(preset="hunyuanvideo", overrides=over)
     bundle = load_bundle(folder, text_max_length=8)
     teacher = make_backbone(bundle.transformer).eval().requires_grad_(False)
@@ -184,4 +189,6 @@ def test_hunyuan_detail_step_makes_three_teacher_passes(tmp_path, target):
     torch.rand(2, generator=replay, dtype=torch.float64)  # the dropout draw comes first
     k = sch.sample_indices(torch.ones(2, dtype=torch.long), replay)  # DETAIL = 1
     tail = int(k.max()) if target == "teacher" else 0  # steps j = max k - 1 .. 0
-    assert calls == {"forward": 1 + tail, "taps": 2}
+    walk = sch.split - int(k.min()) if inputs == "semantic" else 0  # j = b .. min k + 1
+    assert inputs == "data" or walk > 0
+    assert calls == {"forward": 1 + tail + walk, "taps": 2}
