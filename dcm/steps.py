@@ -185,13 +185,19 @@ class _Step:
                 xr = xr + (nxt - cur) * student(xr, t, cr, sem).float()
             x[r] = xr
         for j in range(b, int(k.min()), -1):  # grid point j -> j - 1 for the rows with k < j
-            r = (k < j).nonzero().squeeze(1)
-            jj = torch.full_like(r, j)
-            sj, sp = sch.sigma(jj), sch.sigma_prev(jj)  # (R,)
-            xr = x[r]
-            v = teacher_velocity(teacher, xr, 1000.0 * sj, cond.index(r), null_cond, self.method)
-            x[r] = xr + _bc(sp - sj, xr) * v.float()
+            self._teacher_grid_step(teacher, x, (k < j).nonzero().squeeze(1), j, cond, null_cond)
         return x
+
+    def _teacher_grid_step(
+        self, teacher: nn.Module, x: Tensor, rows: Tensor, j: int, cond: Any, null_cond: Any
+    ) -> None:
+        """In place: the rows ``rows`` (R,) of x, now at sigma_j, take one guided teacher
+        Euler step to sigma_prev(j)."""
+        jj = torch.full_like(rows, j)
+        s, sp = self.schedule.sigma(jj), self.schedule.sigma_prev(jj)  # (R,)
+        xr = x[rows]
+        v = teacher_velocity(teacher, xr, 1000.0 * s, cond.index(rows), null_cond, self.method)
+        x[rows] = xr + _bc(sp - s, xr) * v.float()
 
     def _teacher_tail(
         self, teacher: nn.Module, x_prev: Tensor, k: Tensor, cond: Any, null_cond: Any
@@ -203,15 +209,10 @@ class _Step:
         only the rows now at sigma_j (k_i > j) run the teacher, so a batch costs
         max k - lowest index further guided steps (2 passes each with CFG, 1 embedded).
         """
-        sch, lo = self.schedule, self.schedule.index_range(self.expert)[0]
+        lo = self.schedule.index_range(self.expert)[0]
         x = x_prev.clone()
-        for j in range(int(k.max()) - 1, lo - 1, -1):
-            rows = (k > j).nonzero().squeeze(1)  # rows now at sigma_j
-            jj = torch.full_like(rows, j)
-            s, sp = sch.sigma(jj), sch.sigma_prev(jj)  # (R,)
-            xr = x[rows]
-            v = teacher_velocity(teacher, xr, 1000.0 * s, cond.index(rows), null_cond, self.method)
-            x[rows] = xr + _bc(sp - s, xr) * v.float()
+        for j in range(int(k.max()) - 1, lo - 1, -1):  # the rows now at sigma_j: k > j
+            self._teacher_grid_step(teacher, x, (k > j).nonzero().squeeze(1), j, cond, null_cond)
         return x
 
 
