@@ -12,7 +12,8 @@ train / sample mismatch of its inputs; if it is just as far from both, it is the
 Three kinds of state at sigma_b, for the same held-out captions x 2 noise seeds:
 
 - clip: the caption's own rendered clip, encoded and noised to sigma_b (training's inputs);
-- student: the student's semantic steps of its 4-step list (what sampling hands over);
+- student: the student's semantic steps of its 4-step list (what sampling hands over; the
+  1-jump finish below starts from this state too);
 - teacher: the guided teacher's 50-step list down to sigma_b (the teacher's own path).
 
 Each is finished by the student's own detail steps (1 jump: the 2-step list; 2 steps: the
