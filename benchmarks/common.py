@@ -115,6 +115,30 @@ def probe_header(model: str, sch, caps: list[str]) -> str:
     )
 
 
+def encode_clips(bundle, n: int, seed: int, split: str) -> tuple[torch.Tensor, object, list[str]]:
+    """n rendered shapes clips (``iter_clips``' seed and split) -> normalised latents
+    (n, C, T, h, w), their Cond and captions."""
+    from dcm.shapes.dataset import iter_clips
+
+    lat, caps = [], []
+    for scene, frames in iter_clips(n, seed=seed, split=split):
+        px = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
+        lat.append(bundle.encode_video(px[None], posterior="mean"))
+        caps.append(scene.caption())
+    return bundle.normalize(torch.cat(lat)), bundle.encode_text(caps), caps
+
+
+def guided_teacher(teacher, null_cond, method):
+    """The teacher + its guidance as a sampler model ``(x, t, cond, expert) -> v`` (the
+    expert id is ignored), for ``to_split`` and ``dcm.sampler.sample``."""
+    from dcm.guidance import teacher_velocity
+
+    def model(x, t, cond, expert):
+        return teacher_velocity(teacher, x, t, cond, null_cond, method)
+
+    return model
+
+
 def to_split(student, x: torch.Tensor, cond, head: list[float], sch) -> torch.Tensor:
     """The student's Euler steps along ``head`` (descending, ending at sigma_b): x at sigma_b."""
     for cur, nxt in zip(head, head[1:], strict=False):

@@ -32,21 +32,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import NOISE_SEEDS, load_probe, paired, probe_header, shapes_summaries, to_split  # noqa: E402
+from common import (  # noqa: E402
+    NOISE_SEEDS,
+    encode_clips,
+    guided_teacher,
+    load_probe,
+    paired,
+    probe_header,
+    shapes_summaries,
+    to_split,
+)
 
-from dcm.guidance import teacher_velocity  # noqa: E402
 from dcm.sampler import sample, teacher_sample  # noqa: E402
-from dcm.shapes.dataset import iter_clips  # noqa: E402
-
-
-def clip_latents(bundle, n: int) -> torch.Tensor:
-    """The n held-out captions' own rendered clips (heldout_inputs' seed 123), normalised
-    latents (n, C, T, h, w)."""
-    lat = []
-    for _, frames in iter_clips(n, seed=123, split="heldout"):
-        px = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
-        lat.append(bundle.encode_video(px[None], posterior="mean"))
-    return bundle.normalize(torch.cat(lat))
 
 
 def main() -> None:
@@ -56,17 +53,16 @@ def main() -> None:
     sb = sch.sigma_split
     below = [float(s) for s in sch.sigmas.flip(0) if s < sb]
     grid_tail = [sb, *below, sch.sigma_min, 0.0]
-    head50 = [s for s in sch.teacher_sigmas(50) if s > sb] + [sb]
-    head4 = [s for s in sch.sampling_sigmas(4) if s > sb] + [sb]
+    head50, head4 = (
+        sch.semantic_head(sch.teacher_sigmas(50)),
+        sch.semantic_head(sch.sampling_sigmas(4)),
+    )
     finishes = {  # name -> descending sigmas from sigma_b to 0, sampled by the student
         "1 jump": [s for s in sch.sampling_sigmas(2) if s <= sb],
         "2 steps": [s for s in sch.sampling_sigmas(4) if s <= sb],
     }
-
-    def guided(x, t, c, expert):  # the guided teacher as a sampler model (expert unused)
-        return teacher_velocity(teacher, x, t, c, null, method)
-
-    x0 = clip_latents(bundle, len(caps))
+    guided = guided_teacher(teacher, null, method)
+    x0 = encode_clips(bundle, len(caps), 123, "heldout")[0]  # heldout_inputs' captions
     states = {  # name -> one state batch per noise seed
         "clip": [(1.0 - sb) * x0 + sb * nz for nz in noises],
         "student": [to_split(student, nz.float(), cond, head4, sch) for nz in noises],

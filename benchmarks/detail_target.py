@@ -51,7 +51,7 @@ def main() -> None:
     with torch.no_grad():
         for n in (2, 4):
             own = sch.sampling_sigmas(n)
-            head = [s for s in own if s > sch.sigma_split] + [sch.sigma_split]
+            head = sch.semantic_head(own)
             x_bs = [to_split(student, noise.float(), cond, head, sch) for noise in noises]
             for name, tail in tails.items():
                 per: list[float] = []

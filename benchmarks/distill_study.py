@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import to_split
+from common import encode_clips, guided_teacher, to_split
 
-from dcm.backbones.base import Cond, make_backbone
+from dcm.backbones.base import make_backbone
 from dcm.bundle import load_bundle
 from dcm.config import DETAIL, LoraConfig, load_config
 from dcm.ema import ema_update
@@ -33,19 +33,8 @@ from dcm.experts import DualExpert
 from dcm.generate import to_uint8
 from dcm.sampler import sample, teacher_sample
 from dcm.schedule import Schedule
-from dcm.shapes.dataset import iter_clips
 from dcm.shapes.metrics import score_batch
 from dcm.steps import DetailStep, SemanticStep
-
-
-def encode_clips(bundle, n: int, seed: int, split: str) -> tuple[torch.Tensor, Cond, list[str]]:
-    """n rendered clips -> normalised latents (n, C, T, h, w), their Cond and captions."""
-    lat, caps = [], []
-    for scene, frames in iter_clips(n, seed=seed, split=split):
-        px = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
-        lat.append(bundle.encode_video(px[None], posterior="mean"))
-        caps.append(scene.caption())
-    return bundle.normalize(torch.cat(lat)), bundle.encode_text(caps), caps
 
 
 class _Routed(torch.nn.Module):
@@ -182,8 +171,7 @@ def main() -> None:
 
     def head_to_split(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
         """``model``'s Euler steps along the part of ``sigmas`` above sigma_b, to sigma_b."""
-        head = [s for s in sigmas if s > sch.sigma_split] + [sch.sigma_split]
-        return to_split(model, x, vcond, head, sch)
+        return to_split(model, x, vcond, sch.semantic_head(sigmas), sch)
 
     def finish_with_teacher(x: torch.Tensor, sigmas: list[float], model) -> torch.Tensor:
         """The SemE part of ``sigmas`` by ``model`` (down to sigma_b), then the teacher's
@@ -191,12 +179,6 @@ def main() -> None:
         x = head_to_split(x, sigmas, model)
         tail = [s for s in sch.teacher_sigmas(50) if s <= sch.sigma_split]
         return teacher_sample(teacher, x, vcond, null, tail, cfg.method)
-
-    class _GuidedTeacher(torch.nn.Module):  # the teacher + CFG as a DualExpert-like model
-        def forward(self, x, t, cond, expert):
-            from dcm.guidance import teacher_velocity
-
-            return teacher_velocity(teacher, x, t, cond, null, cfg.method)
 
     def evaluate(model, step: int, stage: str, score: bool = True) -> dict:
         row: dict = {"stage": stage, "step": step}
@@ -219,11 +201,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    # the teacher's 50-step list down to sigma_b (the grid itself when N = 50)
-    head50 = [s for s in sch.teacher_sigmas(50) if s > sch.sigma_split]
-    ref_b = head_to_split(vnoise.clone(), head50, _GuidedTeacher())
+    # the teacher + CFG along its 50-step list down to sigma_b (the grid itself when N = 50)
+    guided = guided_teacher(teacher, null, cfg.method)
+    ref_b = head_to_split(vnoise.clone(), sch.teacher_sigmas(50), guided)
 
-    evaluate(_GuidedTeacher(), 0, "teacher-cfg-same-sigmas")
+    evaluate(guided, 0, "teacher-cfg-same-sigmas")
     student = DualExpert(copy.deepcopy(bundle.transformer))
     stages = ["semantic", "detail"] if args.stage == "both" else [args.stage]
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -191,6 +191,11 @@ class Schedule:
         out = [self.sigma_split if abs(v - self.sigma_split) <= PRESET_SNAP else v for v in values]
         return out + [0.0]
 
+    def semantic_head(self, sigmas: list[float]) -> list[float]:
+        """The part of a descending sigma list above sigma_b, closed at sigma_b: the SemE's
+        share of a sampling list, which hands the DetE its state at sigma_b."""
+        return [s for s in sigmas if s > self.sigma_split] + [self.sigma_split]
+
     def teacher_sigmas(self, n: int = 50) -> list[float]:
         """Teacher Euler list: the N grid points descending then 0; sigma(i / n) for n != N."""
         if n < 1:

@@ -177,7 +177,7 @@ class _Step:
             r = rows[rows % 2 == parity]
             if r.numel() == 0:
                 continue
-            head = [v for v in sch.sampling_sigmas(n) if v > sch.sigma_split] + [sch.sigma_split]
+            head = sch.semantic_head(sch.sampling_sigmas(n))
             xr, cr = x[r], cond.index(r)
             sem = torch.full((r.numel(),), SEMANTIC, dtype=torch.long, device=x.device)
             for cur, nxt in zip(head, head[1:], strict=False):

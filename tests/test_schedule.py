@@ -209,3 +209,15 @@ def test_single_expert_split_owns_the_whole_grid():
         sch.sample_indices(torch.ones(2, dtype=torch.long), torch.Generator())
     with pytest.raises(ConfigError, match="or be -1"):
         Schedule(shift=17.0, grid_points=50, split=-2)
+
+
+def test_semantic_head_closes_a_list_at_the_split() -> None:
+    # the SemE's share of a sampling list, ending on sigma_b where the DetE takes over
+    sch = Schedule.from_config(MethodConfig(grid_points=10, split=6))
+    for n in (2, 4, 6):
+        lst = sch.sampling_sigmas(n)
+        head = sch.semantic_head(lst)
+        assert head == lst[: (n + 1) // 2 + 1]  # the SemE's steps plus sigma_b
+        assert head[-1] == sch.sigma_split and all(s > sch.sigma_split for s in head[:-1])
+    teacher = sch.semantic_head(sch.teacher_sigmas(50))
+    assert teacher[0] == 1.0 and teacher[-1] == sch.sigma_split and len(teacher) == 16
