@@ -258,11 +258,14 @@ def run_stage(
     dataset: Any = None,
     val: ValidationInputs | None = None,
     callbacks: Any = (),
+    close_on_error: bool = True,
 ) -> DistillResult:
     """Fit one stage (or pick up its recorded result) and log its artifact to MLflow.
 
     The one stage runner: ``dcm distill`` and every sweep trial (which adds its Tune
-    ``callbacks``) run a stage through here.
+    ``callbacks``) run a stage through here. A sweep trial passes ``close_on_error=False``:
+    when ASHA stops a trial, its dying actor raises out of ``fit()`` after the sweep has
+    already closed the run as KILLED, so the sweep's driver alone sets the ending status.
     """
     done = _finished(cfg, stage)
     if done is not None:
@@ -285,7 +288,8 @@ def run_stage(
     try:
         result = trainer.fit()
     except Exception:
-        tracker.close_run(logger, "FAILED")
+        if close_on_error:
+            tracker.close_run(logger, "FAILED")
         raise
     diverged = read_diverged(marker)
     if diverged is not None:

@@ -203,22 +203,22 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str |
     )  # fmt: skip
     stages = ("semantic", "detail") if cfg.train.stage == "both" else (cfg.train.stage,)
     init, summary = None, {}
-    try:
-        dataset = training_data(cfg)
-        val = validation_inputs(cfg, dataset)
-        for stage in stages:
-            callback = _report_callback(cfg.sweep.metric, stage)
-            result = run_stage(
-                cfg, stage, tracker, trial.run_id, init, dataset=dataset, val=val,
-                callbacks=[callback],
-            )  # fmt: skip
-            init = result.checkpoint
-            scores = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
-            summary.update({f"{stage}/{k}": v for k, v in scores.items()})
-            summary.update(scores)
-    except Exception:
-        tracker.close_run(trial, "FAILED")
-        raise
+    # An exception is left to the driver (`_collect`), which closes the run as FAILED from
+    # Tune's record of the error. Closing it here raced with ASHA: a stopped trial's actor
+    # raises out of fit() as it dies, after the driver closed the run as KILLED (CI,
+    # 2026-12-03).
+    dataset = training_data(cfg)
+    val = validation_inputs(cfg, dataset)
+    for stage in stages:
+        callback = _report_callback(cfg.sweep.metric, stage)
+        result = run_stage(
+            cfg, stage, tracker, trial.run_id, init, dataset=dataset, val=val,
+            callbacks=[callback], close_on_error=False,
+        )  # fmt: skip
+        init = result.checkpoint
+        scores = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
+        summary.update({f"{stage}/{k}": v for k, v in scores.items()})
+        summary.update(scores)
     trial.log_metrics(summary, step=0)
     trial.set_tags({"dcm_checkpoint": init.path})
     tracker.close_run(trial)
@@ -418,9 +418,15 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
         logger = tracker.logger(run.info.run_id if run else None)
         status = "error" if result.error else "finished"
         if run is not None and run.info.status == "RUNNING":
-            # An error outside fit(), or ASHA ended the trial between two validations.
+            # The trial raised (Tune holds the error), or ASHA stopped it: the trial leaves
+            # its run and its stage runs open for this driver to close.
             status = "error" if result.error else "stopped"
-            tracker.close_run(logger, "FAILED" if result.error else "KILLED")
+            ending = "FAILED" if result.error else "KILLED"
+            for stage in ("semantic", "detail"):
+                for child in tracker.child_runs(run.info.run_id, stage):
+                    if child.info.status == "RUNNING":
+                        tracker.close_run(tracker.logger(child.info.run_id), ending)
+            tracker.close_run(logger, ending)
         if values:
             logger.log_metrics({"sweep/best": sign * max(sign * v for v in values)}, step=0)
         trials.append({

@@ -247,6 +247,44 @@ def test_ablation_table_reads_every_step_count_from_the_stage_runs(tmp_path, cap
     assert "| two | 2 | 0.1 | 0.7 | 0.1 | 0.3 | 0.1 | 200 | 2 |" in capsys.readouterr().out
 
 
+def test_driver_closes_errored_and_stopped_trials_and_their_stage_runs(tmp_path):
+    """Trials leave their MLflow runs open on the way out; the driver closes them from Tune's
+    record: an error is FAILED, a trial ASHA stopped is KILLED (its open stage run too), a
+    finished trial keeps FINISHED. Real sqlite store, Tune-shaped results."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import Tracker
+
+    cfg = _cfg(f"train.out={tmp_path}", "name=collect")
+    tracker = Tracker(cfg, tmp_path / "collect")
+    parent = tracker.open_run(sw.SWEEP).run_id
+    runs, results = {}, []
+    for tid, error, closed in (("t0", None, True), ("t1", RuntimeError("boom"), False),
+                               ("t2", None, False)):  # fmt: skip
+        trial = tracker.open_run(sw.TRIAL, parent, name=tid, tags={"dcm_trial": tid}, resume=False)
+        stage = tracker.open_run("semantic", trial.run_id, name=f"{tid}-sem", resume=False)
+        if closed:
+            tracker.close_run(stage)
+            tracker.close_run(trial)
+        runs[tid] = (trial.run_id, stage.run_id)
+        frame = pd.DataFrame({"training_iteration": [1, 2], "val/score": [0.2, 0.4]})
+        results.append(SimpleNamespace(
+            metrics_dataframe=frame, metrics={"trial_id": tid}, path=str(tmp_path / tid),
+            error=error, config={"train.lr_semantic": 1e-4},
+        ))  # fmt: skip
+    trials = {t["trial_id"]: t for t in sw._collect(results, cfg, tracker, parent)}
+
+    assert {k: t["status"] for k, t in trials.items()} == {
+        "t0": "finished", "t1": "error", "t2": "stopped"}  # fmt: skip
+    assert trials["t1"]["error"] == "boom" and trials["t2"]["best"] == pytest.approx(0.4)
+    client = MlflowClient(tracking_uri=tracker.uri)
+    status = {k: [client.get_run(r).info.status for r in ids] for k, ids in runs.items()}
+    assert status == {"t0": ["FINISHED"] * 2, "t1": ["FAILED"] * 2, "t2": ["KILLED"] * 2}
+
+
 def test_report_of_a_non_sweep_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not a finished sweep run directory"):
         load(tmp_path)
@@ -295,6 +333,11 @@ def test_asha_stops_a_deliberately_bad_trial_early(shapes_latents, tmp_path):
         tracking_uri=json.loads((result.run_dir / "sweep.json").read_text())["tracking_uri"]
     )
     assert client.get_run(bad["mlflow_run_id"]).info.status == "KILLED"
+    stage_runs = client.search_runs(
+        [client.get_run(bad["mlflow_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{bad['mlflow_run_id']}'",
+    )
+    assert [r.info.status for r in stage_runs] == ["KILLED"]  # its semantic stage, closed too
     assert result.best_params == {"train.lr_semantic": 1.0e-6}
 
 
