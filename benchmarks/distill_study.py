@@ -88,6 +88,15 @@ def main() -> None:
         help="method.detail_inputs: the DetE trains on noised clips or on sampled states",
     )
     ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
+    ap.add_argument(
+        "--adv-real",
+        default="target",
+        choices=["target", "data"],
+        help="method.adv_real: the discriminator's real sample is the target or the clip",
+    )
+    ap.add_argument(
+        "--lr-disc", type=float, default=None, help="discriminator rate (default: the stage's)"
+    )
     ap.add_argument("--disc-hidden", type=int, default=64, help="discriminator head width")
     ap.add_argument("--train-clips", type=int, default=256)
     ap.add_argument("--val", type=int, default=16)
@@ -128,6 +137,7 @@ def main() -> None:
         "method.consistency_loss": "pseudo_huber" if args.loss == "huber" else "l2",
         "method.detail_target": args.detail_target,
         "method.detail_inputs": args.detail_inputs,
+        "method.adv_real": args.adv_real,
     }
     cfg = load_config(None, "shapes-tiny", [f"{k}={v}" for k, v in over.items()])
     bundle = load_bundle(cfg.model.path, text_max_length=cfg.model.text_max_length)
@@ -247,9 +257,10 @@ def main() -> None:
             disc = Discriminator(
                 teacher.num_taps(cfg.method.tap_every), teacher.dim, cfg.method.disc_hidden
             )
-            dopt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.999))
+            lr_d = args.lr_disc or lr
+            dopt = torch.optim.AdamW(disc.parameters(), lr=lr_d, betas=(0.0, 0.999))
         ema = copy.deepcopy(student).requires_grad_(False) if args.ema > 0 else None
-        t1 = time.time()
+        t1, d_sum, d_n = time.time(), 0.0, 0
         for it in range(1, args.steps + 1):
             idx = torch.randint(0, x0_all.shape[0], (args.batch,), generator=gen)
             batch = {"x0": x0_all[idx], "cond": cond_all.index(idx), "null_cond": null}
@@ -269,11 +280,15 @@ def main() -> None:
                 dopt.zero_grad(set_to_none=True)
                 out["loss_d"].backward()
                 dopt.step()
+                d_sum, d_n = d_sum + float(out["loss_d"]), d_n + 1
             if ema is not None:
                 ema_update(ema.parameters(), student.parameters(), args.ema)
             if it % args.every == 0 or it == args.steps:
                 parts = " ".join(f"{k} {float(v):.4f}" for k, v in out.items())
+                if disc is not None:  # 2.0 = a discriminator at chance; 0 = it separates all
+                    parts += f" loss_d_mean {d_sum / d_n:.4f}"
                 print(f"{stage} {it} {parts} {time.time() - t1:.0f}s", flush=True)
+                d_sum, d_n = 0.0, 0
                 evaluate(view(), it, stage, score=it == args.steps)
         if stage == "semantic" and ckpt is not None:
             torch.save(student.state_dict(), ckpt)

@@ -340,6 +340,12 @@ class MethodConfig:
         "teacher's grid steps down to sigma_k: the states sampling hands the DetE; METHOD.md "
         "section 6, docs/QUALITY.md section 12).",
     )
+    adv_real: Literal["target", "data"] = doc(
+        "target",
+        "The discriminator's 'real' sample: 'target' (the consistency target, reference) or "
+        "'data' (the training clip, re-noised to sigma_a with the same eps2; METHOD.md "
+        "section 6, docs/QUALITY.md section 13).",
+    )
 
     def __post_init__(self) -> None:
         _range("split", self.split, -1, self.grid_points - 2)

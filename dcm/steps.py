@@ -299,7 +299,12 @@ class DetailStep(_Step):
 
         # 6b. re-noise both endpoints from sigma_e to sigma_a (x_fake keeps grad)
         x_fake = ((1.0 - sa) * x_hat + (sa - se) * eps2) / (1.0 - se)
-        x_real = ((1.0 - sa) * x_tgt + (sa - se) * eps2) / (1.0 - se)  # no grad: x_tgt has none
+        if method.adv_real == "data":
+            # the clip itself, as if noised to sigma_e by eps2 and re-noised like x_fake:
+            # ((1 - sa)((1 - se) x0 + se eps2) + (sa - se) eps2) / (1 - se) = (1 - sa) x0 + sa eps2
+            x_real = (1.0 - sa) * batch["x0"].float() + sa * eps2
+        else:
+            x_real = ((1.0 - sa) * x_tgt + (sa - se) * eps2) / (1.0 - se)  # no grad in x_tgt
 
         # 6c. teacher features, once each: fake with grad into x_hat, real without
         every = method.tap_every

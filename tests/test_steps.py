@@ -438,6 +438,28 @@ def test_detail_step_matches_hand_computation(method: MethodConfig) -> None:
     assert all(c[3].tolist() == [DETAIL] * B for c in student.calls)
 
 
+def test_adv_real_data_is_the_clip_renoised(method: MethodConfig) -> None:
+    """method.adv_real='data': the discriminator's real sample is the training clip re-noised
+    to sigma_a by eps2, (1 - sigma_a) x0 + sigma_a eps2; the fake and the consistency loss
+    are unchanged, and the draws are the same (same x_fake as the reference order)."""
+    m = dataclasses.replace(method, adv_real="data")
+    out, student, teacher, _ = run_detail(m)
+    base, *_ = run_detail(method)
+    batch = make_batch()
+    ref = expected_consistency(batch, 3, DETAIL, m, student, -0.7)
+    g = ref["g"]
+    u_a = torch.rand(B, generator=g, dtype=torch.float64)
+    eps2 = torch.randn(SHAPE, generator=g).double()
+    sa = bc(grid_sigma(torch.floor(u_a * (m.split + 1)) - 1))
+    x_real = (1 - sa) * batch["x0"].double() + sa * eps2
+    x_fake = ((1 - sa) * ref["x_hat"] + (sa - ref["se"]) * eps2) / (1 - ref["se"])
+    taps = [c for c in teacher.calls if c[0] == "taps"]
+    assert torch.allclose(taps[1][1].double(), x_real, atol=1e-5)
+    assert torch.allclose(taps[0][1].double(), x_fake, atol=1e-5)
+    assert out["cd"].item() == pytest.approx(base["cd"].item(), rel=1e-6)
+    assert out["d_real"].item() != pytest.approx(base["d_real"].item(), rel=1e-3)
+
+
 def test_detail_step_pass_counts(method: MethodConfig) -> None:
     _, student, teacher, _ = run_detail(method)
     # Wan: 2 CFG passes + taps on fake + taps on real = 4 (the reference needs 6); 2 student
