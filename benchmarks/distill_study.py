@@ -21,13 +21,14 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
 from common import encode_clips, guided_teacher, to_split
 
 from dcm.backbones.base import make_backbone
 from dcm.bundle import load_bundle
-from dcm.config import DETAIL, LoraConfig, load_config
+from dcm.config import DETAIL, LoraConfig, MethodConfig, load_config
 from dcm.ema import ema_update
 from dcm.experts import DualExpert
 from dcm.generate import to_uint8
@@ -75,25 +76,19 @@ def main() -> None:
     )
     ap.add_argument("--ema", type=float, default=0.0, help="EMA target decay (0 = off)")
     ap.add_argument("--loss", default="huber", choices=["huber", "l2"])
-    ap.add_argument(
-        "--detail-target",
-        default="bootstrap",
-        choices=["bootstrap", "teacher"],
-        help="method.detail_target: the DetE regresses on the teacher's own tail",
-    )
-    ap.add_argument(
-        "--detail-inputs",
-        default="data",
-        choices=["data", "semantic"],
-        help="method.detail_inputs: the DetE trains on noised clips or on sampled states",
-    )
+    hints = get_type_hints(MethodConfig)  # the Literal choices of the fields below
+    for field, what in (
+        ("detail_target", "the DetE regresses on its bootstrap or the teacher's own tail"),
+        ("detail_inputs", "the DetE trains on noised clips or on sampled states"),
+        ("adv_real", "the discriminator's real sample is the target or the clip"),
+    ):  # choices and default from the config's Literal, so the flags follow MethodConfig
+        ap.add_argument(
+            f"--{field.replace('_', '-')}",
+            default=getattr(MethodConfig(), field),
+            choices=get_args(hints[field]),
+            help=f"method.{field}: {what}",
+        )
     ap.add_argument("--adv", type=float, default=0.1, help="detail stage adv weight")
-    ap.add_argument(
-        "--adv-real",
-        default="target",
-        choices=["target", "data"],
-        help="method.adv_real: the discriminator's real sample is the target or the clip",
-    )
     ap.add_argument(
         "--lr-disc", type=float, default=None, help="discriminator rate (default: the stage's)"
     )
