@@ -120,14 +120,11 @@ def encode_clips(
 ) -> tuple[torch.Tensor, object, list[str]]:
     """n rendered shapes clips (``iter_clips``' seed and split) -> normalised latents
     (n, C, T, h, w), their Cond and captions. ``rerender`` != 0: the same scenes (captions)
-    drawn again with their render seeds shifted by it (other positions, paths, background)."""
-    from dcm.shapes.dataset import clip_seed, iter_clips
-    from dcm.shapes.render import render_scene
+    rendered again (``iter_clips``' ``reseed``)."""
+    from dcm.shapes.dataset import iter_clips
 
     lat, caps = [], []
-    for i, (scene, frames) in enumerate(iter_clips(n, seed=seed, split=split)):
-        if rerender:
-            frames = render_scene(scene, clip_seed(seed, i, split) + rerender)
+    for scene, frames in iter_clips(n, seed=seed, split=split, reseed=rerender):
         px = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
         lat.append(bundle.encode_video(px[None], posterior="mean"))
         caps.append(scene.caption())

@@ -403,6 +403,8 @@ def _sweep_params(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
 
 def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[dict[str, Any]]:
     """One record per trial: params, status, final and best metric, metric history."""
+    from pipelines.train_loop import STAGES
+
     metric, sign = cfg.sweep.metric, 1 if cfg.sweep.mode == "max" else -1
     children = {r.data.tags["dcm_trial"]: r for r in tracker.child_runs(parent, TRIAL)}
     trials = []
@@ -422,7 +424,7 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
             # its run and its stage runs open for this driver to close.
             status = "error" if result.error else "stopped"
             ending = "FAILED" if result.error else "KILLED"
-            for stage in ("semantic", "detail"):
+            for stage in STAGES:
                 for child in tracker.child_runs(run.info.run_id, stage):
                     if child.info.status == "RUNNING":
                         tracker.close_run(tracker.logger(child.info.run_id), ending)

@@ -33,13 +33,18 @@ def iter_clips(
     num_frames: int = 17,
     height: int = 64,
     width: int = 64,
+    reseed: int = 0,
 ) -> Iterator[tuple[Scene, np.ndarray]]:
-    """Yield `n` (scene, uint8 frames (F, H, W, 3)) pairs of `split`, deterministic in `seed`."""
+    """Yield `n` (scene, uint8 frames (F, H, W, 3)) pairs of `split`, deterministic in `seed`.
+
+    `reseed` != 0 shifts every render seed: the same scenes (captions) drawn again with other
+    positions, paths and background."""
     triples(split)  # validates the split name
     rng = random.Random(f"{seed}:{split}")
     for i in range(n):
         scene = sample_scene(rng, split, two_prob)
-        yield scene, render_scene(scene, clip_seed(seed, i, split), num_frames, height, width)
+        render_seed = clip_seed(seed, i, split) + reseed
+        yield scene, render_scene(scene, render_seed, num_frames, height, width)
 
 
 def write_dataset(
