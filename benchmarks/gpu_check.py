@@ -39,8 +39,7 @@ TEACHER = [
     "--workdir", "/tmp/dcm_pretrain_work", "--vae-steps", "0", "--clips", "8192",
     "--steps", "200000", "--minutes", str(TEACHER_MINUTES), "--batch", "128", "--lr", "5e-4",
     "--warmup", "100", "--threads", "8", "--checkpoint-minutes", "0", "--eval-prompts", "24",
-    "--eval-cfg", "2,5", "--log-every", "250", "--set", "ray.dashboard=false",
-    "--set", "sample.seeds=[0,1]",
+    "--eval-cfg", "2,5", "--log-every", "250", "--set", "sample.seeds=[0,1]",
 ]  # fmt: skip
 ON_REQUEST = {"teacher": TEACHER}  # parts run only when --only names them
 

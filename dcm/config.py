@@ -546,7 +546,11 @@ class RayConfig:
         ge=0,
         le=10**7,
     )
-    dashboard: Bool = doc(True, "Start the dashboard of a local cluster on 127.0.0.1.")
+    dashboard: Bool = doc(
+        True,
+        "Start the dashboard of a local cluster on 127.0.0.1. Keep it on: Ray's State API "
+        "lives there; without it ASHA sweeps hang and every Train run logs a warning a second.",
+    )
     dashboard_port: Int = doc(8265, "Dashboard port of a local cluster.", ge=1024, le=65535)
     auth_mode: Literal["disabled", "token"] = doc(
         "disabled", "RAY_AUTH_MODE of a local cluster: 'disabled' or 'token'."
