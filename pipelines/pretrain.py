@@ -231,6 +231,15 @@ def render(
     return [s.caption() for s, _ in pairs], to_pixels(np.stack([f for _, f in pairs]))
 
 
+def vae_summary(recon: torch.Tensor, captions: list[str]) -> float:
+    """The shapes summary of VAE reconstructions (B, 3, F, H, W) in [-1, 1] of clips with
+    these captions: the most a flow model decoded through this VAE can score."""
+    from dcm.generate import to_uint8
+    from dcm.shapes.metrics import score_batch
+
+    return float(score_batch(to_uint8(recon), captions)["summary"])
+
+
 def init_vae_logvar(w: Worker) -> None:
     """A fresh VAE starts with posterior std ~1, which drowns its small latent means: the
     decoder then learns the average clip and stalls (~19 dB). Start the log-variance at
@@ -297,9 +306,12 @@ def encode_clips(w: Worker) -> CachedLatents:
     the per-channel latent statistics written into the VAE config (``Bundle.normalize``
     reads them). With --steps 0 the transformer of --init is kept, and so are its statistics."""
     st, vae, dev, d = w.st, w.bundle.vae, w.dev, w.cfg.data
-    _, x_val = render(w, 16, 999, d.num_frames, "heldout")
+    caps_val, x_val = render(w, 16, 999, d.num_frames, "heldout")
     x_val = x_val.to(dev)
-    w.info["vae_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mode()).sample, x_val)
+    recon = vae.decode(vae.encode(x_val).latent_dist.mode()).sample
+    w.info["vae_psnr"] = psnr(recon, x_val)
+    # the teacher's ceiling: a perfect flow model still decodes through this VAE
+    w.info["vae_summary"] = vae_summary(recon, caps_val)
     captions, means, stds = [], [], []
     for start in range(0, st.clips if st.steps else 16, 16):
         caps, x = render(w, min(16, st.clips - start), 20_000 + start, d.num_frames)
@@ -322,8 +334,8 @@ def encode_clips(w: Worker) -> CachedLatents:
         ch_std = torch.tensor(vae.config.latents_std)
     w.info["encode_minutes"] = (time.time() - w.started) / 60
     log.info(
-        "vae psnr %.2f dB, posterior std ratio %.3f; %d clips encoded",
-        w.info["vae_psnr"], w.info["posterior_std_ratio"], len(captions),
+        "vae psnr %.2f dB, reconstructions score %.3f, posterior std ratio %.3f; %d clips encoded",
+        w.info["vae_psnr"], w.info["vae_summary"], w.info["posterior_std_ratio"], len(captions),
     )  # fmt: skip
     shape = (1, -1, 1, 1, 1)
     return CachedLatents(

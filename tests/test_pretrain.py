@@ -32,6 +32,7 @@ def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_p
     out = run_pretrain(cfg, PretrainSettings(**TINY), tmp_path / "bundle", tmp_path / "work")
     info = json.loads((out / "pretrain.json").read_text())
     assert info["steps"] == 3 and info["vae_psnr"] > 0 and "machine" in info
+    assert 0.0 <= info["vae_summary"] <= 1.0  # the reconstructions, scored
     assert info["command"].startswith("python -m pipelines.pretrain")
 
     b = load_bundle(out, text_max_length=cfg.model.text_max_length)
