@@ -50,6 +50,7 @@ def test_readme_and_pretrain_record_agree():
 
 def test_vae_reconstructs_held_out_clips_as_the_readme_says():
     """PSNR, and the shapes summary of the reconstructions (the teacher's ceiling)."""
+    from dcm.decode import to_pixels
     from dcm.shapes.dataset import iter_clips
     from pipelines.pretrain import psnr, vae_summary
 
@@ -57,7 +58,7 @@ def test_vae_reconstructs_held_out_clips_as_the_readme_says():
     cfg = load_config()
     clips = list(iter_clips(16, 999, "heldout", info["settings"]["two_prob"], cfg.data.num_frames,
                             cfg.data.height, cfg.data.width))  # fmt: skip
-    x = torch.from_numpy(np.stack([f for _, f in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    x = to_pixels(np.stack([f for _, f in clips]))  # (16, 3, F, H, W) in [-1, 1]
     vae = load_bundle(BUNDLE, components=("vae",)).vae
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
