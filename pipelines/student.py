@@ -212,7 +212,7 @@ def readme(
         f"{cfg.lora.rank}), {tr.steps_semantic} semantic + {tr.steps_detail} detail steps, "
         f"validation every {tr.val_every} steps on {tr.val_prompts} training captions; the best",
         "checkpoint by `val/score` is shipped.",
-        f"Built on {platform.machine()} with {os.cpu_count()} CPU cores, shared with other jobs: "
+        f"Built on {platform.machine()} with {os.cpu_count()} CPU cores: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
         + ".",
         "",
