@@ -5,7 +5,7 @@ child run per trial, the trial's stages nested below it.
 
 The default store is sqlite inside the run directory (``sqlite:///<train.out>/<run>/mlflow.db``,
 artifacts next to it in ``mlartifacts/``); ``tracking.uri`` points at an ``mlflow server``
-instead. ``tracking.enabled=false`` makes every call a no-op.
+or another sqlite file (a new experiment there keeps its artifacts next to that file). ``tracking.enabled=false`` makes every call a no-op.
 
 The driver opens the runs (``Tracker``); training workers get a ``RunLogger`` that holds
 only strings (URI and run id), so it pickles into the Ray Train loop config, and rank 0
@@ -28,6 +28,9 @@ PARENT = "both"  # dcm_stage tag of the parent run of a two-stage run
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 
 
+SQLITE = "sqlite:///"
+
+
 def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
     """``tracking.uri``, or the sqlite file of the run directory."""
     if cfg.tracking.uri:
@@ -37,7 +40,7 @@ def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
             f"train.out='{cfg.train.out}' is remote, so the default sqlite MLflow store cannot "
             "live in the run directory: set tracking.uri (an mlflow server) or tracking.enabled=false"
         )
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    return f"{SQLITE}{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,11 @@ class Tracker:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 location = None
-                if self.uri and self.uri.startswith("sqlite:///") and not self.cfg.tracking.uri:
-                    location = (Path(self.run_dir).resolve() / "mlartifacts").as_uri()
+                if self.uri and self.uri.startswith(SQLITE):
+                    # Artifacts next to the database file (the run directory by default).
+                    # MLflow's own default is ./mlruns under whatever the working directory is.
+                    db = Path(self.uri.removeprefix(SQLITE))
+                    location = (db.resolve().parent / "mlartifacts").as_uri()
                 self._experiment_id = client.create_experiment(name, artifact_location=location)
             else:
                 self._experiment_id = exp.experiment_id

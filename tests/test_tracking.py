@@ -63,6 +63,22 @@ def test_nested_runs_params_metrics_artifacts_and_resume(tmp_path):
     assert client.get_run(child.run_id).info.status == "RUNNING"
 
 
+def test_a_given_sqlite_store_keeps_its_artifacts_next_to_it(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the job was started from (MLflow's default)."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    cfg = _cfg(tmp_path, f"tracking.uri=sqlite:///{store / 'mlflow.db'}")
+    tracker = Tracker(cfg, tmp_path / "r1")
+    run = tracker.open_run("semantic")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "experts.safetensors").write_bytes(b"x")
+    run.log_artifacts(tmp_path / "art", "artifact")
+    tracker.close_run(run)
+    assert (store / "mlartifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_disabled_tracking_is_a_no_op(tmp_path):
     cfg = _cfg(tmp_path, "tracking.enabled=false")
     tracker = Tracker(cfg, tmp_path / "r1")
