@@ -91,14 +91,14 @@ def data_keys(data: str | None) -> dict[str, Any]:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with relative local paths (data, model folder, output) made absolute.
+    """``cfg`` with relative local paths (data, model folder, output, init_from) made absolute.
 
-    Ray Tune runs each trial in a working directory of its own, where a path relative to
-    the caller's directory names nothing. URIs, ``bundled:`` names and hub ids (no such
-    local path) are kept as they are.
+    Ray Tune runs each trial, and Ray Train each worker, in a working directory of its own,
+    where a path relative to the caller's directory names nothing. URIs, ``bundled:`` names
+    and hub ids (no such local path) are kept as they are.
     """
     changes = {}
-    for key in ("data.latents", "data.input", "model.path", "train.out"):
+    for key in ("data.latents", "data.input", "model.path", "train.out", "train.init_from"):
         section, name = key.split(".")
         val = getattr(getattr(cfg, section), name)
         if not val or is_remote(val) or ":" in val.split("/")[0] or Path(val).is_absolute():

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from dcm.config import Config, ConfigError
-from dcm.files import write_json
+from dcm.experts import ARTIFACT_JSON
+from dcm.files import is_remote, write_json
 
 DS_TAG = "ds"
 STATE = "state.json"
@@ -186,9 +187,16 @@ def restore(
 def check_detail_start(stage: str, init_from: str, init_checkpoint: Any = None) -> None:
     """The detail stage starts from a semantic artifact: the semantic stage's checkpoint
     (``init_checkpoint``) or ``train.init_from``; anything else is a one-line ConfigError."""
-    if stage == "detail" and init_checkpoint is None and not init_from:
+    if stage != "detail" or init_checkpoint is not None:
+        return
+    if not init_from:
         raise ConfigError(
             "stage 'detail' needs a semantic artifact: set train.init_from or use --stage both"
+        )
+    if not is_remote(init_from) and not (Path(init_from) / ARTIFACT_JSON).is_file():
+        raise ConfigError(
+            f"train.init_from='{init_from}' is not a semantic artifact ({ARTIFACT_JSON} is "
+            "missing there): point it at a semantic run's artifact/ folder"
         )
 
 

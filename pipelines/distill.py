@@ -330,6 +330,7 @@ def run_distill(cfg: Config, stage: str | None = None, *, dataset: Any = None) -
     from pipelines.cluster import init_ray, shutdown
 
     stage = stage or cfg.train.stage
+    cfg = pipelines.args.absolute_paths(cfg)  # Train workers run in their own working directories
     if stage not in (*STAGES, "both"):
         raise ConfigError(f"stage '{stage}' is not allowed: choose semantic, detail or both")
     check_detail_start(stage, cfg.train.init_from)

@@ -249,6 +249,12 @@ def test_cli_dry_run_and_bad_stage_input(tmp_path, capsys):
     code = run_main(main, ["--config", str(CONFIG), "--stage", "detail", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "train.init_from" in err and "Traceback" not in err
+    # ... or with a folder that is not an artifact: named, before Ray starts
+    args = ["--config", str(CONFIG), "--stage", "detail", "--out", str(tmp_path)]
+    code = run_main(main, [*args, "--set", f"train.init_from={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"train.init_from='{tmp_path}'" in err and "dcm_artifact.json" in err
+    assert "Traceback" not in err
 
 
 def _poisoned_copy(latents: Path, dest: Path) -> Path:

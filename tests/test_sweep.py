@@ -348,11 +348,14 @@ def test_relative_paths_become_absolute_for_trials(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lat").mkdir()
+    (tmp_path / "sem").mkdir()
     cfg = load_config(preset="shapes-tiny").replace(
-        **{"data.latents": "lat", "train.out": "runs", "model.path": "bundled:shapes"}
-    )
+        **{"data.latents": "lat", "train.out": "runs", "model.path": "bundled:shapes",
+           "train.init_from": "sem"}
+    )  # fmt: skip
     got = absolute_paths(cfg)
     assert got.data.latents == str(tmp_path / "lat") and got.train.out == str(tmp_path / "runs")
+    assert got.train.init_from == str(tmp_path / "sem")
     assert got.model.path == "bundled:shapes"
     hub = cfg.replace(**{"model.path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "data.latents": ""})
     hub = hub.replace(**{"data.input": "s3://bucket/videos"})
