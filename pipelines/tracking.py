@@ -5,7 +5,8 @@ child run per trial, the trial's stages nested below it.
 
 The default store is sqlite inside the run directory (``sqlite:///<train.out>/<run>/mlflow.db``,
 artifacts next to it in ``mlartifacts/``); ``tracking.uri`` points at an ``mlflow server``
-or another sqlite file (a new experiment there keeps its artifacts next to that file). ``tracking.enabled=false`` makes every call a no-op.
+or another sqlite file (a new experiment there keeps its artifacts next to that file).
+``tracking.enabled=false`` makes every call a no-op.
 
 The driver opens the runs (``Tracker``); training workers get a ``RunLogger`` that holds
 only strings (URI and run id), so it pickles into the Ray Train loop config, and rank 0
@@ -26,9 +27,7 @@ from dcm.files import is_remote
 
 PARENT = "both"  # dcm_stage tag of the parent run of a two-stage run
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
-
-
-SQLITE = "sqlite:///"
+SQLITE = "sqlite:///"  # prefix of a sqlite store URI; the rest is the database file's path
 
 
 def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
