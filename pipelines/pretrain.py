@@ -449,6 +449,21 @@ def pretrain_loop(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- the driver
+def located(settings: PretrainSettings) -> PretrainSettings:
+    """``settings`` with a local ``--init`` made absolute; a missing one is a BundleError now.
+
+    Ray Train runs the worker in a working directory of its own, where a relative path
+    names nothing; checking here fails before Ray starts. ``bundled:`` names and hub ids
+    are kept as given (they are recorded in pretrain.json).
+    """
+    from dcm.bundle import resolve_model_path
+
+    if not settings.init or settings.init.startswith("bundled:"):
+        return settings
+    path = resolve_model_path(settings.init)  # hub ids come back relative, unchanged
+    return dataclasses.replace(settings, init=str(path)) if path.is_absolute() else settings
+
+
 def run_pretrain(
     cfg: Config, settings: PretrainSettings, out: str | Path, workdir: str | Path
 ) -> Path:
@@ -458,6 +473,7 @@ def run_pretrain(
 
     from pipelines.cluster import init_ray
 
+    settings = located(settings)
     init_ray(cfg.ray, quiet=True)
     use_gpu = cfg.train.use_gpu is True or (
         cfg.train.use_gpu == "auto" and torch.cuda.is_available()

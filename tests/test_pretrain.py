@@ -11,6 +11,7 @@ from dcm.config import ConfigError, load_config
 from pipelines.pretrain import (
     PretrainSettings,
     evaluate_teacher,
+    located,
     main,
     run_pretrain,
 )
@@ -24,7 +25,7 @@ TINY = dict(
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_path):
+def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_path, monkeypatch):
     from dcm.bundle import load_bundle
     from dcm.shapes.grammar import VOCAB
 
@@ -77,8 +78,10 @@ def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_p
 
     # continue from that bundle: the decoder alone on full-length clips; the encoder, the
     # latent statistics and the transformer (--steps 0) are kept as they were
+    # (--init relative to the caller's directory: the worker runs elsewhere)
+    monkeypatch.chdir(tmp_path)
     more = PretrainSettings(
-        **{**TINY, "init": str(out), "vae_steps": 0, "steps": 0, "decoder_steps": 2}
+        **{**TINY, "init": "bundle", "vae_steps": 0, "steps": 0, "decoder_steps": 2}
     )
     out2 = run_pretrain(cfg, more, tmp_path / "bundle2", tmp_path / "work")
     info2 = json.loads((out2 / "pretrain.json").read_text())
@@ -107,3 +110,16 @@ def test_settings_are_validated():
         PretrainSettings(ema=1.0)
     with pytest.raises(ConfigError, match="eval-cfg"):
         PretrainSettings(eval_cfg="high")
+
+
+def test_init_is_located_before_ray_starts(tmp_path, monkeypatch):
+    from dcm.bundle import BundleError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert located(PretrainSettings(init="here")).init == str((tmp_path / "here").resolve())
+    assert located(PretrainSettings(init="bundled:shapes")).init == "bundled:shapes"
+    assert located(PretrainSettings(init="owner/model")).init == "owner/model"  # a hub id
+    # a missing folder is one BundleError from the driver, not a failed Ray Train run
+    with pytest.raises(BundleError, match="model path 'nowhere' does not exist"):
+        run_pretrain(load_config(), PretrainSettings(init="nowhere"), tmp_path / "b", "w")
