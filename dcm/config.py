@@ -505,6 +505,13 @@ class SampleConfig:
     sigma_preset: Literal["", "wan-6", "hunyuan-4"] = doc(
         "", "Reference sigma list instead of the even-split rule: '', 'wan-6', 'hunyuan-4'."
     )
+    renoise: Float = doc(
+        0.0,
+        "Share of fresh noise in each detail-expert step (0: deterministic Euler, the "
+        "reference; 1: a fresh draw, the multistep consistency sampler; METHOD.md section 7).",
+        ge=0.0,
+        le=1.0,
+    )
     teacher_steps: Int = doc(
         50, "Teacher Euler steps (with guidance) for comparisons.", ge=1, le=10000
     )

@@ -44,7 +44,7 @@ from dcm.experts import (
 )
 from dcm.export import is_exported, load_exported
 from dcm.guidance import with_embedded_guidance
-from dcm.sampler import sample
+from dcm.sampler import RENOISE_STRIDE, sample
 from dcm.schedule import Schedule
 from dcm.teacher_sampler import TeacherSampler
 
@@ -347,7 +347,10 @@ class VideoGenerator:
         # 2. denoise: teacher (guided, METHOD.md section 7) or the experts. The sampler keeps
         # x in float32; half-precision weights run under autocast (the runner's policy).
         with self._precision():
-            z, nfe = self._denoise(noise, cond, steps, split, teacher, teacher_steps, callback)
+            fresh = self._fresh_noise(len(prompts), seed, f, h, w)
+            z, nfe = self._denoise(
+                noise, cond, steps, split, teacher, teacher_steps, callback, fresh
+            )
         _sync(dev)
         t_denoise = time.perf_counter()
 
@@ -387,6 +390,7 @@ class VideoGenerator:
             "width": w,
             "fps": self.fps,
             "split": trained if split is None else int(split),
+            "renoise": 0.0 if teacher else float(self.cfg.sample.renoise),
             "trained_split": trained,
         }
         if not teacher and trained is not None and split is not None and int(split) != trained:
@@ -413,6 +417,21 @@ class VideoGenerator:
         rows = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.cat(rows)
 
+    def _fresh_noise(
+        self, batch: int, seed: int | Sequence[int], num_frames: int, height: int, width: int
+    ) -> Callable[[int], Tensor]:
+        """Step k's fresh noise for ``sample.renoise``: ``noise`` from seed + k * RENOISE_STRIDE
+        (per row for a seed list), so a video still depends on its own seed alone."""
+
+        def draw(k: int) -> Tensor:
+            if isinstance(seed, (int, np.integer)):
+                moved: int | list[int] = int(seed) + k * RENOISE_STRIDE
+            else:
+                moved = [int(s) + k * RENOISE_STRIDE for s in seed]
+            return self.noise(batch, moved, num_frames, height, width).to(self.device)
+
+        return draw
+
     def _precision(self) -> contextlib.AbstractContextManager:
         half = self.bundle.dtype in (torch.float16, torch.bfloat16)
         if not half:
@@ -428,6 +447,7 @@ class VideoGenerator:
         teacher: bool,
         teacher_steps: int,
         callback: Callable[[int, int], None] | None = None,
+        fresh: Callable[[int], Tensor] | None = None,
     ) -> tuple[Tensor, int]:
         """Normalised latents at sigma 0 and the number of network evaluations used."""
         batch = noise.shape[0]
@@ -438,7 +458,9 @@ class VideoGenerator:
             return z, sampler.nfe(int(teacher_steps), method)
         sig = self.sigmas(steps, split)
         cond = with_embedded_guidance(cond, self.method, batch)
-        z = sample(self.student, noise, cond, sig, self.schedule(split), callback)
+        renoise = self.cfg.sample.renoise
+        sch = self.schedule(split)
+        z = sample(self.student, noise, cond, sig, sch, callback, renoise=renoise, fresh=fresh)
         return z, len(sig) - 1
 
     def describe(self) -> dict[str, Any]:

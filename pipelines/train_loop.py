@@ -296,7 +296,7 @@ class Validator:
     @torch.no_grad()
     def __call__(self, model: Any, teacher: Backbone, step: int, logger: RunLogger) -> dict:
         from dcm.generate import to_uint8
-        from dcm.sampler import sample
+        from dcm.sampler import RENOISE_STRIDE, sample
 
         metrics: dict[str, float] = {}
         out = Path(tempfile.mkdtemp(prefix="dcm-val-"))
@@ -305,7 +305,13 @@ class Validator:
             for seed in self.cfg.sample.seeds:
                 with _autocast(self.device):
                     x = sample(
-                        model, self._noise(seed), self.student_cond, self._sigmas(n), self.schedule
+                        model,
+                        self._noise(seed),
+                        self.student_cond,
+                        self._sigmas(n),
+                        self.schedule,
+                        renoise=self.cfg.sample.renoise,
+                        fresh=lambda k, s=seed: self._noise(s + k * RENOISE_STRIDE),
                     )
                 if self.rank == 0:
                     videos.append(to_uint8(self.decoder.decode(x)))  # (P, F, H, W, 3)

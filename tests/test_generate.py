@@ -52,6 +52,21 @@ def test_per_row_seeds_do_not_depend_on_the_batch(gen):
         gen.generate(PROMPTS, seed=[1], **kw)
 
 
+def test_renoise_is_seeded_per_row_and_only_moves_intermediate_detail_steps(bundle_path):
+    cfg = load_config(preset="shapes-tiny", overrides=["sample.renoise=1.0"])
+    noisy, plain = VideoGenerator.load(bundle_path, cfg=cfg), VideoGenerator.load(bundle_path)
+    kw = {"num_frames": 5, "height": 16, "width": 16}
+    a = noisy.generate(PROMPTS, steps=4, seed=[5, 9], **kw)
+    assert noisy.last_meta["renoise"] == 1.0
+    assert np.array_equal(a, noisy.generate(PROMPTS, steps=4, seed=[5, 9], **kw))
+    assert _close(a[1], noisy.generate(PROMPTS[1:], steps=4, seed=9, **kw)[0])
+    assert not np.array_equal(a, plain.generate(PROMPTS, steps=4, seed=[5, 9], **kw))
+    assert plain.last_meta["renoise"] == 0.0
+    # 2 steps: the one DetE step ends at 0, so nothing is re-noised
+    two = noisy.generate(PROMPTS, steps=2, seed=[5, 9], **kw)
+    assert np.array_equal(two, plain.generate(PROMPTS, steps=2, seed=[5, 9], **kw))
+
+
 def test_split_moves_sigmas_and_output(gen):
     s34, s20 = gen.sigmas(4), gen.sigmas(4, split=20)
     assert s34 != s20 and s34[-1] == s20[-1] == 0.0 and len(s34) == 5

@@ -79,6 +79,60 @@ def test_expert_sequence_for_several_n_and_b(n: int, b: int) -> None:
     assert all(e.tolist() == [DETAIL] * SHAPE[0] for e in seq[n_sem:])
 
 
+def test_renoise_redraws_the_noise_of_every_detail_step_but_the_last() -> None:
+    # sample.renoise = 1: a detail step takes the expert's clean estimate x0 = x + (sigma_min
+    # - sigma) v and puts it at sigma' with fresh noise; the semantic steps stay Euler steps
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    z = {k: torch.randn(SHAPE, generator=gen) for k in range(1, 7)}
+    asked: list[int] = []
+
+    def fresh(k: int) -> torch.Tensor:
+        asked.append(k)
+        return z[k]
+
+    sch = Schedule(shift=3.0, grid_points=10, split=6)
+    sigmas = sch.sampling_sigmas(6)  # 3 SemE + 3 DetE steps
+    v = eps - x0
+    model = Recorder(lambda x, t, c: v)
+    out = sample(model, eps, _cond(), sigmas, sch, renoise=1.0, fresh=fresh)
+    xs = [c[0] for c in model.calls]
+    for x, s in zip(xs[:4], sigmas, strict=False):  # noise, 2 SemE states, the state at sigma_b
+        assert torch.allclose(x, (1 - s) * x0 + s * eps, atol=1e-6)
+    assert asked == [4, 5]  # DetE steps 4 and 5 land above 0; step 6 ends the list
+    for i in (3, 4):
+        clean = xs[i] + (sch.sigma_min - sigmas[i]) * v
+        want = (1 - sigmas[i + 1]) * clean + sigmas[i + 1] * z[i + 1]
+        assert torch.allclose(xs[i + 1], want, atol=1e-6)
+    assert torch.allclose(out, xs[5] - sigmas[5] * v, atol=1e-6)  # the last step: Euler to 0
+
+    # a vanishing share is the Euler step (up to sigma_min, the endpoint the Euler step keeps)
+    euler = sample(Recorder(lambda x, t, c: v), eps, _cond(), sigmas, sch)
+    tiny = sample(
+        Recorder(lambda x, t, c: v), eps, _cond(), sigmas, sch, renoise=1e-12, fresh=fresh
+    )
+    assert torch.allclose(tiny, euler, atol=1e-2) and not torch.allclose(out, euler, atol=1e-2)
+
+
+def test_renoise_with_one_expert_and_bad_values() -> None:
+    asked: list[int] = []
+    sch = Schedule(shift=3.0, grid_points=10, split=-1)  # one expert, endpoint sigma_min
+
+    def fresh(k: int) -> torch.Tensor:
+        asked.append(k)
+        return torch.zeros(SHAPE)
+
+    model = Recorder(lambda x, t, c: torch.zeros_like(x))
+    sample(model, torch.ones(SHAPE), _cond(), sch.sampling_sigmas(4), sch, renoise=0.5, fresh=fresh)
+    assert asked == [1, 2, 3]
+    with pytest.raises(ConfigError, match=r"sample.renoise=1.5 must lie in \[0, 1\]"):
+        sample(
+            model, torch.ones(SHAPE), _cond(), sch.sampling_sigmas(4), sch, renoise=1.5, fresh=fresh
+        )
+    with pytest.raises(ConfigError, match="needs fresh noise"):
+        sample(model, torch.ones(SHAPE), _cond(), sch.sampling_sigmas(4), sch, renoise=0.5)
+
+
 def test_teacher_sample_cfg_two_calls_per_step() -> None:
     # v(c) = 1, v(null) = 3 -> v_T = 1 + 5 (1 - 3) = -9 (w = 5); x ends at x + 9
     method = MethodConfig()
