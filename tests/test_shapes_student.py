@@ -86,5 +86,8 @@ def test_student_build_takes_overrides_and_its_readme_states_them(tmp_path):
     assert "grid N = 20 split at b = 13" in text
     assert "500 semantic + 300 detail steps" in text
     assert "validation every 250 steps on 8 training captions" in text
+    assert "`sample.renoise=1`" in text  # the build's sampler, saved in the artifact
+    plain = build_config(tmp_path, ["sample.renoise=0"])
+    assert "with plain Euler steps" in readme(result, {"distill": 60.0}, plain)
     assert "--set method.grid_points=20 --set method.split=13 --set train.steps_detail=300" in text
     assert "make student" in readme(result, {"distill": 60.0}, cfg)  # no overrides: make student
