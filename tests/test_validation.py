@@ -85,6 +85,28 @@ def test_free_text_validation_scores_psnr_to_the_fair_teacher(tmp_path_factory):
     )
 
 
+def test_validation_samples_with_the_configured_renoise(tmp_path_factory):
+    from dcm.backbones.base import make_backbone
+    from dcm.bundle import load_bundle
+    from dcm.experts import DualExpert
+
+    bundle = tiny_bundle(tmp_path_factory)
+    teacher = make_backbone(load_bundle(bundle, components=("transformer",)).transformer).eval()
+    student = DualExpert(teacher).eval()
+    scores = {}
+    for renoise in (0.0, 1.0):
+        cfg = load_config(
+            None, "shapes-tiny",
+            [f"model.path={bundle}", "sample.steps=4", "sample.eval_steps=[2, 4]",
+             "sample.teacher_steps=3", f"sample.renoise={renoise}"],
+        )  # fmt: skip
+        validator = Validator(cfg, _val_inputs(bundle, FREE_TEXT, cfg), torch.device("cpu"), 0)
+        scores[renoise] = validator(student, teacher, 0, RunLogger())
+    # 2 steps end each expert's step at its endpoint: nothing to re-noise; 4 steps differ
+    assert scores[0.0]["val/psnr_2steps"] == scores[1.0]["val/psnr_2steps"]
+    assert scores[0.0]["val/psnr_4steps"] != scores[1.0]["val/psnr_4steps"]
+
+
 def test_a_student_that_never_beats_step0_is_flagged(tmp_path, caplog):
     from mlflow import MlflowClient
 
