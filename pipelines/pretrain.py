@@ -473,6 +473,7 @@ def run_pretrain(
 
     from pipelines.cluster import init_ray
 
+    given_init = settings.init  # recorded as given, not as this machine's absolute path
     settings = located(settings)
     init_ray(cfg.ray, quiet=True)
     use_gpu = cfg.train.use_gpu is True or (
@@ -501,6 +502,7 @@ def run_pretrain(
         info["wall_minutes"] = (time.time() - started) / 60
         info["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
         info["command"] = "python -m pipelines.pretrain " + " ".join(sys.argv[1:])
+        info["settings"]["init"] = given_init
         (folder / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -87,6 +87,7 @@ def test_a_few_steps_through_ray_train_give_a_loadable_bundle(ray_cluster, tmp_p
     info2 = json.loads((out2 / "pretrain.json").read_text())
     assert info2["decoder_steps_done"] == 2 and info2["vae_steps_done"] == 0
     assert info2["init_run"]["steps"] == 3  # the run it continued is recorded
+    assert info2["settings"]["init"] == "bundle"  # as given, not this machine's path
     b2 = load_bundle(out2, text_max_length=cfg.model.text_max_length)
     assert b2.vae_config["latents_mean"] == b.vae_config["latents_mean"]
     assert b2.vae_config["latents_std"] == b.vae_config["latents_std"]
