@@ -81,16 +81,19 @@ def is_shapes(prompts: Sequence[str]) -> bool:
 def _describe(generator: Any, name: str, steps: int) -> str:
     """The sampler of a method in words (every table names it); ``generator`` is the one
     that made the method's videos."""
-    if name.startswith("untrained@"):
-        return (
-            f"untrained student (the teacher's weights in the DCM sampler), {steps} steps, no CFG"
-        )
     if name.startswith("teacher@"):
         describe = getattr(generator, "teacher_description", None)
         return describe(steps) if describe else f"teacher, {steps} steps + guidance"
+    cfg = getattr(generator, "cfg", None)
+    renoise = cfg.sample.renoise if cfg is not None else 0.0
+    fresh = f", detail steps re-noised (renoise {renoise:g})" if renoise and steps > 2 else ""
+    if name.startswith("untrained@"):
+        who = "untrained student (the teacher's weights in the DCM sampler)"
+        return f"{who}, {steps} steps{fresh}, no CFG"
     method = getattr(generator, "method", None)
     grid = f"Euler on the shift-{method.shift:g} grid, split {method.split}" if method else "Euler"
-    return f"DCM experts ({getattr(generator, 'source', 'model')}), {grid}, {steps} steps, no CFG"
+    source = getattr(generator, "source", "model")
+    return f"DCM experts ({source}), {grid}, {steps} steps{fresh}, no CFG"
 
 
 def evaluate(

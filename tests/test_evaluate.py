@@ -407,3 +407,19 @@ def test_demo_speed_table_is_relative_to_the_reference_and_ordered_by_steps():
     speed = {row[0]: row[head.index("speed-up")] for row in body}
     assert speed == {"teacher@2": "12.5x", "teacher@8": "5.0x", "teacher@50": "1.0x",
                      "dcm@2": "20.0x", "dcm@4": "10.0x"}  # fmt: skip
+
+
+def test_the_sampler_description_names_the_renoise_share():
+    from types import SimpleNamespace
+
+    from dcm.evaluation import _describe
+
+    cfg = load_config(preset="shapes-tiny", overrides=["sample.renoise=1.0"])
+    gen = SimpleNamespace(cfg=cfg, method=cfg.method, source="artifact")
+    assert _describe(gen, "dcm@4", 4).endswith(
+        "4 steps, detail steps re-noised (renoise 1), no CFG"
+    )
+    assert "re-noised" in _describe(gen, "untrained@4", 4)
+    assert "re-noised" not in _describe(gen, "dcm@2", 2)  # one DetE step, ending at 0
+    plain = SimpleNamespace(cfg=load_config(preset="shapes-tiny"), method=cfg.method)
+    assert "re-noised" not in _describe(plain, "dcm@4", 4)
