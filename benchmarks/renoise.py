@@ -6,9 +6,9 @@
 step that does not end at 0, with a ``renoise`` share of fresh noise (0: the plain Euler
 step). This script samples a distilled shapes student and its untrained start (the teacher's
 weights in the DCM sampler) at 4 and 8 steps with several shares, on held-out captions and
-fixed noise (two noise seeds per caption; step k's fresh noise from seed + k *
-RENOISE_STRIDE, as ``VideoGenerator`` draws it), scores the decoded videos with the shapes
-summary and compares every share with 0 at the same n, paired over the same videos
+fixed noise (two noise seeds per caption; step k's fresh noise from ``fresh_seed(seed, k)``,
+as ``VideoGenerator`` draws it), scores the decoded videos with the shapes summary and
+compares every share with 0 at the same n, paired over the same videos
 (mean +- standard error, wins / losses). The table comes last.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import NOISE_SEEDS, load_probe, paired, probe_header, shapes_summaries  # noqa: E402
 
-from dcm.sampler import RENOISE_STRIDE, sample  # noqa: E402
+from dcm.sampler import fresh_seed, sample  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 1.0)
 STEPS = (4, 8)
@@ -43,7 +43,7 @@ def main() -> None:
             for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
 
                 def fresh(k: int, seed: int = seed, shape: tuple = noise.shape) -> torch.Tensor:
-                    g = torch.Generator().manual_seed(seed + k * RENOISE_STRIDE)
+                    g = torch.Generator().manual_seed(fresh_seed(seed, k))
                     return torch.randn(shape, generator=g)
 
                 z = sample(

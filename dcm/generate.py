@@ -44,7 +44,7 @@ from dcm.experts import (
 )
 from dcm.export import is_exported, load_exported
 from dcm.guidance import with_embedded_guidance
-from dcm.sampler import RENOISE_STRIDE, sample
+from dcm.sampler import fresh_seed, sample
 from dcm.schedule import Schedule
 from dcm.teacher_sampler import TeacherSampler
 
@@ -420,14 +420,14 @@ class VideoGenerator:
     def _fresh_noise(
         self, batch: int, seed: int | Sequence[int], num_frames: int, height: int, width: int
     ) -> Callable[[int], Tensor]:
-        """Step k's fresh noise for ``sample.renoise``: ``noise`` from seed + k * RENOISE_STRIDE
+        """Step k's fresh noise for ``sample.renoise``: ``noise`` from ``fresh_seed(seed, k)``
         (per row for a seed list), so a video still depends on its own seed alone."""
 
         def draw(k: int) -> Tensor:
             if isinstance(seed, (int, np.integer)):
-                moved: int | list[int] = int(seed) + k * RENOISE_STRIDE
+                moved: int | list[int] = fresh_seed(int(seed), k)
             else:
-                moved = [int(s) + k * RENOISE_STRIDE for s in seed]
+                moved = [fresh_seed(s, k) for s in seed]
             return self.noise(batch, moved, num_frames, height, width).to(self.device)
 
         return draw

@@ -34,6 +34,11 @@ RENOISE_STRIDE = 1_000_003
 FreshNoise = Callable[[int], Tensor]  # step k (1-based) -> N(0, I) like x, for renoise > 0
 
 
+def fresh_seed(seed: int, k: int) -> int:
+    """The seed of step k's fresh noise (``renoise``) for a video drawn from ``seed``."""
+    return int(seed) + k * RENOISE_STRIDE
+
+
 def _check_sigmas(sigmas: Sequence[float]) -> list[float]:
     s = [float(v) for v in sigmas]
     if len(s) < 2 or s[-1] != 0.0:
@@ -76,15 +81,20 @@ def sample(
         sig = torch.full((bsz,), cur, dtype=torch.float32, device=x.device)
         expert = schedule.route(sig)  # (B,)
         v = model(x, 1000.0 * sig, cond, expert).float()
-        # the experts that map to a clean video: DetE, or the one expert of split -1
-        clean = schedule.single_expert or bool((expert == DETAIL).all())
-        if renoise > 0.0 and nxt > 0.0 and clean:
+        # re-noise only where the expert maps to a clean video (DetE, or the one expert of
+        # split -1); checked last, so plain Euler sampling never syncs on the routing tensor
+        if renoise > 0.0 and nxt > 0.0 and _maps_to_clean(expert, schedule):
             x = _renoised(x, v, cur, nxt, schedule.sigma_min, renoise, fresh(k))  # type: ignore[misc]
         else:
             x = x + (nxt - cur) * v
         if callback is not None:
             callback(k, len(s) - 1)
     return x
+
+
+def _maps_to_clean(expert: Tensor, schedule: Schedule) -> bool:
+    """True when this step's expert ends at sigma_min: DetE, or the single expert."""
+    return schedule.single_expert or bool((expert == DETAIL).all())
 
 
 def _renoised(

@@ -296,7 +296,7 @@ class Validator:
     @torch.no_grad()
     def __call__(self, model: Any, teacher: Backbone, step: int, logger: RunLogger) -> dict:
         from dcm.generate import to_uint8
-        from dcm.sampler import RENOISE_STRIDE, sample
+        from dcm.sampler import fresh_seed, sample
 
         metrics: dict[str, float] = {}
         out = Path(tempfile.mkdtemp(prefix="dcm-val-"))
@@ -311,7 +311,7 @@ class Validator:
                         self._sigmas(n),
                         self.schedule,
                         renoise=self.cfg.sample.renoise,
-                        fresh=lambda k, s=seed: self._noise(s + k * RENOISE_STRIDE),
+                        fresh=lambda k, s=seed: self._noise(fresh_seed(s, k)),
                     )
                 if self.rank == 0:
                     videos.append(to_uint8(self.decoder.decode(x)))  # (P, F, H, W, 3)
