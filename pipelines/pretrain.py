@@ -501,6 +501,8 @@ def run_pretrain(
         info = json.loads((folder / "pretrain.json").read_text())
         info["wall_minutes"] = (time.time() - started) / 60
         info["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+        if use_gpu:  # the worker trained on the card; name it beside the host
+            info["machine"] += f", {torch.cuda.get_device_name(0)}"
         info["command"] = "python -m pipelines.pretrain " + " ".join(sys.argv[1:])
         info["settings"]["init"] = given_init
         (folder / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
