@@ -3,6 +3,7 @@
     python benchmarks/distill.py            # CPU: shapes-tiny preset, tiny random bundle
     python benchmarks/distill.py --gpu      # GPU: Wan2.1-1.3B config, random weights,
                                             # 33 and 81 frames at 480x832, ZeRO-2, bf16
+    python benchmarks/distill.py --bf16     # CPU, shapes, under the GPU precision policy
 
 Each (stage, frame count) case runs in its own process (so peak memory is that case's)
 with one DeepSpeed rank and the same code as a Ray Train worker: the student engine of
@@ -86,13 +87,15 @@ def _model_and_config(args: argparse.Namespace, frames: int) -> tuple[Any, Any, 
     return bundle.transformer, cfg, shape, (cfg.model.text_max_length, text_dim)
 
 
-def _forward_flops(teacher: Any, x: torch.Tensor, cond: Any, device: torch.device) -> float:
+def _forward_flops(
+    teacher: Any, x: torch.Tensor, cond: Any, device: torch.device, bf16: bool
+) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipelines.train_loop import _autocast
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter, _autocast(device):
+    with torch.no_grad(), counter, _autocast(device, bf16):
         teacher(x[:1], torch.full((1,), 500.0, device=device), cond.index(slice(0, 1)))
     return float(counter.get_total_flops())
 
@@ -113,7 +116,8 @@ def run_case(args: argparse.Namespace, stage: str, frames: int) -> dict[str, Any
     if gpu:
         torch.cuda.set_device(device)
     _init_single_rank("nccl" if gpu else "gloo")
-    dtype = torch.bfloat16 if gpu else torch.float32
+    mixed = gpu or args.bf16  # the GPU precision policy: fp32 weights, bf16 autocast
+    dtype = torch.bfloat16 if mixed else torch.float32
     transformer, cfg, shape, text_shape = _model_and_config(args, frames)
     t = cfg.train
 
@@ -133,7 +137,7 @@ def run_case(args: argparse.Namespace, stage: str, frames: int) -> dict[str, Any
     lr = t.lr_semantic if stage == "semantic" else t.lr_detail
     opt = torch.optim.AdamW(student.trainable_parameters(), lr=lr, betas=t.betas)
     engine, _, _, _ = deepspeed.initialize(
-        model=student, optimizer=opt, config=deepspeed_config(cfg, args.batch, gpu)
+        model=student, optimizer=opt, config=deepspeed_config(cfg, args.batch, mixed)
     )
     step_fn = (SemanticStep if stage == "semantic" else DetailStep)(
         Schedule.from_config(cfg.method), cfg.method, cfg.data.empty_prompt_prob
@@ -148,7 +152,9 @@ def run_case(args: argparse.Namespace, stage: str, frames: int) -> dict[str, Any
     }  # fmt: skip
 
     def one() -> dict[str, float]:
-        out = optimizer_step(stage, step_fn, engine, teacher, disc, disc_opt, [batch], g, 1.0, 1)
+        out = optimizer_step(
+            stage, step_fn, engine, teacher, disc, disc_opt, [batch], g, 1.0, 1, bf16=mixed
+        )
         if gpu:
             torch.cuda.synchronize(device)
         return out
@@ -161,7 +167,7 @@ def run_case(args: argparse.Namespace, stage: str, frames: int) -> dict[str, Any
     for _ in range(args.steps):
         losses = one()
     seconds = (time.perf_counter() - start) / args.steps
-    flops = _forward_flops(teacher, x0, batch["cond"], device) * args.batch * FORWARDS[stage]
+    flops = _forward_flops(teacher, x0, batch["cond"], device, mixed) * args.batch * FORWARDS[stage]
     peak = args.peak_tflops or (_gpu_peak_tflops() if gpu else 0.0)
     if gpu:
         memory = torch.cuda.max_memory_allocated(device) / 2**30
@@ -187,6 +193,8 @@ def run_case(args: argparse.Namespace, stage: str, frames: int) -> dict[str, Any
         "achieved_tflops": flops / seconds / 1e12,
         "mfu": flops / seconds / (peak * 1e12) if peak else None,
         "trainable_params_m": sum(p.numel() for p in student.trainable_parameters()) / 1e6,
+        "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
+        "bf16": mixed,
         "last_losses": losses,
     }
 
@@ -212,8 +220,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the MFU denominator")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--cpu-check", action="store_true", help="run the --gpu path on the CPU")
+    p.add_argument("--bf16", action="store_true", help="the GPU precision policy on any device")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: 'stage:frames' in a child
     args = p.parse_args(argv)
+    args.bf16 = args.bf16 or args.cpu_check
     args.frames = args.frames or ("33,81" if args.gpu else "17")
     args.batch = args.batch or (1 if args.gpu else 4)
     args.steps = args.steps or (5 if args.gpu else 10)

@@ -156,7 +156,12 @@ def deepspeed_config(cfg: Config, micro_batch: int, on_gpu: bool) -> dict[str, A
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu},  # fp32 master weights, bf16 compute (METHOD.md 5)
+        # fp32 weights, bf16 compute (METHOD.md 5). Not DeepSpeed's "bf16" section: that casts
+        # the student to bf16 and, DeepSpeed 0.19, switches the caller's autocast off inside
+        # engine.forward, so the first GPU step fed fp32 latents to a bf16 conv and raised
+        # (H200, 2026-12-04). "torch_autocast" keeps the weights fp32 and runs the engine's
+        # forward under the same bf16 autocast as the rest of the step.
+        "torch_autocast": {"enabled": on_gpu, "dtype": "bfloat16"},
         # our torch AdamW (no FusedAdam / CPUAdam JIT build), also with offload
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -176,10 +181,12 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _autocast(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, bf16: bool | None = None) -> Any:
+    """bf16 autocast on GPU, none on CPU; ``bf16=True`` asks for it anywhere (the CPU check
+    of the GPU policy, benchmarks/distill.py --bf16)."""
+    if device.type == "cuda" if bf16 is None else bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 def _bundle_path(path: str) -> str:
@@ -531,18 +538,20 @@ def optimizer_step(
     world: int,
     target: nn.Module | None = None,
     ema_decay: float = 0.0,
+    bf16: bool | None = None,
 ) -> dict[str, float]:
     """One optimiser step over ``len(batches)`` micro-batches (gradient accumulation).
 
     Stage 1: backward of "loss". Stage 2: G backward + engine step, then D backward on the
     same detached features; the discriminator's gradients are averaged over the workers,
     clipped and stepped once per optimiser step. With an EMA ``target`` (METHOD.md 4.4,
-    option) it follows the student after the step. Returns the mean losses and norms.
+    option) it follows the student after the step. ``bf16``: the autocast policy (default:
+    on GPU only). Returns the mean losses and norms.
     """
     device = batches[0]["x0"].device
     sums: dict[str, float] = {}
     for batch in batches:
-        with _autocast(device):
+        with _autocast(device, bf16):
             if stage == "semantic":
                 out = step_fn(engine, teacher, batch, generator, target=target)
             else:

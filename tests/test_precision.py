@@ -4,6 +4,8 @@ master weights, not from the bf16 copies a bf16 run trains with (round trip)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from helpers import tiny_wan
 
@@ -74,3 +76,39 @@ def test_artifacts_are_saved_from_fp32_masters(tmp_path):
     tr = half.base.transformer
     assert tr.scale_shift_table.dtype == torch.float32
     assert tr.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.bfloat16
+
+
+# DeepSpeed decides whether the caller's autocast is on with torch.is_autocast_enabled(), which
+# without an argument asks about CUDA only; on the CPU it answers as on the GPU with this.
+_CUDA_LIKE_AUTOCAST = """import torch
+_orig = torch.is_autocast_enabled
+torch.is_autocast_enabled = lambda *a: _orig(*a) if a else _orig("cpu")
+"""
+
+
+def test_student_engine_trains_under_the_gpu_precision_policy(tmp_path):
+    """The GPU policy (DeepSpeed engine config + bf16 autocast), run on the CPU through the
+    workers' optimizer_step for both stages: the student keeps float32 weights and the steps
+    run. With DeepSpeed's "bf16" section instead, the engine cast the student to bf16 and
+    switched autocast off inside its forward: the first step on an H200 raised "Input type
+    (float) and bias type (c10::BFloat16) should be the same", and so does this test."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sitecustomize.py").write_text(_CUDA_LIKE_AUTOCAST)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
+    out = tmp_path / "distill.json"
+    cmd = [sys.executable, str(root / "benchmarks/distill.py"), "--bf16", "--frames", "5",
+           "--steps", "1", "--warmup", "1", "--batch", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(out.read_text())
+    assert [c["stage"] for c in cases] == ["semantic", "detail"]
+    for case in cases:
+        assert case["bf16"] is True
+        assert case["param_dtypes"] == ["torch.float32"]
+        assert all(math.isfinite(v) for v in case["last_losses"].values())
