@@ -106,6 +106,17 @@ def load_probe(doc: str):
     return (args, gen, *heldout_inputs(gen, args.prompts))
 
 
+def fresh_noise(seed: int, shape: tuple):
+    """The ``fresh`` callable of ``dcm.sampler.sample`` for one noise seed: step k's noise
+    from ``fresh_seed(seed, k)``, as ``VideoGenerator`` draws it."""
+    from dcm.sampler import fresh_seed
+
+    def fresh(k: int) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed(seed, k)))
+
+    return fresh
+
+
 def probe_header(model: str, sch, caps: list[str]) -> str:
     """The two lines above a probe's table: model, grid and machine; the videos scored."""
     n_vid = len(caps) * len(NOISE_SEEDS)

@@ -22,9 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import NOISE_SEEDS, load_probe, paired, probe_header, shapes_summaries  # noqa: E402
+from common import (  # noqa: E402
+    NOISE_SEEDS,
+    fresh_noise,
+    load_probe,
+    paired,
+    probe_header,
+    shapes_summaries,
+)
 
-from dcm.sampler import fresh_seed, sample  # noqa: E402
+from dcm.sampler import sample  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 1.0)
 STEPS = (4, 8)
@@ -41,11 +48,7 @@ def main() -> None:
         ):
             per = []
             for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
-
-                def fresh(k: int, seed: int = seed, shape: tuple = noise.shape) -> torch.Tensor:
-                    g = torch.Generator().manual_seed(fresh_seed(seed, k))
-                    return torch.randn(shape, generator=g)
-
+                fresh = fresh_noise(seed, noise.shape)
                 z = sample(
                     model, noise, cond, sch.sampling_sigmas(n), sch, renoise=share, fresh=fresh
                 )

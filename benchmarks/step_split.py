@@ -7,7 +7,8 @@ expert the rest. This script samples a distilled shapes student with other share
 the same grid points) on held-out captions and fixed noise (two noise seeds per caption)
 and scores the decoded videos with the shapes summary (``dcm/shapes/metrics.py``). Each
 share is compared with the default one at the same n, paired over the same videos
-(mean +- standard error, wins / losses). The table comes last.
+(mean +- standard error, wins / losses). Detail steps take the model's own
+``sample.renoise`` share of fresh noise, as ``dcm generate`` samples it. The table comes last.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import load_probe, paired, probe_header, shapes_summaries  # noqa: E402
+from common import (  # noqa: E402
+    NOISE_SEEDS,
+    fresh_noise,
+    load_probe,
+    paired,
+    probe_header,
+    shapes_summaries,
+)
 
 from dcm.sampler import sample  # noqa: E402
 
@@ -40,15 +48,18 @@ def main() -> None:
     bundle, student, sch = gen.bundle, gen.student, gen.schedule()
     scores: dict[str, np.ndarray] = {}
     lists = shares(sch)
+    renoise = float(gen.cfg.sample.renoise)
     with torch.no_grad():
         for name, sigmas in lists.items():
             per = []
-            for noise in noises:
-                per += shapes_summaries(bundle, sample(student, noise, cond, sigmas, sch), caps)
+            for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
+                fresh = fresh_noise(seed, noise.shape)
+                z = sample(student, noise, cond, sigmas, sch, renoise=renoise, fresh=fresh)
+                per += shapes_summaries(bundle, z, caps)
             scores[name] = np.asarray(per)
             print(f"{name}: {scores[name].mean():.3f}", flush=True)
 
-    print(probe_header(args.model, sch, caps))
+    print(probe_header(args.model, sch, caps) + f"detail steps re-noised with share {renoise:g}\n")
     print("| steps: SemE + DetE | sigmas | summary (mean +- std) | paired vs the default |")
     print("|---|---|---|---|")
     for name, per in scores.items():

@@ -817,10 +817,16 @@ def _wan(path: str) -> dict[str, Any]:
     return {"model": {"path": path, "backbone": "wan", "text_max_length": 512, "fps": 16}}
 
 
+# 13-14B students train in fp32 weights under bf16 autocast (pipelines/train_loop.py); ZeRO-2
+# would keep a whole fp32 copy (~55 GB) beside the bf16 teacher (~28 GB) on every GPU, more
+# than an 80 GB card holds. ZeRO-3 shards the student's weights across the workers.
+_LARGE = {"train": {"zero_stage": 3}}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md values; dataclass defaults are the Wan2.1 reference, so these stay short.
     "wan2.1-t2v-1.3b": _wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
-    "wan2.1-t2v-14b": _wan("Wan-AI/Wan2.1-T2V-14B-Diffusers"),
+    "wan2.1-t2v-14b": {**_wan("Wan-AI/Wan2.1-T2V-14B-Diffusers"), **_LARGE},
     "hunyuanvideo": {
         "model": {
             "path": "hunyuanvideo-community/HunyuanVideo",
@@ -831,7 +837,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "method": {"split": 37, "guidance": "embedded", "fm_weight": 1.0},
         # no prompt dropout: HunyuanVideo has no CFG pass to learn the empty prompt for
         "data": {"num_frames": 129, "height": 720, "width": 1280, "empty_prompt_prob": 0.0},
-        "train": {"global_batch": 6},
+        "train": {"global_batch": 6, **_LARGE["train"]},
         "serve": {"max_frames": 129, "max_height": 720, "max_width": 1280},
     },
     # The synthetic shapes world (dcm/shapes): 17 frames of 64x64 -> 5 x 16 x 16 latents

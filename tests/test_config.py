@@ -249,3 +249,11 @@ def test_every_key_has_a_doc_and_a_default():
     lines = [line for line in explain().splitlines() if line.startswith("  ")]
     assert len(lines) == len([k for k in keys if "." in k])
     assert all(not line.rstrip().endswith("# None") for line in lines)
+
+
+def test_large_presets_shard_the_fp32_student():
+    """A 13-14B student in fp32 beside its bf16 teacher does not fit an 80 GB card under
+    ZeRO-2: the large presets use ZeRO-3, the 1.3B one keeps ZeRO-2."""
+    stages = {p: load_config(preset=p).train.zero_stage for p in PRESETS}
+    assert stages["wan2.1-t2v-14b"] == stages["hunyuanvideo"] == 3
+    assert stages["wan2.1-t2v-1.3b"] == stages["shapes-tiny"] == 2
