@@ -201,6 +201,8 @@ def start_worker(config: dict[str, Any]) -> Worker:
     dgen = torch.Generator(device=dev).manual_seed(cfg.train.seed)
     started = time.time()
     info: dict[str, Any] = {"settings": dataclasses.asdict(st), "device": str(dev)}
+    if use_cuda:  # the card the worker trained on (the driver's host may have none)
+        info["gpu"] = torch.cuda.get_device_name(dev)
     work = Path(tempfile.mkdtemp(prefix="dcm-pretrain-"))
     if st.init:
         base = Path(shutil.copytree(resolve_model_path(st.init), work / "init"))
@@ -501,8 +503,6 @@ def run_pretrain(
         info = json.loads((folder / "pretrain.json").read_text())
         info["wall_minutes"] = (time.time() - started) / 60
         info["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
-        if use_gpu:  # the worker trained on the card; name it beside the host
-            info["machine"] += f", {torch.cuda.get_device_name(0)}"
         info["command"] = "python -m pipelines.pretrain " + " ".join(sys.argv[1:])
         info["settings"]["init"] = given_init
         (folder / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
