@@ -11,6 +11,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
@@ -106,15 +107,29 @@ def load_probe(doc: str):
     return (args, gen, *heldout_inputs(gen, args.prompts))
 
 
-def fresh_noise(seed: int, shape: tuple):
-    """The ``fresh`` callable of ``dcm.sampler.sample`` for one noise seed: step k's noise
-    from ``fresh_seed(seed, k)``, as ``VideoGenerator`` draws it."""
-    from dcm.sampler import fresh_seed
+def sampled_summaries(
+    gen,
+    model,
+    noises: list[torch.Tensor],
+    cond,
+    caps: list[str],
+    sigmas: list[float],
+    renoise: float = 0.0,
+) -> np.ndarray:
+    """The shapes summary of every video ``model`` samples on ``sigmas`` from each of the
+    probe's noise batches (NOISE_SEEDS order); detail steps take a ``renoise`` share of fresh
+    noise, step k's from ``fresh_seed(seed, k)`` as ``VideoGenerator`` draws it."""
+    from dcm.sampler import fresh_seed, sample
 
-    def fresh(k: int) -> torch.Tensor:
-        return torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed(seed, k)))
+    per: list[float] = []
+    for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
 
-    return fresh
+        def fresh(k: int, seed: int = seed, shape: tuple = noise.shape) -> torch.Tensor:
+            return torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed(seed, k)))
+
+        z = sample(model, noise, cond, sigmas, gen.schedule(), renoise=renoise, fresh=fresh)
+        per += shapes_summaries(gen.bundle, z, caps)
+    return np.asarray(per)
 
 
 def probe_header(model: str, sch, caps: list[str]) -> str:

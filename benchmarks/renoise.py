@@ -22,16 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (  # noqa: E402
-    NOISE_SEEDS,
-    fresh_noise,
-    load_probe,
-    paired,
-    probe_header,
-    shapes_summaries,
-)
-
-from dcm.sampler import sample  # noqa: E402
+from common import load_probe, paired, probe_header, sampled_summaries  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 1.0)
 STEPS = (4, 8)
@@ -46,15 +37,9 @@ def main() -> None:
         for (who, model), n, share in (
             (m, n, r) for m in models.items() for n in STEPS for r in SHARES
         ):
-            per = []
-            for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
-                fresh = fresh_noise(seed, noise.shape)
-                z = sample(
-                    model, noise, cond, sch.sampling_sigmas(n), sch, renoise=share, fresh=fresh
-                )
-                per += shapes_summaries(gen.bundle, z, caps)
-            scores[(who, n, share)] = np.asarray(per)
-            print(f"{who}, {n} steps, renoise {share:g}: {np.mean(per):.3f}", flush=True)
+            per = sampled_summaries(gen, model, noises, cond, caps, sch.sampling_sigmas(n), share)
+            scores[(who, n, share)] = per
+            print(f"{who}, {n} steps, renoise {share:g}: {per.mean():.3f}", flush=True)
 
     print(probe_header(args.model, sch, caps))
     print("| model | steps | renoise | summary (mean +- std) | paired vs renoise 0 |")

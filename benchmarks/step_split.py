@@ -21,16 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (  # noqa: E402
-    NOISE_SEEDS,
-    fresh_noise,
-    load_probe,
-    paired,
-    probe_header,
-    shapes_summaries,
-)
-
-from dcm.sampler import sample  # noqa: E402
+from common import load_probe, paired, probe_header, sampled_summaries  # noqa: E402
 
 
 def shares(sch) -> dict[str, list[float]]:
@@ -45,18 +36,13 @@ def shares(sch) -> dict[str, list[float]]:
 
 def main() -> None:
     args, gen, caps, cond, noises = load_probe(__doc__)
-    bundle, student, sch = gen.bundle, gen.student, gen.schedule()
+    sch = gen.schedule()
     scores: dict[str, np.ndarray] = {}
     lists = shares(sch)
     renoise = float(gen.cfg.sample.renoise)
     with torch.no_grad():
         for name, sigmas in lists.items():
-            per = []
-            for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
-                fresh = fresh_noise(seed, noise.shape)
-                z = sample(student, noise, cond, sigmas, sch, renoise=renoise, fresh=fresh)
-                per += shapes_summaries(bundle, z, caps)
-            scores[name] = np.asarray(per)
+            scores[name] = sampled_summaries(gen, gen.student, noises, cond, caps, sigmas, renoise)
             print(f"{name}: {scores[name].mean():.3f}", flush=True)
 
     print(probe_header(args.model, sch, caps) + f"detail steps re-noised with share {renoise:g}\n")
