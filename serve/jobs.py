@@ -358,7 +358,8 @@ class JobRunner:
                 return
             self.rec["progress"] = {"step": k, "steps": n}
             self.rec["heartbeat_at"] = time.time()
-            if k == n or time.monotonic() - self._last_write >= 0.2:
+            # the first step at once (the job is seen denoising), then at most every 0.2 s
+            if k in (1, n) or time.monotonic() - self._last_write >= 0.2:
                 self._write()
 
     def beat(self) -> None:
