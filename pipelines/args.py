@@ -16,6 +16,7 @@ from typing import Any
 
 from dcm.config import Config, ConfigError, artifact_base, explain, load_config
 from dcm.files import is_remote
+from pipelines.tracking import SQLITE
 
 
 def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,7 +92,8 @@ def data_keys(data: str | None) -> dict[str, Any]:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with relative local paths (data, model folder, output, init_from) made absolute.
+    """``cfg`` with relative local paths (data, model folder, output, init_from, a sqlite
+    tracking store) made absolute.
 
     Ray Tune runs each trial, and Ray Train each worker, in a working directory of its own,
     where a path relative to the caller's directory names nothing. URIs, ``bundled:`` names
@@ -105,6 +107,11 @@ def absolute_paths(cfg: Config) -> Config:
             continue
         if key == "train.out" or Path(val).exists():
             changes[key] = str(Path(val).resolve())
+    # a sqlite store named relative to the caller (sqlite:///runs/x.db): a worker would open,
+    # or create, another database and not find the driver's run
+    uri = cfg.tracking.uri
+    if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_absolute():
+        changes["tracking.uri"] = SQLITE + str(Path(uri.removeprefix(SQLITE)).resolve())
     return cfg.replace(**changes) if changes else cfg
 
 

@@ -357,6 +357,12 @@ def test_relative_paths_become_absolute_for_trials(tmp_path, monkeypatch):
     assert got.data.latents == str(tmp_path / "lat") and got.train.out == str(tmp_path / "runs")
     assert got.train.init_from == str(tmp_path / "sem")
     assert got.model.path == "bundled:shapes"
+    # a relative sqlite store: Train workers opened another (empty) database and failed
+    # with "Run with id=... not found"; a server URI or an absolute file stays as written
+    rel = absolute_paths(cfg.replace(**{"tracking.uri": "sqlite:///runs/m.db"}))
+    assert rel.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'm.db'}"
+    for uri in (rel.tracking.uri, "http://127.0.0.1:5000"):
+        assert absolute_paths(cfg.replace(**{"tracking.uri": uri})).tracking.uri == uri
     hub = cfg.replace(**{"model.path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "data.latents": ""})
     hub = hub.replace(**{"data.input": "s3://bucket/videos"})
     kept = absolute_paths(hub)
