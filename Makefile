@@ -65,7 +65,7 @@ clean-runs:
 	rm -rf runs
 
 # Rebuild the bundled distilled student dcm/shapes/student ('bundled:shapes-dcm'): about
-# 16 minutes on 2 idle CPU cores; resumes an interrupted build from runs/student.
+# 31 minutes on 2 CPU cores (shared with other jobs); resumes an interrupted build from runs/student.
 student: $(STAMP)
 	$(PY) -m pipelines.prebuild
 	$(PY) -m pipelines.student --work runs/student --out dcm/shapes/student

@@ -76,7 +76,7 @@ def test_student_build_takes_overrides_and_its_readme_states_them(tmp_path):
     extra = ["method.grid_points=20", "method.split=13", "train.steps_detail=300"]
     cfg = build_config(tmp_path, extra)
     assert (cfg.method.grid_points, cfg.method.split, cfg.train.steps_detail) == (20, 13, 300)
-    assert cfg.train.steps_semantic == 500  # the build's own setting, not overridden
+    assert cfg.train.steps_semantic == 1500  # the build's own setting, not overridden
 
     names = [f"{m}@{n}" for m in ("teacher", "untrained", "dcm") for n in EVAL_STEPS]
     per_video = {n: [{"summary": 0.5}, {"summary": 0.25}] for n in [*names, "teacher@50"]}
@@ -84,7 +84,8 @@ def test_student_build_takes_overrides_and_its_readme_states_them(tmp_path):
     result = {"methods": methods, "per_video": per_video, "seeds": [0, 1], "videos_per_method": 2}
     text = readme(result, {"distill": 60.0}, cfg, extra)
     assert "grid N = 20 split at b = 13" in text
-    assert "500 semantic + 300 detail steps" in text
+    assert "1500 semantic + 300 detail steps" in text
+    assert "| student / teacher@50 | 1.000 x |" in text  # three decimals, never a rounded floor
     assert "validation every 250 steps on 8 training captions" in text
     assert "`sample.renoise=1`" in text  # the build's sampler, saved in the artifact
     plain = build_config(tmp_path, ["sample.renoise=0"])
