@@ -1,6 +1,6 @@
 """Are a run's checkpoints really different, or is its validation curve noise? A quality probe.
 
-    python benchmarks/checkpoint_scores.py CKPT [CKPT ...] [--prompts 24] [--renoise 1]
+    python benchmarks/checkpoint_scores.py CKPT [CKPT ...] [--prompts 24] [--renoise 1] [--average]
 
 Each CKPT is a checkpoint folder of a shapes run (``<run>/<stage>/checkpoint_*``, holding
 ``artifact/`` and ``state.json``). Every checkpoint samples the same training captions (every
@@ -8,6 +8,7 @@ fourth of the training split, as docs/QUALITY.md section 11) from the same noise
 per caption) at 2 and 4 steps; the decoded videos are scored with the shapes summary and
 paired against the first CKPT. Beside each row stands the run's own ``val/score`` reading at
 that step (8 captions x 2 seeds), so the two can be compared (docs/QUALITY.md section 17).
+``--average`` adds a row for the mean of all the checkpoints' weights.
 """
 
 from __future__ import annotations
@@ -27,13 +28,28 @@ import common  # noqa: E402
 STEPS = (2, 4)
 
 
-def scores(folder: Path, prompts: int, renoise: float) -> tuple[int, dict, np.ndarray]:
-    """(step, the run's val metrics, per-video summaries (len(STEPS), videos)) of a checkpoint."""
+def averaged(folders: list[Path]) -> dict[str, torch.Tensor]:
+    """The mean of the checkpoints' artifact weights (``experts.safetensors``), key by key."""
+    from safetensors.torch import load_file
+
+    from dcm.experts import ARTIFACT_WEIGHTS
+
+    sds = [load_file(str(f / "artifact" / ARTIFACT_WEIGHTS)) for f in folders]
+    return {k: (sum(sd[k].float() for sd in sds) / len(sds)).to(v.dtype) for k, v in sds[0].items()}
+
+
+def scores(
+    folder: Path, prompts: int, renoise: float, weights: dict[str, torch.Tensor] | None = None
+) -> tuple[int, dict, np.ndarray]:
+    """(step, the run's val metrics, per-video summaries (len(STEPS), videos)) of a checkpoint;
+    ``weights`` replace its student's (same architecture)."""
     from dcm.generate import VideoGenerator
     from dcm.shapes.grammar import all_captions
 
     state = json.loads((folder / "state.json").read_text())
     gen = VideoGenerator.load(str(folder / "artifact"), "cpu")
+    if weights is not None:
+        gen.student.load_state_dict(weights)
     gen.student.eval()
     caps = all_captions("train")[::4][:prompts]
     shape = gen.bundle.latent_shape(
@@ -59,8 +75,14 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders of one run")
     ap.add_argument("--prompts", type=int, default=24, help="training captions")
     ap.add_argument("--renoise", type=float, default=1.0, help="sample.renoise of the sampler")
+    ap.add_argument("--average", action="store_true", help="also the mean of their weights")
     args = ap.parse_args()
     rows = [scores(c, args.prompts, args.renoise) for c in args.checkpoints]
+    if args.average:
+        _, _, per = scores(
+            args.checkpoints[0], args.prompts, args.renoise, averaged(args.checkpoints)
+        )
+        rows.append((-1, {}, per))  # step -1: the average
 
     videos = rows[0][2].shape[1]
     print(
@@ -70,12 +92,17 @@ def main() -> None:
     print(f"\n| step | val/score (2 / 4 steps) | {head} |")
     print("|---|---|" + "---|" * len(STEPS))
     for step, metrics, per in rows:
-        val = " / ".join(f"{metrics.get(f'val/score_{n}steps', float('nan')):.3f}" for n in STEPS)
+        val = (
+            " / ".join(f"{metrics.get(f'val/score_{n}steps', float('nan')):.3f}" for n in STEPS)
+            if metrics
+            else "-"
+        )
         cells = []
         for i in range(len(STEPS)):
             vs = "" if per is rows[0][2] else f", {common.paired(per[i] - rows[0][2][i])}"
             cells.append(f"{per[i].mean():.3f}{vs}")
-        print(f"| {step} | {val} | " + " | ".join(cells) + " |")
+        name = "mean of their weights" if step < 0 else str(step)
+        print(f"| {name} | {val} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
