@@ -28,80 +28,70 @@ import common  # noqa: E402
 STEPS = (2, 4)
 
 
-def averaged(folders: list[Path]) -> dict[str, torch.Tensor]:
-    """The mean of the checkpoints' artifact weights (``experts.safetensors``), key by key."""
+def main() -> None:
     from safetensors.torch import load_file
 
     from dcm.experts import ARTIFACT_WEIGHTS
-
-    sds = [load_file(str(f / "artifact" / ARTIFACT_WEIGHTS)) for f in folders]
-    return {k: (sum(sd[k].float() for sd in sds) / len(sds)).to(v.dtype) for k, v in sds[0].items()}
-
-
-def scores(
-    folder: Path, prompts: int, renoise: float, weights: dict[str, torch.Tensor] | None = None
-) -> tuple[int, dict, np.ndarray]:
-    """(step, the run's val metrics, per-video summaries (len(STEPS), videos)) of a checkpoint;
-    ``weights`` replace its student's (same architecture)."""
     from dcm.generate import VideoGenerator
     from dcm.shapes.grammar import all_captions
 
-    state = json.loads((folder / "state.json").read_text())
-    gen = VideoGenerator.load(str(folder / "artifact"), "cpu")
-    if weights is not None:
-        gen.student.load_state_dict(weights)
-    gen.student.eval()
-    caps = all_captions("train")[::4][:prompts]
-    shape = gen.bundle.latent_shape(
-        gen.cfg.data.num_frames, gen.cfg.data.height, gen.cfg.data.width
-    )
-    noises = [
-        torch.randn((len(caps), *shape), generator=torch.Generator().manual_seed(s))
-        for s in common.NOISE_SEEDS
-    ]
-    cond, sch = gen.bundle.encode_text(caps), gen.schedule()
-    with torch.no_grad():
-        per = [
-            common.sampled_summaries(
-                gen, gen.student, noises, cond, caps, sch.sampling_sigmas(n), renoise
-            )
-            for n in STEPS
-        ]
-    return int(state["step"]), state.get("metrics", {}), np.stack(per)
-
-
-def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders of one run")
     ap.add_argument("--prompts", type=int, default=24, help="training captions")
     ap.add_argument("--renoise", type=float, default=1.0, help="sample.renoise of the sampler")
     ap.add_argument("--average", action="store_true", help="also the mean of their weights")
     args = ap.parse_args()
-    rows = [scores(c, args.prompts, args.renoise) for c in args.checkpoints]
-    if args.average:
-        _, _, per = scores(
-            args.checkpoints[0], args.prompts, args.renoise, averaged(args.checkpoints)
-        )
-        rows.append((-1, {}, per))  # step -1: the average
 
-    videos = rows[0][2].shape[1]
+    # one generator (VAE, text encoder, inputs); each checkpoint only swaps the student weights
+    gen = VideoGenerator.load(str(args.checkpoints[0] / "artifact"), "cpu")
+    gen.student.eval()
+    caps = all_captions("train")[::4][: args.prompts]
+    cond, noises, sch = (
+        gen.bundle.encode_text(caps),
+        common.probe_noises(gen, len(caps)),
+        gen.schedule(),
+    )
+    weights = [load_file(str(c / "artifact" / ARTIFACT_WEIGHTS)) for c in args.checkpoints]
+    states = [json.loads((c / "state.json").read_text()) for c in args.checkpoints]
+    rows = [
+        (str(st["step"]), st.get("metrics", {}), w) for st, w in zip(states, weights, strict=True)
+    ]
+    if args.average:
+        mean = {
+            k: (sum(w[k].float() for w in weights) / len(weights)).to(v.dtype)
+            for k, v in weights[0].items()
+        }
+        rows.append(("mean of their weights", {}, mean))
+
+    scored = []
+    for name, metrics, state_dict in rows:
+        gen.student.load_state_dict(state_dict)
+        with torch.no_grad():
+            per = np.stack([
+                common.sampled_summaries(
+                    gen, gen.student, noises, cond, caps, sch.sampling_sigmas(n), args.renoise
+                )
+                for n in STEPS
+            ])  # fmt: skip
+        scored.append((name, metrics, per))
+
+    first = scored[0][2]
     print(
-        f"\n{common.machine()}\n{args.prompts} training captions x 2 noise seeds = {videos} videos"
+        f"\n{common.machine()}\n{len(caps)} training captions x 2 noise seeds = {first.shape[1]} videos"
     )
     head = " | ".join(f"{n} steps: this set, paired vs the first" for n in STEPS)
     print(f"\n| step | val/score (2 / 4 steps) | {head} |")
     print("|---|---|" + "---|" * len(STEPS))
-    for step, metrics, per in rows:
+    for i, (name, metrics, per) in enumerate(scored):
         val = (
             " / ".join(f"{metrics.get(f'val/score_{n}steps', float('nan')):.3f}" for n in STEPS)
             if metrics
             else "-"
         )
-        cells = []
-        for i in range(len(STEPS)):
-            vs = "" if per is rows[0][2] else f", {common.paired(per[i] - rows[0][2][i])}"
-            cells.append(f"{per[i].mean():.3f}{vs}")
-        name = "mean of their weights" if step < 0 else str(step)
+        cells = [
+            f"{per[j].mean():.3f}" + (f", {common.paired(per[j] - first[j])}" if i else "")
+            for j in range(len(STEPS))
+        ]
         print(f"| {name} | {val} | " + " | ".join(cells) + " |")
 
 

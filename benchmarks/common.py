@@ -66,14 +66,18 @@ def heldout_inputs(gen, prompts: int) -> tuple[list[str], object, list[torch.Ten
     from dcm.shapes.dataset import iter_clips
 
     caps = [scene.caption() for scene, _ in iter_clips(prompts, seed=123, split="heldout")]
+    return caps, gen.bundle.encode_text(caps), probe_noises(gen, len(caps))
+
+
+def probe_noises(gen, videos: int) -> list[torch.Tensor]:
+    """One noise batch (videos, C, T, h, w) per NOISE_SEEDS, at the VideoGenerator's size."""
     shape = gen.bundle.latent_shape(
         gen.cfg.data.num_frames, gen.cfg.data.height, gen.cfg.data.width
     )
-    noises = [
-        torch.randn((len(caps), *shape), generator=torch.Generator().manual_seed(s))
+    return [
+        torch.randn((videos, *shape), generator=torch.Generator().manual_seed(s))
         for s in NOISE_SEEDS
     ]
-    return caps, gen.bundle.encode_text(caps), noises
 
 
 def paired(d) -> str:
@@ -122,12 +126,13 @@ def sampled_summaries(
     from dcm.sampler import fresh_seed, sample
 
     per: list[float] = []
+    schedule = gen.schedule()
     for seed, noise in zip(NOISE_SEEDS, noises, strict=True):
 
         def fresh(k: int, seed: int = seed, shape: tuple = noise.shape) -> torch.Tensor:
             return torch.randn(shape, generator=torch.Generator().manual_seed(fresh_seed(seed, k)))
 
-        z = sample(model, noise, cond, sigmas, gen.schedule(), renoise=renoise, fresh=fresh)
+        z = sample(model, noise, cond, sigmas, schedule, renoise=renoise, fresh=fresh)
         per += shapes_summaries(gen.bundle, z, caps)
     return np.asarray(per)
 

@@ -109,9 +109,9 @@ def absolute_paths(cfg: Config) -> Config:
             changes[key] = str(Path(val).resolve())
     # a sqlite store named relative to the caller (sqlite:///runs/x.db): a worker would open,
     # or create, another database and not find the driver's run
-    uri = cfg.tracking.uri
-    if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_absolute():
-        changes["tracking.uri"] = SQLITE + str(Path(uri.removeprefix(SQLITE)).resolve())
+    db = Path(cfg.tracking.uri.removeprefix(SQLITE))
+    if cfg.tracking.uri.startswith(SQLITE) and not db.is_absolute():
+        changes["tracking.uri"] = f"{SQLITE}{db.resolve()}"
     return cfg.replace(**changes) if changes else cfg
 
 
