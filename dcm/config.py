@@ -451,6 +451,14 @@ class TrainConfig:
         1e-3, "AdamW weight decay (student and discriminator).", ge=0.0, le=10.0
     )
     grad_clip: Float = doc(1.0, "Gradient-norm clip.", ge=0.0, le=1e6)
+    average_decay: Float = doc(
+        0.0,
+        "Decay of an exponential moving average of the student's trained weights (float32, "
+        "a plain mean for the first 1 / (1 - decay) steps); validation scores and checkpoints "
+        "export the average, training goes on from the live weights. 0 = the live weights.",
+        ge=0.0,
+        lt=1.0,
+    )
     global_batch: Int = doc(
         4,
         "Samples per optimiser step across all workers and accumulation steps.",
@@ -759,12 +767,17 @@ class Config:
                 f"train.global_batch={t.global_batch} must be divisible by "
                 f"train.num_workers x train.grad_accum = {t.num_workers * t.grad_accum}"
             )
-        if self.method.ema_decay > 0 and t.zero_stage == 3:
-            # ZeRO-3 partitions the student; an EMA target would be a whole copy per worker
-            raise ConfigError(
-                "method.ema_decay > 0 keeps a whole EMA copy on every worker: use "
-                "train.zero_stage <= 2, or method.ema_decay=0 (the reference)"
-            )
+        # ZeRO-3 partitions the student; an EMA target or a weight average would be a whole
+        # copy of it on every worker
+        for key, decay in (
+            ("method.ema_decay", self.method.ema_decay),
+            ("train.average_decay", t.average_decay),
+        ):
+            if decay > 0 and t.zero_stage == 3:
+                raise ConfigError(
+                    f"{key} > 0 keeps a whole EMA copy on every worker: use "
+                    f"train.zero_stage <= 2, or {key}=0"
+                )
         if self.sample.sigma_preset and self.sample.steps != len(
             SIGMA_PRESETS[self.sample.sigma_preset]
         ):

@@ -6,7 +6,8 @@ One checkpoint directory (assembled by Ray Train from every rank's temp folder):
     rng/rank<r>.pt      each rank's RNG states (torch, CUDA, numpy, python, the step generator)
     state.json          step, data position (epoch, micro-batches used), samples, stage, metrics
     replicated.pt       state kept whole and identical on every rank, by name: the
-                        discriminator and its AdamW (detail stage), the EMA target
+                        discriminator and its AdamW (detail stage), the EMA target,
+                        the average of the trained weights (train.average_decay)
     artifact/           DualExpert.save_artifact: experts.safetensors + dcm_artifact.json,
                         loadable by dcm's sampler, VideoGenerator and Serve without DeepSpeed
 
@@ -105,12 +106,18 @@ def master_weights(student: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_artifact(
-    student: nn.Module, out_dir: str | Path, cfg: Config, bundle_path: str, rank: int
+    student: nn.Module,
+    out_dir: str | Path,
+    cfg: Config,
+    bundle_path: str,
+    rank: int,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path | None:
-    """Write the inference artifact (rank 0) from the fp32 master weights under bf16;
-    every rank must call it (ZeRO-3 gathers, the masters are all-reduced)."""
+    """Write the inference artifact (rank 0) from ``weights`` (float32 by name: the
+    averaged trained weights), else from the fp32 master weights under bf16; every rank
+    must call it (ZeRO-3 gathers, the masters are all-reduced)."""
     with gathered(student, cfg.train.zero_stage):
-        masters = master_weights(student)
+        masters = master_weights(student) if weights is None else weights
         if rank == 0:
             return student.save_artifact(out_dir, cfg, bundle_path, masters)
     return None
@@ -125,11 +132,13 @@ def write_checkpoint(
     rank: int,
     generator: torch.Generator,
     replicated: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[Any]:
     """Stage one checkpoint in a temp folder and yield it as a ``ray.train.Checkpoint``.
 
     ``replicated``: modules / optimisers identical on every rank (name -> object with
-    ``state_dict``), saved once by rank 0.
+    ``state_dict``), saved once by rank 0. ``weights``: what the artifact exports instead
+    of the live trained weights (``export_artifact``).
     """
     from ray.train import Checkpoint
 
@@ -138,7 +147,7 @@ def write_checkpoint(
         engine.save_checkpoint(str(root), tag=DS_TAG)
         (root / RNG).mkdir()
         torch.save(rng_state(generator), root / RNG / f"rank{rank}.pt")
-        export_artifact(engine.module, root / ARTIFACT, cfg, bundle_path, rank)
+        export_artifact(engine.module, root / ARTIFACT, cfg, bundle_path, rank, weights)
         if rank == 0:
             if replicated:
                 torch.save({k: v.state_dict() for k, v in replicated.items()}, root / REPLICATED)

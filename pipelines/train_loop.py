@@ -25,6 +25,7 @@ replication costs little memory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,7 +51,7 @@ from dcm.backbones.base import Backbone, Cond, cast_keeping_fp32, fp32_modules, 
 from dcm.bundle import load_bundle
 from dcm.config import Config, ConfigError, from_dict
 from dcm.discriminator import Discriminator
-from dcm.ema import ema_update
+from dcm.ema import Ema, ema_update, mean_warmup
 from dcm.evaluation import is_shapes
 from dcm.experts import DualExpert
 from dcm.files import is_remote
@@ -686,8 +687,10 @@ class StageWorker:
         )
 
     def build_engine(self) -> None:
-        """The student's AdamW inside a DeepSpeed engine, and the consistency target: the
-        student itself, or an EMA copy of it (``method.ema_decay`` > 0, bootstrap target)."""
+        """The student's AdamW inside a DeepSpeed engine; the consistency target: the
+        student itself, or an EMA copy of it (``method.ema_decay`` > 0, bootstrap target);
+        and the float32 average of the trained weights (``train.average_decay`` > 0) that
+        validation scores and checkpoints export."""
         t = self.t
         opt = torch.optim.AdamW(
             self.student.trainable_parameters(), lr=self.settings.lr, betas=t.betas,
@@ -707,6 +710,17 @@ class StageWorker:
             model=self.student, optimizer=opt,
             config=deepspeed_config(self.cfg, self.micro, self.on_gpu),
         )  # fmt: skip
+        self.average: Ema | None = None
+        if t.average_decay > 0:
+            trained = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+            self.average = Ema(
+                None, t.average_decay, mean_warmup, named=trained, dtype=torch.float32
+            )
+            self.replicated["average"] = self.average
+
+    def averaged(self) -> Any:
+        """A block with the averaged weights in the student (``train.average_decay``)."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def resume(self) -> TrainState:
         """The saved state of this stage (a re-run of the same run name, or a restart after
@@ -748,16 +762,21 @@ class StageWorker:
             epoch, index, rows = next(data)
             batches.append(to_batch(rows, self.bundle, self.null, self.device))
             state.epoch, state.batch_in_epoch = epoch, index + 1
-        return optimizer_step(
+        losses = optimizer_step(
             self.stage, self.step_fn, self.engine, self.teacher, self.disc, self.disc_opt,
             batches, self.generator, self.t.grad_clip, self.world, self.target,
             self.cfg.method.ema_decay,
         )  # fmt: skip
+        if self.average is not None:
+            self.average.update()
+        return losses
 
     def validate(self, step: int) -> dict[str, float]:
-        """The validator's metrics of the current student (every rank samples)."""
+        """The validator's metrics of the current student, its averaged weights with
+        ``train.average_decay`` (every rank samples)."""
         self.engine.eval()
-        metrics = self.validator(self.engine, self.teacher, step, self.logger)
+        with self.averaged():
+            metrics = self.validator(self.engine, self.teacher, step, self.logger)
         self.engine.train()
         return metrics
 
@@ -824,9 +843,10 @@ class StageWorker:
         if self.rank == 0:
             self.logger.log_metrics(metrics, step)
         if save:
+            weights = self.average.named() if self.average is not None else None
             with write_checkpoint(
                 self.engine, state, self.cfg, self.bundle_path, self.rank, self.generator,
-                self.replicated,
+                self.replicated, weights,
             ) as ckpt:  # fmt: skip
                 ray.train.report(metrics, checkpoint=ckpt)
         else:

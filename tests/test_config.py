@@ -88,6 +88,10 @@ def _write(tmp_path, data) -> Path:
             {"method": {"ema_decay": 0.9}, "train": {"zero_stage": 3}},
             "keeps a whole EMA copy on every worker: use train.zero_stage <= 2",
         ),
+        (
+            {"train": {"average_decay": 0.99, "zero_stage": 3}},
+            "train.average_decay > 0 keeps a whole EMA copy on every worker",
+        ),
         ({"lora": {"target_modules": "to_q"}}, "lora.target_modules='to_q' must be a list"),
         # one bad value of each kind: range, type, choice, list length, list item, mapping
         ({"lora": {"rank": 0}}, "lora.rank=0 is out of range: allowed [1, 4096]"),

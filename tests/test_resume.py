@@ -8,6 +8,7 @@ then continues from the latest checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_distill import distill_config, shapes_latents
 
 from dcm.config import ConfigError
@@ -62,6 +64,7 @@ def killed_run(ray_cluster, tmp_path_factory):
         "train.stage=semantic", "train.steps_semantic=5", "train.checkpoint_every=2",
         "train.max_failures=1", "train.run_name=crash1", "sample.eval_steps=[2]",
         "sample.steps=2", "method.ema_decay=0.9",  # the EMA target is restored too
+        "train.average_decay=0.99",  # and the exported weight average
     )  # fmt: skip
     stop, killed = threading.Event(), []
     watcher = threading.Thread(
@@ -95,6 +98,29 @@ def test_killed_worker_restarts_from_last_checkpoint(killed_run):
     assert steps == set(range(1, 6))  # continuous: every step logged, none skipped
     history = client.get_metric_history(result.mlflow_run_id, "resumed_from")
     assert max(m.value for m in history) == resumed
+
+
+@pytest.mark.timeout(480)
+def test_checkpoints_export_the_weight_average_and_keep_it_for_resume(killed_run):
+    """train.average_decay: the artifact holds the average (restored after the kill and
+    saved with each checkpoint), the DeepSpeed state the live weights training goes on from."""
+    from safetensors.torch import load_file
+
+    cfg, result, _ = killed_run
+    folder = Path(result.checkpoint.path)
+    exported = load_file(folder / "artifact" / "experts.safetensors")
+    replicated = torch.load(folder / "replicated.pt", weights_only=False)
+    assert set(replicated) == {"ema", "average"}
+    average = replicated["average"]
+    assert average["updates"] == json.loads((folder / "state.json").read_text())["step"]
+    live = torch.load(next((folder / "ds").glob("mp_rank_*_model_states.pt")), weights_only=False)
+    trained = average["shadow"]
+    assert trained and set(trained) <= set(exported)
+    moved = 0
+    for name, value in trained.items():
+        assert torch.equal(exported[name], value.float())
+        moved += not torch.equal(live["module"][name].float(), value.float())
+    assert moved > len(trained) // 2  # the average trails the live weights
 
 
 @pytest.mark.timeout(480)
