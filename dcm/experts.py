@@ -231,7 +231,11 @@ class DualExpert(nn.Module):
         return out
 
     def _fp32_state(self, masters: dict[str, Tensor]) -> dict[str, Tensor]:
-        state = {k: masters.get(k, v).detach() for k, v in self.state_dict().items()}
+        own = self.state_dict()
+        unknown = sorted(set(masters) - set(own))
+        if unknown:  # a silent fallback would export the live weights instead
+            raise ValueError(f"weights to export name no parameter of this model: {unknown[:3]}")
+        state = {k: masters.get(k, v).detach() for k, v in own.items()}
         low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
         if low and self.frozen_source is not None and Path(self.frozen_source).is_file():
             from safetensors import safe_open

@@ -280,3 +280,16 @@ def test_parameter_counts_of_the_real_configs_on_meta():
     total, trainable = _count(hunyuan)
     assert total == pytest.approx(12.8e9, rel=0.05)
     assert trainable == pytest.approx(215e6, rel=0.05)
+
+
+def test_exported_weights_replace_the_live_ones_by_name(tmp_path):
+    """save_artifact(masters=...): how a checkpoint exports the weight average; a name the
+    model does not have is refused rather than silently exporting the live weights."""
+    model = DualExpert(tiny_wan())
+    model.enable_detail_expert(LORA)
+    name, live = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    folder = model.save_artifact(tmp_path / "a", Config(), "b", {name: torch.full_like(live, 0.25)})
+    loaded = dict(DualExpert.load_artifact(folder).named_parameters())
+    assert torch.equal(loaded[name], torch.full_like(live, 0.25))
+    with pytest.raises(ValueError, match="name no parameter"):
+        model.save_artifact(tmp_path / "b", Config(), "b", {"detail.nope.weight": live})
