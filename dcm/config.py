@@ -333,6 +333,14 @@ class MethodConfig:
         "DetE consistency target: 'bootstrap' (reference) or 'teacher' (the teacher's own "
         "grid steps down to sigma_min; METHOD.md section 4 step 4').",
     )
+    top_share: Float = doc(
+        0.0,
+        "Share of the consistency samples that start at the training expert's top grid index "
+        "(the DetE's is sigma_b: the one jump of a 2-step sample); the rest is uniform over "
+        "the expert's indices. 0 = uniform (reference).",
+        ge=0.0,
+        lt=1.0,
+    )
     detail_inputs: Literal["data", "semantic"] = doc(
         "data",
         "Where the DetE's training states x_k come from: 'data' (noised clips, reference) or "

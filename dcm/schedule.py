@@ -100,11 +100,16 @@ class Schedule:
             return 0, self.split
         raise ValueError(f"expert={expert!r} is not an expert id: use SEMANTIC (0) or DETAIL (1)")
 
-    def sample_indices(self, expert: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One start index k per sample, uniform over its expert's grid INDICES.
+    def sample_indices(
+        self, expert: Tensor, generator: torch.Generator | None, top_share: float = 0.0
+    ) -> Tensor:
+        """One start index k per sample, uniform over its expert's grid INDICES; with
+        ``top_share`` p > 0, a share p of the samples starts at the expert's top index (the
+        DetE's is sigma_b, the one jump of a 2-step sample) and the rest is uniform, so the
+        top index gets p + (1 - p) / count.
 
         Draws exactly B uniforms from ``generator`` (on the generator's device), whatever
-        the mix of experts, so ranks sharing a seed stay in step.
+        the mix of experts and p, so ranks sharing a seed stay in step.
         """
         s_lo, s_hi = self.index_range(SEMANTIC)
         d_lo, d_hi = self.index_range(DETAIL)
@@ -116,8 +121,11 @@ class Schedule:
         dev = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand(expert.shape, generator=generator, device=dev, dtype=torch.float64)
         u = u.to(expert.device)
-        k = lo + torch.floor(u * count).long()
-        return torch.minimum(k, lo + count - 1)  # guards u * count rounding up to count
+        top = u < top_share
+        if top_share > 0.0:  # the rest of the draw, rescaled to [0, 1): still uniform
+            u = torch.where(top, u, (u - top_share) / (1.0 - top_share))
+        k = torch.minimum(lo + torch.floor(u * count).long(), lo + count - 1)  # u * count
+        return torch.where(top, lo + count - 1, k)  # may round up to count: the min guards
 
     def route(self, sigma: Tensor) -> Tensor:
         """Expert per sample from its noise level: sigma > sigma_b -> SEMANTIC, else DETAIL.

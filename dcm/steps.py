@@ -113,7 +113,7 @@ class _Step:
 
         # Draws 1-3 (module docstring order): dropout, k, eps.
         drop = _rand(bsz, generator, dev) < self.empty_prompt_prob
-        k = sch.sample_indices(expert, generator)  # (B,)
+        k = sch.sample_indices(expert, generator, method.top_share)  # (B,)
         eps = _randn(x0, generator)
         cond = drop_prompts(batch["cond"], batch["null_cond"], drop)
         cond = with_embedded_guidance(cond, method, bsz)  # teacher, student and target alike

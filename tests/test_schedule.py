@@ -221,3 +221,26 @@ def test_semantic_head_closes_a_list_at_the_split() -> None:
         assert head[-1] == sch.sigma_split and all(s > sch.sigma_split for s in head[:-1])
     teacher = sch.semantic_head(sch.teacher_sigmas(50))
     assert teacher[0] == 1.0 and teacher[-1] == sch.sigma_split and len(teacher) == 16
+
+
+def test_top_share_moves_draws_to_each_experts_top_index():
+    """method.top_share: p of the draws start at the expert's top index (DetE: sigma_b, the
+    one jump of a 2-step sample), the rest stays uniform; the draw count is unchanged."""
+    sch = Schedule(shift=5.0, grid_points=10, split=6)
+    expert = torch.tensor([DETAIL, SEMANTIC] * 20000)
+    plain = sch.sample_indices(expert, torch.Generator().manual_seed(3))
+    same = sch.sample_indices(expert, torch.Generator().manual_seed(3), 0.0)
+    assert torch.equal(plain, same)  # p = 0 is the reference draw, bit for bit
+    g = torch.Generator().manual_seed(3)
+    k = sch.sample_indices(expert, g, 0.3)
+    det, sem = k[expert == DETAIL], k[expert == SEMANTIC]
+    assert int(det.min()) == 0 and int(det.max()) == 6  # still inside each expert's range
+    assert int(sem.min()) == 7 and int(sem.max()) == 9
+    share = [float((det == j).float().mean()) for j in range(7)]
+    assert share[6] == pytest.approx(0.3 + 0.7 / 7, abs=0.01)
+    assert all(s == pytest.approx(0.7 / 7, abs=0.01) for s in share[:6])
+    assert float((sem == 9).float().mean()) == pytest.approx(0.3 + 0.7 / 3, abs=0.01)
+    # the same number of uniforms is drawn: the next draw matches the plain path's
+    g0 = torch.Generator().manual_seed(3)
+    sch.sample_indices(expert, g0)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=g0))

@@ -555,3 +555,19 @@ def test_both_steps_on_real_tiny_wan() -> None:
     out["loss_d"].backward()
     assert all(p.grad is not None for p in disc.parameters())
     assert all(torch.equal(p.grad, b) for p, b in zip(trainable, before, strict=True))
+
+
+def test_top_share_reaches_the_draw_of_k(method: MethodConfig) -> None:
+    """method.top_share moves the student's start noise level to the expert's top index
+    (SemE: sigma = 1, the first call of every sample) for that share of the batch."""
+    firsts = []
+    for share in (0.0, 0.95):
+        m = dataclasses.replace(method, top_share=share)
+        student = FakeStudent()
+        SemanticStep(Schedule.from_config(m), m)(
+            student, FakeTeacher(), make_batch(), torch.Generator().manual_seed(11)
+        )
+        firsts.append(student.calls[0][1])  # (B,) t of the student's pass at x_k
+    uniform, top = firsts
+    assert float((top == 1000.0).float().mean()) >= 0.75
+    assert float((uniform == 1000.0).float().mean()) < float((top == 1000.0).float().mean())
