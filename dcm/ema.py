@@ -33,8 +33,8 @@ def mean_warmup(decay: float, updates: int) -> float:
 class Ema:
     """Shadow copies of parameters, updated by ``ema_update`` after each step.
 
-    ``params``: the modules' parameters, or ``named`` ones (name -> parameter, e.g. only the
-    trained ones); ``warmup`` maps (decay, updates) to this update's decay (None: constant);
+    The shadowed parameters: every parameter of ``modules``, or ``named`` ones (name ->
+    parameter, e.g. only the trained ones, with ``modules`` None); ``warmup`` maps (decay, updates) to this update's decay (None: constant);
     ``dtype``: the shadows' dtype (default: each parameter's), float32 keeps the small
     updates of an average over bf16 weights. ``swap`` exchanges live and shadow weights
     (call it again to restore); ``applied`` does it for a block; ``named`` and
@@ -43,8 +43,8 @@ class Ema:
 
     def __init__(
         self,
-        modules: list[nn.Module] | None = None,
-        decay: float = 0.999,
+        modules: list[nn.Module] | None,
+        decay: float,
         warmup: Callable[[float, int], float] | None = warmup_decay,
         *,
         named: dict[str, nn.Parameter] | None = None,

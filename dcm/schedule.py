@@ -124,8 +124,9 @@ class Schedule:
         top = u < top_share
         if top_share > 0.0:  # the rest of the draw, rescaled to [0, 1): still uniform
             u = torch.where(top, u, (u - top_share) / (1.0 - top_share))
-        k = torch.minimum(lo + torch.floor(u * count).long(), lo + count - 1)  # u * count
-        return torch.where(top, lo + count - 1, k)  # may round up to count: the min guards
+        # the minimum guards u * count rounding up to count
+        k = torch.minimum(lo + torch.floor(u * count).long(), lo + count - 1)
+        return torch.where(top, lo + count - 1, k)
 
     def route(self, sigma: Tensor) -> Tensor:
         """Expert per sample from its noise level: sigma > sigma_b -> SEMANTIC, else DETAIL.
