@@ -64,6 +64,13 @@ def main() -> None:
         help="diagnostic: the detail stage's rate decays to 0 over its steps (cosine); tests "
         "whether its loss floor is gradient noise",
     )
+    ap.add_argument(
+        "--semantic-decay",
+        default="none",
+        choices=["none", "cosine"],
+        help="the same for the semantic stage: does a decaying rate settle its weights higher "
+        "than a constant one (docs/QUALITY.md section 18)?",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=5.0, help="teacher CFG w inside the target")
     ap.add_argument("--split", type=int, default=34)
@@ -242,7 +249,7 @@ def main() -> None:
         lr = args.lr_detail if (stage == "detail" and args.lr_detail) else args.lr
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-3)
         decay = None
-        if stage == "detail" and args.detail_decay == "cosine":
+        if (args.detail_decay if stage == "detail" else args.semantic_decay) == "cosine":
             decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
         step_fn = (SemanticStep if stage == "semantic" else DetailStep)(sch, cfg.method)
         disc, dopt = None, None
