@@ -449,8 +449,13 @@ class TrainConfig:
     )
     steps_semantic: Int = doc(1000, "Optimiser steps of stage 1.", ge=1, le=10**9)
     steps_detail: Int = doc(1000, "Optimiser steps of stage 2.", ge=1, le=10**9)
-    lr_semantic: Float = doc(1e-6, "Stage-1 learning rate (constant).", ge=0.0, le=1.0)
-    lr_detail: Float = doc(5e-6, "Stage-2 generator learning rate (constant).", ge=0.0, le=1.0)
+    lr_semantic: Float = doc(1e-6, "Stage-1 learning rate.", ge=0.0, le=1.0)
+    lr_detail: Float = doc(5e-6, "Stage-2 generator learning rate.", ge=0.0, le=1.0)
+    lr_decay: Literal["constant", "cosine"] = doc(
+        "constant",
+        "The student's rate over each stage's steps: 'constant' (reference) or 'cosine' (from "
+        "the stage's rate to 0 at its last step; docs/QUALITY.md section 18).",
+    )
     lr_disc: Float = doc(1e-5, "Discriminator learning rate.", ge=0.0, le=1.0)
     betas: tuple[Beta, Beta] = doc((0.9, 0.999), "AdamW betas of the student.")
     disc_betas: tuple[Beta, Beta] = doc((0.0, 0.999), "AdamW betas of the discriminator.")

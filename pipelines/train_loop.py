@@ -582,6 +582,32 @@ def optimizer_step(
 
 
 # ---------------------------------------------------------------- the loop, in phases
+def cosine_factor(steps: int) -> Any:
+    """step -> rate factor, 1 at step 0 falling to 0 at ``steps`` (half a cosine)."""
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
+def rate_schedule(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> Any:
+    """``train.lr_decay`` as a torch scheduler (None: constant). DeepSpeed steps it with the
+    optimiser at each accumulation boundary and keeps its state in the checkpoint."""
+    if kind == "constant":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(steps))
+
+
+def rebase_schedule(scheduler: Any, lr: float) -> float:
+    """A restored schedule on the config's rate (``set_rates``' rule, the config wins): its
+    base becomes ``lr`` and every group takes base x factor at the restored step. Returns
+    the saved base rate."""
+    saved = float(scheduler.base_lrs[0])
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = lr * factor
+    scheduler._last_lr = [lr * factor] * len(scheduler.base_lrs)
+    return saved
+
+
 def set_rates(rates: dict[str, tuple[Any, float]]) -> dict[str, tuple[float, float]]:
     """Set every param group of each optimiser (``None``: none in this stage) to its config
     rate, keyed by the config field. A restored optimiser state brings back the saved rate;
@@ -706,8 +732,9 @@ class StageWorker:
             self.replicated.update(disc=self.disc, disc_opt=self.disc_opt)
         import deepspeed
 
+        self.schedule = rate_schedule(opt, t.lr_decay, self.total)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.student, optimizer=opt,
+            model=self.student, optimizer=opt, lr_scheduler=self.schedule,
             config=deepspeed_config(self.cfg, self.micro, self.on_gpu),
         )  # fmt: skip
         self.average: Ema | None = None
@@ -731,10 +758,16 @@ class StageWorker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             state = restore(checkpoint, self.engine, self.rank, self.generator, self.replicated)
+            student_lr = f"train.lr_{self.stage}"
             changed = set_rates({
-                f"train.lr_{self.stage}": (self.engine.optimizer, self.settings.lr),
+                student_lr: (self.engine.optimizer if self.schedule is None else None,
+                             self.settings.lr),
                 "train.lr_disc": (self.disc_opt, self.t.lr_disc),
             })  # fmt: skip
+            if self.schedule is not None:  # the base of the decay, not today's rate
+                saved = rebase_schedule(self.schedule, self.settings.lr)
+                if not math.isclose(saved, self.settings.lr):
+                    changed[student_lr] = (saved, self.settings.lr)
             if self.rank == 0:
                 log.info("%s: resumed at step %d/%d", self.stage, state.step, self.total)
                 for name, (saved, lr) in changed.items():

@@ -71,6 +71,7 @@ def both_run(ray_cluster, tmp_path_factory):
         # the DetE from the states sampling hands it (section 6, detail_inputs) under ZeRO-3
         "method.semantic_target=teacher", "method.detail_target=teacher",
         "method.detail_inputs=semantic",
+        "train.lr_decay=cosine",  # DeepSpeed steps the client scheduler under ZeRO-3 + accum
     )  # fmt: skip
     return cfg, run_distill(cfg)
 
@@ -188,6 +189,10 @@ def test_mlflow_holds_nested_runs_with_metrics_and_artifacts(both_run):
             assert key in run.data.metrics, (stage, key)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, keys[0])]
         assert sorted(steps) == [1, 2]
+        # train.lr_decay=cosine over 2 steps: the rate after step 1 is half, after step 2 zero
+        rates = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+        base = cfg.train.lr_semantic if stage == "semantic" else cfg.train.lr_detail
+        assert rates[1] == pytest.approx(base / 2) and rates[2] == pytest.approx(0.0, abs=1e-12)
         arts = [f.path for f in client.list_artifacts(run.info.run_id, "validation/step_000002")]
         assert any(p.endswith(".mp4") for p in arts) and any(p.endswith(".gif") for p in arts)
         names = [f.path for f in client.list_artifacts(run.info.run_id, "artifact")]

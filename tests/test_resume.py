@@ -20,6 +20,7 @@ import torch
 from test_distill import distill_config, shapes_latents
 
 from dcm.config import ConfigError
+from pipelines.train_loop import cosine_factor
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -65,6 +66,7 @@ def killed_run(ray_cluster, tmp_path_factory):
         "train.max_failures=1", "train.run_name=crash1", "sample.eval_steps=[2]",
         "sample.steps=2", "method.ema_decay=0.9",  # the EMA target is restored too
         "train.average_decay=0.99",  # and the exported weight average
+        "train.lr_decay=cosine",  # and the rate schedule (DeepSpeed's client scheduler)
     )  # fmt: skip
     stop, killed = threading.Event(), []
     watcher = threading.Thread(
@@ -98,6 +100,10 @@ def test_killed_worker_restarts_from_last_checkpoint(killed_run):
     assert steps == set(range(1, 6))  # continuous: every step logged, none skipped
     history = client.get_metric_history(result.mlflow_run_id, "resumed_from")
     assert max(m.value for m in history) == resumed
+    # the cosine rate goes on from the restored step, not from the top
+    base, total = cfg.train.lr_semantic, cfg.train.steps_semantic
+    for m in client.get_metric_history(result.mlflow_run_id, "train/lr"):
+        assert m.value == pytest.approx(base * cosine_factor(total)(m.step), abs=1e-12), m.step
 
 
 @pytest.mark.timeout(480)
@@ -137,8 +143,16 @@ def test_rerun_with_more_steps_continues_from_the_latest_checkpoint(killed_run):
     result = run_distill(more)
     assert result.metrics["step"] == 7.0
     assert result.metrics["resumed_from"] == 5.0
-    assert result.metrics["train/lr"] == pytest.approx(lr)
     assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run goes on
+    # the decay's base is the config's new rate, over the new length, from step 5 on
+    from mlflow import MlflowClient
+
+    from pipelines.distill import run_dir
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(run_dir(cfg)) / 'mlflow.db'}")
+    rates = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "train/lr")}
+    assert rates[6] == pytest.approx(lr * cosine_factor(7)(6), rel=1e-6)
+    assert result.metrics["train/lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_an_interrupted_save_is_not_a_checkpoint(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dcm.config import ConfigError
-from pipelines.train_loop import micro_batches, set_rates
+from pipelines.train_loop import micro_batches, rate_schedule, rebase_schedule, set_rates
 
 
 class Shard:
@@ -53,3 +53,30 @@ def test_a_resumed_stage_takes_the_configs_rates_for_student_and_discriminator()
     assert [g["lr"] for g in student.param_groups] == [2.5e-4, 2.5e-4]
     assert disc.param_groups[0]["lr"] == 2e-3
     assert changed == {"train.lr_detail": (1e-3, 2.5e-4)}
+
+
+def test_cosine_rate_falls_to_zero_and_a_resume_rebases_it_on_the_configs_rate():
+    """train.lr_decay='cosine': half a cosine over the stage; after a restore the config's
+    rate is the new base at the restored step (the config wins, as with a constant rate)."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.4)
+    assert rate_schedule(opt, "constant", 4) is None
+    sched = rate_schedule(opt, "cosine", 4)
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.4, 0.4 * (1 + 2**-0.5) / 2, 0.2, 0.4 * (1 - 2**-0.5) / 2])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # a restored schedule at step 2 of 4, rebased from 0.4 to 0.1
+    fresh = torch.optim.SGD([w], lr=0.4)
+    restored = rate_schedule(fresh, "cosine", 4)
+    state = sched.state_dict()
+    state["last_epoch"] = 2
+    restored.load_state_dict(state)
+    assert rebase_schedule(restored, 0.1) == pytest.approx(0.4)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.05)
+    fresh.step()
+    restored.step()
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 2**-0.5) / 2)
