@@ -36,8 +36,8 @@ class Ema:
     The shadowed parameters: every parameter of ``modules``, or ``named`` ones (name ->
     parameter, e.g. only the trained ones, with ``modules`` None); ``warmup`` maps (decay, updates) to this update's decay (None: constant);
     ``dtype``: the shadows' dtype (default: each parameter's), float32 keeps the small
-    updates of an average over bf16 weights. ``swap`` exchanges live and shadow weights
-    (call it again to restore); ``applied`` does it for a block; ``named`` and
+    updates of an average over bf16 weights. ``applied`` puts the shadows in the live
+    parameters for a block; ``named`` and
     ``state_dict`` give the shadows by name.
     """
 
@@ -62,13 +62,6 @@ class Ema:
         self.updates += 1
         d = self.warmup(self.decay, self.updates) if self.warmup else self.decay
         ema_update(self.shadow, self.params, d)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -411,10 +411,9 @@ def save_bundle(w: Worker, flow: FlowProgress, tag: str) -> None:
 
     out = w.work / tag
     shutil.copytree(w.base, out, dirs_exist_ok=True)
-    flow.ema.swap()
-    w.bundle.transformer.save_pretrained(out / "transformer", max_shard_size=SHARD)
-    w.bundle.text_encoder.save_pretrained(out / "text_encoder")
-    flow.ema.swap()
+    with flow.ema.applied():
+        w.bundle.transformer.save_pretrained(out / "transformer", max_shard_size=SHARD)
+        w.bundle.text_encoder.save_pretrained(out / "text_encoder")
     w.bundle.vae.save_pretrained(out / "vae", max_shard_size=SHARD)
     w.info.update(
         steps=flow.step,

@@ -604,7 +604,6 @@ def rebase_schedule(scheduler: Any, lr: float) -> float:
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for group in scheduler.optimizer.param_groups:
         group["lr"] = lr * factor
-    scheduler._last_lr = [lr * factor] * len(scheduler.base_lrs)
     return saved
 
 

@@ -15,7 +15,7 @@ def test_ema_update_is_a_lerp_in_the_shadow_dtype():
     assert torch.allclose(shadow[0], torch.full((3,), 0.1, dtype=torch.float64))
 
 
-def test_warmup_and_swap():
+def test_warmup_and_applied():
     assert warmup_decay(0.999, 1) == 2 / 11 and warmup_decay(0.5, 1000) == 0.5
     lin = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -24,9 +24,8 @@ def test_warmup_and_swap():
     with torch.no_grad():
         lin.weight.fill_(4.0)
     ema.update()  # shadow = 0.5 * 0 + 0.5 * 4
-    ema.swap()
-    assert torch.equal(lin.weight, torch.full((1, 2), 2.0))
-    ema.swap()
+    with ema.applied():
+        assert torch.equal(lin.weight, torch.full((1, 2), 2.0))
     assert torch.equal(lin.weight, torch.full((1, 2), 4.0))
 
 
