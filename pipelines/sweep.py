@@ -1,6 +1,7 @@
 """`dcm sweep`: Ray Tune over config keys; every trial is a distillation run.
 
     python -m pipelines.sweep --config pipelines/configs/sweep-shapes.yaml [--set ...] [--dry-run]
+    python -m pipelines.sweep --config ... --resume   # continue an interrupted sweep
     python -m pipelines.sweep report RUN_DIR
 
 ``sweep.space`` maps dotted config keys (``method.split`` = the expert boundary b,
@@ -17,7 +18,7 @@ a stopped trial's workers are never released).
 
 Run directory ``<train.out>/<run name>/``: ``trials/<run name>-<trial id>/`` (each trial's
 distill run dir), ``tune-*/`` (Tune's state), ``mlflow.db`` (default store), ``sweep.json``
-(parent run, metric), ``trials.json`` (every trial's params, status and metric history),
+(parent run, metric, the Tune folder that ``--resume`` restores), ``trials.json`` (every trial's params, status and metric history),
 ``best.yaml`` (the best configuration as a distill config) and ``report/``.
 MLflow: one parent run per sweep; each trial is a child run, its stages nested below it.
 """
@@ -297,8 +298,45 @@ def check_room_for_data(cfg: Config, cluster_cpus: float) -> None:
         )
 
 
-def run_sweep(cfg: Config) -> SweepResult:
-    """Run the whole sweep, write trials.json, best.yaml and the report; return the summary."""
+def resume_record(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
+    """The interrupted sweep's ``sweep.json`` that ``--resume`` continues: it must exist, name
+    its Tune state, and have searched the same space (trials keep the parameters they were
+    drawn with; a different space would mix two sweeps in one table)."""
+    file = sweep_dir(cfg) / SWEEP_FILE
+    if not file.is_file():
+        raise ConfigError(
+            f"--resume: there is no sweep '{cfg.run_name}' to resume ({file} is missing); "
+            "check --out and name, or start it without --resume"
+        )
+    info = json.loads(file.read_text())
+    if not info.get("tune_dir"):
+        raise ConfigError(
+            f"--resume: {file} does not name its Tune state (written by an older dcm); "
+            "start the sweep again without --resume"
+        )
+    then = info.get("config", {}).get("sweep", {})
+    now = json.loads(json.dumps(cfg.to_dict()["sweep"], default=str))  # as sweep.json holds it
+    for key in ("space", "variants", "searcher", "metric", "mode", "num_samples"):
+        if then.get(key) != now.get(key):
+            raise ConfigError(
+                f"--resume: sweep.{key} is {now.get(key)!r} here but {then.get(key)!r} in the "
+                f"interrupted sweep ({file}); resume with its config, or give the new sweep "
+                "another name"
+            )
+    if [d.key for d in dims] != info.get("dimensions"):
+        raise ConfigError(f"--resume: the searched keys differ from those in {file}")
+    return info
+
+
+def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
+    """Run the whole sweep, write trials.json, best.yaml and the report; return the summary.
+
+    ``resume``: continue the interrupted sweep of this name (``dcm sweep --resume``). Tune
+    restores its state: finished trials are kept, unfinished and errored ones run again
+    under their own trial ids, so each rerun finds its distill run folder and MLflow runs.
+    There a finished stage is skipped and an interrupted one resumes from its last
+    checkpoint (``pipelines.distill.run_stage``). The parent MLflow run is the one recorded.
+    """
     from ray import tune
 
     from pipelines.args import absolute_paths
@@ -307,6 +345,7 @@ def run_sweep(cfg: Config) -> SweepResult:
 
     cfg = absolute_paths(cfg)  # trials run in their own working directories
     dims = check_sweep(cfg)
+    recorded = resume_record(cfg, dims) if resume else None
     out = sweep_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg, out)
@@ -321,36 +360,44 @@ def run_sweep(cfg: Config) -> SweepResult:
     ctx = init_ray(cfg.ray)
     try:
         check_room_for_data(cfg, cluster_cpus())  # before any run or file is opened
-        parent = tracker.open_run(
-            SWEEP,
-            name=cfg.run_name,
-            params=_sweep_params(cfg, dims),
-            config=False,
-            resume=False,
-        ).run_id
-        write_json(out / SWEEP_FILE, default=str, data={
-            "name": cfg.run_name, "parent_run_id": parent, "tracking_uri": uri,
-            "metric": cfg.sweep.metric, "mode": cfg.sweep.mode, "searcher": cfg.sweep.searcher,
-            "dimensions": [d.key for d in dims], "config": cfg.to_dict(),
-        })  # fmt: skip
+        if recorded is not None:
+            parent, tune_dir = recorded["parent_run_id"], recorded["tune_dir"]
+            tracker.reopen(parent)
+        else:
+            tune_dir = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+            parent = tracker.open_run(
+                SWEEP,
+                name=cfg.run_name,
+                params=_sweep_params(cfg, dims),
+                config=False,
+                resume=False,
+            ).run_id
+            write_json(out / SWEEP_FILE, default=str, data={
+                "name": cfg.run_name, "parent_run_id": parent, "tracking_uri": uri,
+                "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
+                "searcher": cfg.sweep.searcher, "dimensions": [d.key for d in dims],
+                "tune_dir": tune_dir, "config": cfg.to_dict(),
+            })  # fmt: skip
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=parent),
             {"cpu": TRIAL_DRIVER_CPUS},
         )
-        search = _searcher(cfg)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=tune_space(dims, cfg.sweep.searcher),
-            tune_config=tune.TuneConfig(
-                metric=cfg.sweep.metric, mode=cfg.sweep.mode, search_alg=search,
-                scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
-                max_concurrent_trials=None if search else cfg.sweep.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_root(cfg),
-                verbose=1,
-            ),
-        )  # fmt: skip
+        if recorded is not None:
+            tuner = _restored_tuner(f"{storage_root(cfg)}/{tune_dir}", trainable)
+        else:
+            search = _searcher(cfg)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_space(dims, cfg.sweep.searcher),
+                tune_config=tune.TuneConfig(
+                    metric=cfg.sweep.metric, mode=cfg.sweep.mode, search_alg=search,
+                    scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
+                    max_concurrent_trials=None if search else cfg.sweep.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=tune_dir, storage_path=storage_root(cfg), verbose=1
+                ),
+            )  # fmt: skip
         grid = tuner.fit()
         baseline = teacher_baseline(base) if cfg.sweep.teacher_baseline else {}
     finally:
@@ -362,6 +409,20 @@ def run_sweep(cfg: Config) -> SweepResult:
         write_json(out / SWEEP_FILE, default=str, data={**info, "baseline": baseline})
         tracker.logger(parent).log_metrics({f"teacher/{cfg.sweep.metric}": baseline["value"]}, 0)
     return _finish(cfg, out, trials, tracker, parent)
+
+
+def _restored_tuner(path: str, trainable: Any) -> Any:
+    """Tune's state at ``path`` restored: unfinished and errored trials run again."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(path):
+        raise ConfigError(
+            f"--resume: no Tune state to restore in {path} (the sweep stopped before its "
+            "first trial started); start it again without --resume"
+        )
+    return tune.Tuner.restore(
+        path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+    )
 
 
 def teacher_baseline(cfg: Config) -> dict[str, Any]:
@@ -487,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--data", help="ingest folder (parquet) or raw videos, as for dcm distill")
     parser.add_argument("--out", help="root of run directories (train.out)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the interrupted sweep of this name: finished trials are kept, the "
+        "others run again from their last checkpoints (same config)",
+    )  # fmt: skip
     pipelines.args.add_common(parser)
     args = parser.parse_args(argv)
     dry_run, args.dry_run = args.dry_run, False
@@ -497,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if dry_run:
         print(explain() if args.explain else cfg.to_yaml(), end="")
         return 0
-    result = run_sweep(cfg)
+    result = run_sweep(cfg, resume=args.resume)
     print(json.dumps({
         "run_dir": str(result.run_dir), "best_config": str(result.best_config or ""),
         "best_params": result.best_params, cfg.sweep.metric: result.best_value,

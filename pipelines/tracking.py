@@ -191,6 +191,11 @@ class Tracker:
         if logger.enabled:
             self._client().set_terminated(logger.run_id, status=status)
 
+    def reopen(self, run_id: str | None) -> None:
+        """Mark an existing run RUNNING again (a resumed sweep's parent)."""
+        if self.enabled and run_id:
+            self._client().update_run(run_id, status="RUNNING")
+
     def logger(self, run_id: str | None) -> RunLogger:
         """A RunLogger for an existing run id (None when tracking is off)."""
         return RunLogger(self.uri, run_id) if self.enabled and run_id else RunLogger()

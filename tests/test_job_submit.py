@@ -192,3 +192,95 @@ def test_ablation_sweep_runs_through_ray_job_submit(head, ray_cluster, tmp_path_
     chosen = load_config(best)
     assert chosen.sweep.variants == {} and chosen.train.run_name == "ablation-job-best"
     assert chosen.data.latents == str(latents) and chosen.model.path == str(bundle)
+
+
+def _job(address: str, env: dict[str, str], verb: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job VERB --address ADDRESS ARGS...` (submit, stop, status, logs)."""
+    return subprocess.run(
+        [str(BIN / "ray"), "job", verb, "--address", address, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(540)
+def test_a_stopped_sweep_job_resumes_where_it_stopped(head, ray_cluster, tmp_path_factory):
+    """`dcm sweep --resume` after `ray job stop`: two trials in sequence (seeds 0 and 1, the
+    semantic stage, a checkpoint every step). The job is stopped once the first trial has
+    finished and the second has written a checkpoint; the resubmitted job with --resume
+    keeps the first trial as it was (its stage is not run again), continues the second from
+    its checkpoint under the same trial id, and closes the one parent MLflow run with one
+    child per trial."""
+    from mlflow import MlflowClient
+
+    address, env = head
+    bundle, latents = shapes_latents(tmp_path_factory)
+    out = tmp_path_factory.mktemp("resume_sweeps")
+    entrypoint = [
+        "python", "-m", "pipelines.sweep", "--preset", "shapes-tiny",
+        "--data", str(latents), "--out", str(out),
+        "--set", "name=resumed", "--set", f"model.path={bundle}", "--set", "data.mode=parquet",
+        "--set", "train.stage=semantic", "--set", "train.steps_semantic=8",
+        "--set", "train.global_batch=2", "--set", "train.checkpoint_every=1",
+        "--set", "train.keep_checkpoints=8", "--set", "train.log_every=1",
+        "--set", "train.val_prompts=1", "--set", "sample.seeds=[0]",
+        "--set", "sample.eval_steps=[]", "--set", "sweep.searcher=grid",
+        "--set", "sweep.space={train.seed: {grid: [0, 1]}}", "--set", "sweep.asha=false",
+        "--set", "sweep.max_concurrent=1", "--set", "sweep.trial_cpus=0.5",
+        "--set", "sweep.teacher_baseline=false",
+    ]  # fmt: skip
+    job = "sweep-resume-first"
+    started = _job(address, env, "submit", "--submission-id", job, "--no-wait",
+                   "--working-dir", ".", "--", *entrypoint)  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    trials = out / "resumed" / "trials"
+
+    def stage_dirs() -> list[Path]:
+        return sorted(trials.glob("*/semantic")) if trials.is_dir() else []
+
+    deadline = time.time() + 300
+    first = second = None
+    while time.time() < deadline:
+        done = [d for d in stage_dirs() if (d / "result.json").is_file()]
+        running = [d for d in stage_dirs() if not (d / "result.json").is_file()]
+        if done and running and list(running[0].glob("checkpoint_*/state.json")):
+            first, second = done[0], running[0]
+            break
+        time.sleep(0.5)
+    assert first is not None, _job(address, env, "logs", job).stdout[-4000:]
+    stopped = _job(address, env, "stop", job)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "was stopped" in _job(address, env, "status", job).stdout
+    before = (first / "result.json").read_text()
+    assert not (second / "result.json").is_file()  # stopped mid-stage
+
+    summary, log = _submit(address, env, [*entrypoint, "--resume"], '"run_dir"')
+    assert summary["trials"] == 2
+    assert (first / "result.json").read_text() == before  # the finished trial was kept
+    record = json.loads((second / "result.json").read_text())  # the same trial id's folder
+    assert record["steps"] == 8
+    result = json.loads((out / "resumed" / "trials.json").read_text())
+    assert sorted(t["trial_id"] for t in result) == sorted(
+        d.parent.name.removeprefix("resumed-") for d in (first, second)
+    )
+    assert all(t["status"] == "finished" for t in result)
+
+    info = json.loads((out / "resumed" / "sweep.json").read_text())
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    parent = client.get_run(info["parent_run_id"])
+    assert parent.info.run_id == summary["mlflow_parent_run_id"]
+    assert parent.info.status == "FINISHED"
+    exp = [parent.info.experiment_id]
+    assert len(client.search_runs(exp, "tags.dcm_stage = 'sweep'")) == 1  # no second parent
+    children = client.search_runs(exp, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in result)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        stages = client.search_runs(exp, f"tags.mlflow.parentRunId = '{child.info.run_id}'")
+        assert [s.data.tags["dcm_stage"] for s in stages] == ["semantic"]  # reopened, not new
+    # the second trial's stage went on from its checkpoint, not from step 0
+    resumed = {c.data.tags["dcm_trial"]: c for c in children}[
+        second.parent.name.removeprefix("resumed-")
+    ]
+    stage = client.search_runs(exp, f"tags.mlflow.parentRunId = '{resumed.info.run_id}'")[0]
+    starts = [m.value for m in client.get_metric_history(stage.info.run_id, "resumed_from")]
+    assert max(starts) >= 1, starts

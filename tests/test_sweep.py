@@ -19,6 +19,7 @@ import yaml
 
 from dcm.config import ConfigError, load_config
 from pipelines import sweep as sw
+from pipelines.args import run_main
 from pipelines.sweep_report import load, table_rows, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +284,37 @@ def test_driver_closes_errored_and_stopped_trials_and_their_stage_runs(tmp_path)
     client = MlflowClient(tracking_uri=tracker.uri)
     status = {k: [client.get_run(r).info.status for r in ids] for k, ids in runs.items()}
     assert status == {"t0": ["FINISHED"] * 2, "t1": ["FAILED"] * 2, "t2": ["KILLED"] * 2}
+
+
+def test_resume_needs_the_interrupted_sweep_and_its_space(tmp_path, capsys):
+    """--resume refuses, in one sentence naming sweep.json, a sweep that is not there, one
+    without a recorded Tune state, and a config whose space differs from the recorded one;
+    the same config is accepted."""
+    cfg = _cfg(
+        "name=resumable", f"train.out={tmp_path}", "sweep.searcher=grid",
+        "sweep.space={train.seed: {grid: [0, 1]}}",
+    )  # fmt: skip
+    dims = sw.check_sweep(cfg)
+    with pytest.raises(ConfigError, match=r"no sweep 'resumable' to resume .*sweep\.json"):
+        sw.resume_record(cfg, dims)
+    code = run_main(sw.main, ["--preset", "shapes-tiny", "--set", "name=resumable", "--out",
+                              str(tmp_path), "--resume", "--set",
+                              "sweep.space={train.seed: {grid: [0, 1]}}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--resume" in err[0], err
+
+    file = tmp_path / "resumable" / sw.SWEEP_FILE
+    file.parent.mkdir()
+    record = {"parent_run_id": "p", "dimensions": ["train.seed"], "config": cfg.to_dict()}
+    file.write_text(json.dumps(record, default=str))
+    with pytest.raises(ConfigError, match="does not name its Tune state"):
+        sw.resume_record(cfg, dims)
+    file.write_text(json.dumps({**record, "tune_dir": "tune-1"}, default=str))
+    assert sw.resume_record(cfg, dims)["tune_dir"] == "tune-1"
+
+    wider = cfg.replace(**{"sweep.space": {"train.seed": {"grid": [0, 1, 2]}}})
+    with pytest.raises(ConfigError, match=r"sweep\.space is .* in the interrupted sweep"):
+        sw.resume_record(wider, sw.check_sweep(wider))
 
 
 def test_report_of_a_non_sweep_folder_is_a_clear_error(tmp_path):
