@@ -308,8 +308,14 @@ def resume_record(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
             f"--resume: there is no sweep '{cfg.run_name}' to resume ({file} is missing); "
             "check --out and name, or start it without --resume"
         )
-    info = json.loads(file.read_text())
-    if not info.get("tune_dir"):
+    try:
+        info = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"--resume: {file} is not valid JSON ({err.msg}, line {err.lineno}); restore it "
+            "from a copy, or start the sweep again without --resume"
+        ) from None
+    if not isinstance(info, dict) or not info.get("tune_dir"):
         raise ConfigError(
             f"--resume: {file} does not name its Tune state (written by an older dcm); "
             "start the sweep again without --resume"

@@ -305,6 +305,9 @@ def test_resume_needs_the_interrupted_sweep_and_its_space(tmp_path, capsys):
 
     file = tmp_path / "resumable" / sw.SWEEP_FILE
     file.parent.mkdir()
+    file.write_text('{"parent_run_id": "p", ')  # cut short by a full disk
+    with pytest.raises(ConfigError, match=r"sweep\.json is not valid JSON"):
+        sw.resume_record(cfg, dims)
     record = {"parent_run_id": "p", "dimensions": ["train.seed"], "config": cfg.to_dict()}
     file.write_text(json.dumps(record, default=str))
     with pytest.raises(ConfigError, match="does not name its Tune state"):
