@@ -18,8 +18,9 @@ a stopped trial's workers are never released).
 
 Run directory ``<train.out>/<run name>/``: ``trials/<run name>-<trial id>/`` (each trial's
 distill run dir), ``tune-*/`` (Tune's state), ``mlflow.db`` (default store), ``sweep.json``
-(parent run, metric, the Tune folder that ``--resume`` restores), ``trials.json`` (every trial's params, status and metric history),
-``best.yaml`` (the best configuration as a distill config) and ``report/``.
+(parent run, metric, the Tune folder that ``--resume`` restores), ``trials.json`` (every
+trial's params, status and metric history), ``best.yaml`` (the best configuration as a
+distill config) and ``report/``.
 MLflow: one parent run per sweep; each trial is a child run, its stages nested below it.
 """
 
