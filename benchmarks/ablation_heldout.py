@@ -51,23 +51,45 @@ def last_artifact(trial_dir: Path) -> tuple[Path, int]:
     raise SystemExit(f"{trial_dir}: no checkpoint of either stage; is the trial finished?")
 
 
+def finished_trials(run_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(trial id, params) of the finished trials: from trials.json once the sweep is done;
+    before that (a sweep still running, or interrupted) from Tune's trial folders, a trial
+    counting as finished when its last stage has recorded its result."""
+    file = run_dir / "trials.json"
+    if file.is_file():
+        rows = json.loads(file.read_text())
+        return [(t["trial_id"], t["params"]) for t in rows if t["status"] == "finished"]
+    info = json.loads((run_dir / "sweep.json").read_text())
+    default_stage = info["config"]["train"]["stage"]
+    variants = info["config"]["sweep"]["variants"]
+    out = []
+    for params_file in sorted(run_dir.glob("tune-*/run_trial_*/params.json")):
+        trial_id = "_".join(params_file.parent.name.split("_")[2:4])
+        params = json.loads(params_file.read_text())
+        stage = variants.get(params.get("variant"), {}).get("train.stage", default_stage)
+        last = "detail" if stage == "both" else stage
+        if (run_dir / "trials" / f"{run_dir.name}-{trial_id}" / last / "result.json").is_file():
+            out.append((trial_id, params))
+    return out
+
+
 def trials(run_dir: Path) -> dict[str, tuple[str, int, Path]]:
     """label -> (variant, training seed, last artifact) for every finished trial."""
-    file = run_dir / "trials.json"
-    if not file.is_file():
-        raise SystemExit(f"{file} is missing: run (or finish, with --resume) the sweep first")
+    if not (run_dir / "sweep.json").is_file():
+        raise SystemExit(f"{run_dir / 'sweep.json'} is missing: is {run_dir} a sweep's folder?")
     out = {}
-    for t in json.loads(file.read_text()):
-        if t["status"] != "finished":
-            continue
-        variant, seed = str(t["params"].get("variant")), int(t["params"].get("train.seed", 0))
-        artifact, step = last_artifact(run_dir / "trials" / f"{run_dir.name}-{t['trial_id']}")
+    for trial_id, params in finished_trials(run_dir):
+        variant, seed = str(params.get("variant")), int(params.get("train.seed", 0))
+        artifact, step = last_artifact(run_dir / "trials" / f"{run_dir.name}-{trial_id}")
         print(f"{variant} seed {seed}: step {step}, {artifact}", flush=True)
         out[f"{variant}-s{seed}"] = (variant, seed, artifact)
     return out
 
 
-def evaluate(found: dict[str, tuple[str, int, Path]], steps: list[int], out: Path) -> dict:
+def evaluate(
+    found: dict[str, tuple[str, int, Path]], steps: list[int], out: Path, teacher: bool = True
+) -> dict:
+    """Per-video scores of every trial in ``found`` (and the teacher at 50 steps)."""
     from dcm.config import load_config
     from dcm.experts import artifact_config
     from dcm.shapes.grammar import all_captions
@@ -83,7 +105,7 @@ def evaluate(found: dict[str, tuple[str, int, Path]], steps: list[int], out: Pat
     )
     compare = {label: str(found[label][2]) for label in labels[1:]}
     result = run_evaluate(
-        cfg, out, all_captions("heldout"), teacher=True, teacher_at_steps=False, compare=compare
+        cfg, out, all_captions("heldout"), teacher=teacher, teacher_at_steps=False, compare=compare
     )
     # the first trial is evaluated as the main model ("dcm@n"): give it its label back
     per = result["per_video"]
@@ -151,12 +173,24 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="the sweep's run folder (holds trials.json)")
     parser.add_argument("--steps", default="2,4", help="sampling step counts")
     parser.add_argument("--out", type=Path, help="evaluation folder (default RUN_DIR/heldout)")
+    parser.add_argument(
+        "--reuse", type=Path,
+        help="an earlier --out of this script: its trials (same noise) are not scored again",
+    )  # fmt: skip
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     found = trials(args.run_dir)
     if not found:
-        raise SystemExit(f"{args.run_dir / 'trials.json'}: no finished trial to score")
-    per = evaluate(found, steps, args.out or args.run_dir / "heldout")
+        raise SystemExit(f"{args.run_dir}: no finished trial to score")
+    per: dict[str, Any] = {}
+    if args.reuse:
+        per = json.loads((args.reuse / "scores.json").read_text())
+    todo = {k: v for k, v in found.items() if f"{k}@{steps[0]}" not in per}
+    out = args.out or args.run_dir / "heldout"
+    if todo:
+        per.update(evaluate(todo, steps, out, teacher="teacher@50" not in per))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(json.dumps(per))
     print(f"\n{common.machine()}")
     print(f"{args.run_dir}: each trial's last checkpoint, 24 held-out captions x 2 seeds\n")
     print(tables(found, per, steps))
