@@ -299,7 +299,7 @@ def check_room_for_data(cfg: Config, cluster_cpus: float) -> None:
         )
 
 
-def resume_record(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
+def resume_record(cfg: Config) -> dict[str, Any]:
     """The interrupted sweep's ``sweep.json`` that ``--resume`` continues: it must exist, name
     its Tune state, and have searched the same space (trials keep the parameters they were
     drawn with; a different space would mix two sweeps in one table)."""
@@ -330,8 +330,6 @@ def resume_record(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
                 f"interrupted sweep ({file}); resume with its config, or give the new sweep "
                 "another name"
             )
-    if [d.key for d in dims] != info.get("dimensions"):
-        raise ConfigError(f"--resume: the searched keys differ from those in {file}")
     return info
 
 
@@ -352,7 +350,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> SweepResult:
 
     cfg = absolute_paths(cfg)  # trials run in their own working directories
     dims = check_sweep(cfg)
-    recorded = resume_record(cfg, dims) if resume else None
+    recorded = resume_record(cfg) if resume else None
     out = sweep_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg, out)

@@ -166,7 +166,7 @@ class Tracker:
             flat = {**self.cfg.flat(), "stage": stage} if config else {}
             self._log_params(run_id, {**flat, **(params or {})})
         else:
-            client.update_run(run_id, status="RUNNING")
+            self.reopen(run_id)
         return RunLogger(self.uri, run_id)
 
     def _log_params(self, run_id: str, flat: dict[str, Any]) -> None:

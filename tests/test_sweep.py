@@ -294,9 +294,9 @@ def test_resume_needs_the_interrupted_sweep_and_its_space(tmp_path, capsys):
         "name=resumable", f"train.out={tmp_path}", "sweep.searcher=grid",
         "sweep.space={train.seed: {grid: [0, 1]}}",
     )  # fmt: skip
-    dims = sw.check_sweep(cfg)
+    sw.check_sweep(cfg)  # a valid space
     with pytest.raises(ConfigError, match=r"no sweep 'resumable' to resume .*sweep\.json"):
-        sw.resume_record(cfg, dims)
+        sw.resume_record(cfg)
     code = run_main(sw.main, ["--preset", "shapes-tiny", "--set", "name=resumable", "--out",
                               str(tmp_path), "--resume", "--set",
                               "sweep.space={train.seed: {grid: [0, 1]}}"])  # fmt: skip
@@ -307,17 +307,17 @@ def test_resume_needs_the_interrupted_sweep_and_its_space(tmp_path, capsys):
     file.parent.mkdir()
     file.write_text('{"parent_run_id": "p", ')  # cut short by a full disk
     with pytest.raises(ConfigError, match=r"sweep\.json is not valid JSON"):
-        sw.resume_record(cfg, dims)
+        sw.resume_record(cfg)
     record = {"parent_run_id": "p", "dimensions": ["train.seed"], "config": cfg.to_dict()}
     file.write_text(json.dumps(record, default=str))
     with pytest.raises(ConfigError, match="does not name its Tune state"):
-        sw.resume_record(cfg, dims)
+        sw.resume_record(cfg)
     file.write_text(json.dumps({**record, "tune_dir": "tune-1"}, default=str))
-    assert sw.resume_record(cfg, dims)["tune_dir"] == "tune-1"
+    assert sw.resume_record(cfg)["tune_dir"] == "tune-1"
 
     wider = cfg.replace(**{"sweep.space": {"train.seed": {"grid": [0, 1, 2]}}})
     with pytest.raises(ConfigError, match=r"sweep\.space is .* in the interrupted sweep"):
-        sw.resume_record(wider, sw.check_sweep(wider))
+        sw.resume_record(wider)
 
 
 def test_report_of_a_non_sweep_folder_is_a_clear_error(tmp_path):
