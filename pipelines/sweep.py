@@ -469,6 +469,7 @@ def _sweep_params(cfg: Config, dims: list[Dimension]) -> dict[str, Any]:
 
 def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[dict[str, Any]]:
     """One record per trial: params, status, final and best metric, metric history."""
+    from pipelines.sweep_curves import metric_curve
     from pipelines.train_loop import STAGES
 
     metric, sign = cfg.sweep.metric, 1 if cfg.sweep.mode == "max" else -1
@@ -483,6 +484,14 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
         values = [v for _, v in history if math.isfinite(v)]
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         run = children.get(trial_id)
+        if run is not None:
+            # Tune restarts a resumed trial with an empty record, so its history holds only
+            # the reports after the resume; the stage runs hold the whole curve. Their first
+            # point is the untrained start (step 0), which never reaches Tune.
+            logged = metric_curve(tracker.uri, run.info.run_id, metric)[1:]
+            if len(logged) > len(history):
+                history = [[float(i), v] for i, (_, v) in enumerate(logged, 1)]
+                values = [v for _, v in history if math.isfinite(v)]
         logger = tracker.logger(run.info.run_id if run else None)
         status = "error" if result.error else "finished"
         if run is not None and run.info.status == "RUNNING":

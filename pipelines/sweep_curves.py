@@ -32,6 +32,13 @@ def step_counts(sweep: dict[str, Any]) -> list[int]:
 
 def trial_curves(uri: str, run_id: str, counts: list[int]) -> Curves:
     """The trial's ``val/score_{n}steps`` curves over its stages, in training order."""
+    return {n: metric_curve(uri, run_id, _key(n)) for n in counts}
+
+
+def metric_curve(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """One metric of a trial's stage runs, stitched in training order: the detail stage's
+    steps follow the semantic stage's last one, and its step 0 (which scores the semantic
+    stage's final model again) is dropped."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -40,23 +47,19 @@ def trial_curves(uri: str, run_id: str, counts: list[int]) -> Curves:
         r.data.tags.get("dcm_stage"): r
         for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'")
     }
-    curves: Curves = {n: [] for n in counts}
+    curve: list[tuple[int, float]] = []
     offset = 0
     for stage in STAGE_ORDER:
-        run = stages.get(stage)
-        if run is None:
+        if stage not in stages:
             continue
-        last = offset
-        for n in counts:
-            points = {
-                m.step: m.value for m in client.get_metric_history(run.info.run_id, _key(n))
-            }  # one value per step: a re-logged step keeps its last value
-            # The detail stage's step 0 scores the semantic stage's final model again.
-            start = 1 if curves[n] and 0 in points else 0
-            curves[n] += [(offset + s, v) for s, v in sorted(points.items()) if s >= start]
-            last = max([last, *(offset + s for s in points)])
-        offset = last
-    return curves
+        # One value per step: a re-logged step (a resumed stage) keeps its last value.
+        points = {
+            m.step: m.value for m in client.get_metric_history(stages[stage].info.run_id, key)
+        }
+        start = 1 if curve and 0 in points else 0
+        curve += [(offset + s, v) for s, v in sorted(points.items()) if s >= start]
+        offset = max([offset, *(offset + s for s in points)])
+    return curve
 
 
 def _key(n: int) -> str:

@@ -263,6 +263,8 @@ def test_a_stopped_sweep_job_resumes_where_it_stopped(head, ray_cluster, tmp_pat
         d.parent.name.removeprefix("resumed-") for d in (first, second)
     )
     assert all(t["status"] == "finished" for t in result)
+    # the resumed trial's curve is whole (read back from its stage run, not Tune's restart)
+    assert result[0]["iterations"] == result[1]["iterations"] >= 2, result
 
     info = json.loads((out / "resumed" / "sweep.json").read_text())
     client = MlflowClient(tracking_uri=info["tracking_uri"])

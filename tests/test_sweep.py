@@ -286,6 +286,43 @@ def test_driver_closes_errored_and_stopped_trials_and_their_stage_runs(tmp_path)
     assert status == {"t0": ["FINISHED"] * 2, "t1": ["FAILED"] * 2, "t2": ["KILLED"] * 2}
 
 
+def test_a_resumed_trials_history_is_read_from_its_stage_runs(tmp_path):
+    """Tune restarts a resumed trial with an empty record (the 500 + 500 ablation: one
+    validation left of ten), so the driver reads the whole curve back from the trial's
+    stage runs: semantic then detail, without the untrained start and without the detail
+    stage's step 0. A trial whose Tune record is whole keeps it."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipelines.tracking import Tracker
+
+    cfg = _cfg(f"train.out={tmp_path}", "name=resumed")
+    tracker = Tracker(cfg, tmp_path / "resumed")
+    parent = tracker.open_run(sw.SWEEP).run_id
+    logged = {"semantic": [0.1, 0.3, 0.5], "detail": [0.5, 0.6, 0.7]}  # steps 0, 50, 100
+    results = []
+    for tid, tune_scores in (("whole", [0.3, 0.5, 0.6, 0.7]), ("resumed", [0.7])):
+        trial = tracker.open_run(sw.TRIAL, parent, name=tid, tags={"dcm_trial": tid}, resume=False)
+        for stage, values in logged.items():
+            run = tracker.open_run(stage, trial.run_id, name=f"{tid}-{stage}", resume=False)
+            for step, v in zip((0, 50, 100), values, strict=True):
+                run.log_metrics({"val/score": v}, step=step)
+            tracker.close_run(run)
+        tracker.close_run(trial)
+        its = list(range(1, len(tune_scores) + 1))
+        frame = pd.DataFrame({"training_iteration": its, "val/score": tune_scores})
+        results.append(SimpleNamespace(
+            metrics_dataframe=frame, metrics={"trial_id": tid}, path=str(tmp_path / tid),
+            error=None, config={"train.seed": 0},
+        ))  # fmt: skip
+    trials = {t["trial_id"]: t for t in sw._collect(results, cfg, tracker, parent)}
+
+    for t in trials.values():
+        assert t["history"] == [[1.0, 0.3], [2.0, 0.5], [3.0, 0.6], [4.0, 0.7]], t
+        assert (t["iterations"], t["best"], t["last"]) == (4, 0.7, 0.7)
+
+
 def test_resume_needs_the_interrupted_sweep_and_its_space(tmp_path, capsys):
     """--resume refuses, in one sentence naming sweep.json, a sweep that is not there, one
     without a recorded Tune state, and a config whose space differs from the recorded one;
