@@ -481,7 +481,6 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
         if frame is not None and metric in frame:
             rows = frame[["training_iteration", metric]].dropna()
             history = [[float(i), float(v)] for i, v in rows.itertuples(index=False)]
-        values = [v for _, v in history if math.isfinite(v)]
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         run = children.get(trial_id)
         if run is not None:
@@ -491,7 +490,7 @@ def _collect(grid: Any, cfg: Config, tracker: Any, parent: str | None) -> list[d
             logged = metric_curve(tracker.uri, run.info.run_id, metric)[1:]
             if len(logged) > len(history):
                 history = [[float(i), v] for i, (_, v) in enumerate(logged, 1)]
-                values = [v for _, v in history if math.isfinite(v)]
+        values = [v for _, v in history if math.isfinite(v)]
         logger = tracker.logger(run.info.run_id if run else None)
         status = "error" if result.error else "finished"
         if run is not None and run.info.status == "RUNNING":

@@ -32,21 +32,28 @@ def step_counts(sweep: dict[str, Any]) -> list[int]:
 
 def trial_curves(uri: str, run_id: str, counts: list[int]) -> Curves:
     """The trial's ``val/score_{n}steps`` curves over its stages, in training order."""
-    return {n: metric_curve(uri, run_id, _key(n)) for n in counts}
+    client, stages = _stage_runs(uri, run_id)
+    return {n: _stitched(client, stages, _key(n)) for n in counts}
 
 
 def metric_curve(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """One metric of a trial's stage runs, stitched in training order: the detail stage's
-    steps follow the semantic stage's last one, and its step 0 (which scores the semantic
-    stage's final model again) is dropped."""
+    """One metric of a trial's stage runs, in training order (see ``_stitched``)."""
+    return _stitched(*_stage_runs(uri, run_id), key)
+
+
+def _stage_runs(uri: str, run_id: str) -> tuple[Any, dict[str, Any]]:
+    """An MLflow client and the trial's stage runs by stage name, looked up once."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_run(run_id).info.experiment_id
-    stages = {
-        r.data.tags.get("dcm_stage"): r
-        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'")
-    }
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'")
+    return client, {r.data.tags.get("dcm_stage"): r for r in runs}
+
+
+def _stitched(client: Any, stages: dict[str, Any], key: str) -> list[tuple[int, float]]:
+    """``key`` over the stages: the detail stage's steps follow the semantic stage's last
+    one, and its step 0 (which scores the semantic stage's final model again) is dropped."""
     curve: list[tuple[int, float]] = []
     offset = 0
     for stage in STAGE_ORDER:
