@@ -30,6 +30,7 @@ from test_distill import shapes_latents
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -237,12 +238,23 @@ def test_a_stopped_sweep_job_resumes_where_it_stopped(head, ray_cluster, tmp_pat
     def stage_dirs() -> list[Path]:
         return sorted(trials.glob("*/semantic")) if trials.is_dir() else []
 
+    def registered(stage_dir: Path) -> bool:
+        """Ray Train has registered a checkpoint of this stage. Its folder (state.json
+        included) is copied before the controller records it in the snapshot; a job stopped
+        in between restarts that stage from step 0, as Ray Train does, and this test would
+        then see no resume at all."""
+        try:
+            snapshot = json.loads((stage_dir / SNAPSHOT).read_text())
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return False
+        return bool(snapshot.get("latest_checkpoint_result"))
+
     deadline = time.time() + 300
     first = second = None
     while time.time() < deadline:
         done = [d for d in stage_dirs() if (d / "result.json").is_file()]
         running = [d for d in stage_dirs() if not (d / "result.json").is_file()]
-        if done and running and list(running[0].glob("checkpoint_*/state.json")):
+        if done and running and registered(running[0]):
             first, second = done[0], running[0]
             break
         time.sleep(0.5)
