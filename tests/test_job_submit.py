@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 from test_distill import shapes_latents
+from test_resume import checkpoint_registered
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -207,7 +207,7 @@ def _job(address: str, env: dict[str, str], verb: str, *args: str) -> subprocess
 def test_a_stopped_sweep_job_resumes_where_it_stopped(head, ray_cluster, tmp_path_factory):
     """`dcm sweep --resume` after `ray job stop`: two trials in sequence (seeds 0 and 1, the
     semantic stage, a checkpoint every step). The job is stopped once the first trial has
-    finished and the second has written a checkpoint; the resubmitted job with --resume
+    finished and Ray has registered a checkpoint of the second; the resubmitted job with --resume
     keeps the first trial as it was (its stage is not run again), continues the second from
     its checkpoint under the same trial id, and closes the one parent MLflow run with one
     child per trial."""
@@ -238,23 +238,12 @@ def test_a_stopped_sweep_job_resumes_where_it_stopped(head, ray_cluster, tmp_pat
     def stage_dirs() -> list[Path]:
         return sorted(trials.glob("*/semantic")) if trials.is_dir() else []
 
-    def registered(stage_dir: Path) -> bool:
-        """Ray Train has registered a checkpoint of this stage. Its folder (state.json
-        included) is copied before the controller records it in the snapshot; a job stopped
-        in between restarts that stage from step 0, as Ray Train does, and this test would
-        then see no resume at all."""
-        try:
-            snapshot = json.loads((stage_dir / SNAPSHOT).read_text())
-        except (OSError, ValueError):  # not written yet, or caught mid-write
-            return False
-        return bool(snapshot.get("latest_checkpoint_result"))
-
     deadline = time.time() + 300
     first = second = None
     while time.time() < deadline:
         done = [d for d in stage_dirs() if (d / "result.json").is_file()]
         running = [d for d in stage_dirs() if not (d / "result.json").is_file()]
-        if done and running and registered(running[0]):
+        if done and running and checkpoint_registered(running[0]):
             first, second = done[0], running[0]
             break
         time.sleep(0.5)

@@ -39,12 +39,22 @@ def _train_workers() -> list[int]:
     return found
 
 
+def checkpoint_registered(stage_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint of this stage (docs/RUNTIME.md). A checkpoint
+    folder, state.json included, is copied before the controller records it in its snapshot;
+    a run stopped in between restarts from the checkpoint before, or from step 0."""
+    try:
+        snapshot = json.loads((stage_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+    return bool(snapshot.get("latest_checkpoint_result"))
+
+
 def _kill_a_worker_after_first_checkpoint(stage_dir: Path, stop: threading.Event, log: list):
     """SIGKILL one RayTrainWorker once Ray has registered a checkpoint of the stage."""
-    snapshot = stage_dir / "checkpoint_manager_snapshot.json"
     try:
         while not stop.is_set():
-            workers = _train_workers() if snapshot.is_file() else []
+            workers = _train_workers() if checkpoint_registered(stage_dir) else []
             if workers:
                 os.kill(workers[-1], signal.SIGKILL)
                 log.append(workers[-1])
